@@ -1,0 +1,1 @@
+"""Analyses over a model: cost, channel dependency groups, activation statistics."""

@@ -1,0 +1,77 @@
+"""The Python entry point: ``optimize(model, "cleanup,fold-bn", calib=...)``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from onnxopt.data import open_feeds
+from onnxopt.manager import Gates, Instrumentation, PassManager
+from onnxopt.model_io import load, save
+from onnxopt.pass_base import Pass
+from onnxopt.pipeline import parse_pipeline
+from onnxopt.report import RunReport
+
+
+def optimize(
+    model: str | os.PathLike | onnx.ModelProto | ir.Model,
+    pipeline: str | Sequence[Pass],
+    *,
+    calib: Any = None,
+    eval: Any = None,  # noqa: A002 - mirrors the CLI's --eval
+    output: str | os.PathLike | None = None,
+    validate: bool = True,
+    min_agreement: float | None = None,
+    max_accuracy_drop: float | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+    progress: bool = False,
+    instruments: Sequence[Instrumentation] = (),
+    seed: int = 0,
+) -> tuple[ir.Model, RunReport]:
+    """Optimize a model with a pipeline of passes, validating each rewrite.
+
+    Args:
+        model: Path, ``ModelProto`` or ``onnx_ir.Model`` (an ``onnx_ir.Model`` is
+            rewritten in place).
+        pipeline: A spec like ``"cleanup,fold-bn,prune(ratio=0.3)"`` or pass instances.
+        calib: Calibration data for passes that need it: ``.npz`` path, folder of
+            ``.npy``, ``"random:N"``, a ``CalibrationDataReader``, a dict of arrays, or an
+            iterable of feed dicts.
+        eval: Validation data (same forms; labels give accuracy). Defaults to ``calib``,
+            then to ``random:16``.
+        output: If given, the optimized model is written there atomically.
+        validate: False skips checks and onnxruntime comparisons.
+        min_agreement: Gate for lossy passes (top-1 agreement with the original).
+        max_accuracy_drop: Gate for lossy passes (fraction, 0.01 = one point).
+        input_shapes: Concrete shapes for dynamic inputs.
+        batch_size: Validation batch size when the batch axis is dynamic.
+        max_samples: Cap on validation samples.
+        progress: Show progress bars on a terminal.
+        instruments: Extra before/after-pass hooks.
+        seed: Seed for random data and passes.
+
+    Returns:
+        The optimized model and the run report (``report.failures`` lists rolled-back
+        passes and missed gates).
+    """
+    passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+    loaded = load(model)
+    calib_source = None if calib is None else open_feeds(
+        calib, loaded, seed=seed, input_shapes=input_shapes)
+    eval_source = None if eval is None else open_feeds(
+        eval, loaded, seed=seed, input_shapes=input_shapes)
+    manager = PassManager(
+        passes, validation=eval_source, calib=calib_source, validate=validate,
+        gates=Gates(min_agreement, max_accuracy_drop), batch_size=batch_size,
+        max_samples=max_samples, input_shapes=input_shapes, progress=progress,
+        instruments=instruments, seed=seed)
+    result, report = manager.run(loaded)
+    if output is not None:
+        report.output_path = os.fspath(save(result, output))
+    return result, report

@@ -1,0 +1,229 @@
+"""Command line: ``onnxopt MODEL -p PIPELINE``, ``onnxopt info MODEL``, ``--list-passes``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnxopt.errors import UserError
+
+logger = logging.getLogger("onnxopt")
+
+DEFAULT_PIPELINE = "cleanup,fold-bn"
+
+EXIT_OK, EXIT_VALIDATION, EXIT_USER = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage mistakes as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _main_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="onnxopt",
+        description="Optimize an ONNX model with a pipeline of passes; every rewrite is "
+                    "checked with onnxruntime. 'onnxopt info MODEL' prints its cost.",
+        epilog="Exit codes: 0 ok, 1 validation failure or missed gate, 2 user error.")
+    p.add_argument("model", nargs="?", help="input .onnx model")
+    p.add_argument("-p", "--pipeline", default=DEFAULT_PIPELINE,
+                   help=f"passes, e.g. 'cleanup,fold-bn,prune(ratio=0.3)' "
+                        f"(default: {DEFAULT_PIPELINE})")
+    p.add_argument("-o", "--output", help="output path (default: MODEL.opt.onnx)")
+    p.add_argument("--calib", help="calibration data: .npz, folder of .npy, or random:N")
+    p.add_argument("--eval", dest="eval_data",
+                   help="validation data (labels give accuracy); default: --calib, "
+                        "else random:16")
+    p.add_argument("--report", help="write the per-pass report as JSON to this path")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 if any pass is rolled back")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the checker and onnxruntime validation")
+    p.add_argument("--min-agreement", type=float, metavar="X",
+                   help="lossy passes must keep top-1 agreement with the original >= X")
+    p.add_argument("--max-accuracy-drop", type=float, metavar="X",
+                   help="lossy passes may lose at most X accuracy (fraction, 0.01 = 1 point)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
+                   help="concrete shape for a dynamic input (repeatable)")
+    p.add_argument("--batch-size", type=int, default=32, help="validation batch size")
+    p.add_argument("--max-samples", type=int, help="cap on validation samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--list-passes", action="store_true", help="list passes and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors and the result")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    return p
+
+
+def _info_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxopt info", description="Print a model's parameters, MACs, size "
+                "and op histogram.")
+    p.add_argument("model", help="input .onnx model")
+    p.add_argument("--groups", action="store_true",
+                   help="also print the channel dependency groups")
+    p.add_argument("--top", type=int, default=10, help="how many costliest nodes to list")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (also used as the console script)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args_list[:1] == ["info"]:
+            args = _info_parser().parse_args(args_list[1:])
+            _setup_logging(args.verbose, quiet=False)
+            return _info(args)
+        args = _main_parser().parse_args(args_list)
+        _setup_logging(args.verbose, args.quiet)
+        if args.list_passes:
+            print(_list_passes())
+            return EXIT_OK
+        if not args.model:
+            raise UserError("no model given; usage: onnxopt MODEL -p PIPELINE [-o OUT]")
+        return _optimize(args)
+    except UserError as exc:
+        print(f"onnxopt: error: {exc}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("onnxopt: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (
+        logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("onnxopt: %(levelname)s: %(message)s"))
+    root = logging.getLogger("onnxopt")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _list_passes() -> str:
+    from onnxopt.pass_base import registered_passes
+    from onnxopt.pipeline import describe_options
+
+    lines = []
+    for name, cls in registered_passes().items():
+        kind = "exact" if cls.exact else "lossy"
+        data = ", needs --calib" if cls.needs_data else ""
+        lines.append(f"{name:<14} {kind}{data}  {cls.description}")
+        options = describe_options(cls)
+        if options:
+            lines.append(f"{'':<14} options: {options}")
+    return "\n".join(lines)
+
+
+def _default_output(model: str) -> Path:
+    path = Path(model)
+    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
+    return path.with_name(stem + ".opt.onnx")
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from onnxopt.api import optimize
+    from onnxopt.data import parse_input_shapes
+    from onnxopt.model_io import load
+    from onnxopt.pipeline import parse_pipeline
+
+    passes = parse_pipeline(args.pipeline)
+    output = Path(args.output) if args.output else _default_output(args.model)
+    _check_output(output)
+    for name, value in (("--min-agreement", args.min_agreement),
+                        ("--max-accuracy-drop", args.max_accuracy_drop)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise UserError(f"{name} must be a fraction between 0 and 1, got {value}")
+    model = load(args.model)
+    show_progress = not args.quiet
+    _, report = optimize(
+        model, passes, calib=args.calib, eval=args.eval_data, output=output,
+        validate=not args.no_validate, min_agreement=args.min_agreement,
+        max_accuracy_drop=args.max_accuracy_drop,
+        input_shapes=parse_input_shapes(args.input_shape), batch_size=args.batch_size,
+        max_samples=args.max_samples, progress=show_progress, seed=args.seed)
+    if not args.quiet:
+        print(report.format_table())
+    print(f"wrote {output}")
+    if args.report:
+        _write_text(Path(args.report), report.to_json())
+    gate_failures = [r for r in report.failures if r.status == "gate failed"]
+    if gate_failures:
+        print(f"onnxopt: gate missed by pass {gate_failures[0].name}: "
+              f"{gate_failures[0].message}", file=sys.stderr)
+        return EXIT_VALIDATION
+    if args.strict and report.failures:
+        first = report.failures[0]
+        print(f"onnxopt: --strict: pass {first.name} {first.status}: {first.message}",
+              file=sys.stderr)
+        return EXIT_VALIDATION
+    return EXIT_OK
+
+
+def _check_output(output: Path) -> None:
+    """Fail early, before any work, on an output path that cannot be written."""
+    import os
+
+    if output.is_dir():
+        raise UserError(f"output path is a directory: {output}")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output folder is not writable: {folder}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _info(args: argparse.Namespace) -> int:
+    from onnxopt.analysis.cost import infer_shapes, model_cost
+    from onnxopt.model_io import file_size, load
+    from onnxopt.report import _bytes, _num
+
+    model = infer_shapes(load(args.model))
+    cost = model_cost(model)
+    print(f"model     {args.model}")
+    for value in model.graph.inputs:
+        print(f"input     {value.name} {_shape(value)} {value.dtype}")
+    for value in model.graph.outputs:
+        print(f"output    {value.name} {_shape(value)} {value.dtype}")
+    opsets = ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in model.opset_imports.items())
+    print(f"opsets    {opsets}  (IR version {model.ir_version})")
+    print(f"nodes     {cost.nodes}")
+    print(f"params    {cost.params:,} ({_num(cost.params)})")
+    print(f"MACs      {cost.macs:,} ({_num(cost.macs)}) per sample")
+    print(f"size      {file_size(args.model):,} bytes ({_bytes(file_size(args.model))})")
+    print("ops       " + ", ".join(f"{op} {n}" for op, n in cost.op_histogram.most_common()))
+    top = sorted(cost.per_node.items(), key=lambda kv: -kv[1])[: args.top]
+    if top and top[0][1]:
+        print("costliest nodes (MACs):")
+        for name, macs in top:
+            if macs:
+                print(f"  {name:<40} {macs:>14,}  {100 * macs / max(cost.macs, 1):5.1f}%")
+    if args.groups:
+        from onnxopt.analysis.channels import format_groups
+
+        print(format_groups(model))
+    return EXIT_OK
+
+
+def _shape(value) -> str:
+    if value.shape is None:
+        return "[?]"
+    return "[" + ", ".join(str(d) for d in value.shape) + "]"

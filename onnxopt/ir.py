@@ -1,0 +1,166 @@
+"""Small helpers over onnx_ir: constants, initializers, uses, and safe value replacement."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize to ``ModelProto`` (to hand to onnxruntime, the checker or a file)."""
+    return ir.serde.serialize_model(model)
+
+
+def from_proto(proto: onnx.ModelProto) -> ir.Model:
+    """Deserialize a ``ModelProto`` into onnx_ir."""
+    return ir.serde.deserialize_model(proto)
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    """A deep copy of ``model``; weights stay lazy when they were lazy."""
+    return from_proto(to_proto(model))
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant content of ``value`` (initializer or Constant node output), else None."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        producer = value.producer()
+        if producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
+            return None
+        attr = producer.attributes.get("value")
+        if attr is None:
+            return None
+        tensor = attr.as_tensor()
+    try:
+        return tensor.numpy()
+    except Exception:  # string or unsupported tensors are not numeric constants
+        return None
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    """Whether ``value`` is an initializer that is not overridable, or a Constant output."""
+    if value is None:
+        return False
+    if value.is_graph_input():
+        return False
+    return const_array(value) is not None
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    """Distinct nodes that read ``value``, in first-use order."""
+    seen: dict[int, ir.Node] = {}
+    for use in value.uses():
+        seen.setdefault(id(use.node), use.node)
+    return list(seen.values())
+
+
+def used_only_by(value: ir.Value, nodes: Iterable[ir.Node]) -> bool:
+    """True if every reader of ``value`` is one of ``nodes`` and it is not a graph output."""
+    allowed = {id(n) for n in nodes}
+    if value.is_graph_output():
+        return False
+    return all(id(use.node) in allowed for use in value.uses())
+
+
+def attr(node: ir.Node, name: str, default=None):
+    """The Python value of attribute ``name`` of ``node``, or ``default``."""
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """A value name that no value in ``graph`` uses yet."""
+    taken = {v.name for v in iter_values(graph)}
+    if base not in taken:
+        return base
+    for i in itertools.count(1):
+        candidate = f"{base}_{i}"
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def iter_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    """Every value of the graph: inputs, initializers and node outputs."""
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
+def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer with a unique name derived from ``base_name``."""
+    name = unique_name(graph, base_name)
+    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> bool:
+    """Make every reader of ``old`` read ``new``, keeping graph output names stable.
+
+    If ``old`` is a graph output, ``new`` takes its place (and its name) in the output
+    list, which is only allowed when ``new`` is a node output that is neither a graph
+    input nor already a graph output. Returns False (and changes nothing) otherwise.
+    """
+    was_output = old.is_graph_output()
+    if was_output:
+        if new.is_graph_input() or new.is_graph_output() or new.is_initializer():
+            return False
+        if new.producer() is None:
+            return False
+        # Swap the output first: onnx_ir refuses replace_all_uses_with on a graph output.
+        for i, out in enumerate(graph.outputs):
+            if out is old:
+                graph.outputs[i] = new
+    old.replace_all_uses_with(new)
+    if was_output:
+        name = old.name
+        old.name = None
+        new.name = name
+    return True
+
+
+def remove_unused_initializers(graph: ir.Graph) -> int:
+    """Drop initializers nobody reads (and that are not graph inputs/outputs)."""
+    removed = 0
+    for name, value in list(graph.initializers.items()):
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        del graph.initializers[name]
+        removed += 1
+    return removed
+
+
+def node_label(node: ir.Node) -> str:
+    """A short human label: ``Conv 'name'`` or ``Conv -> out``."""
+    if node.name:
+        return f"{node.op_type} '{node.name}'"
+    out = node.outputs[0].name if node.outputs else "?"
+    return f"{node.op_type} -> {out}"
+
+
+def static_shape(value: ir.Value) -> tuple[int, ...] | None:
+    """The shape of ``value`` as ints if fully known, else None."""
+    if value.shape is None:
+        return None
+    dims = []
+    for d in value.shape:
+        if not isinstance(d, int):
+            return None
+        dims.append(d)
+    return tuple(dims)
+
+
+def opset_version(model: ir.Model, domain: str = "") -> int:
+    """The imported opset of ``domain`` (default ONNX), or 0 if not imported."""
+    return int(model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 0)))

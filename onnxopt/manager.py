@@ -1,0 +1,283 @@
+"""PassManager: runs passes with snapshots, checks, onnxruntime validation and rollback."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.analysis.cost import infer_shapes, model_cost
+from onnxopt.data import FeedSource, input_specs
+from onnxopt.errors import UserError
+from onnxopt.ir import clone_model, to_proto
+from onnxopt.model_io import serialized_size
+from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.progress import progress
+from onnxopt.report import (
+    CRASHED,
+    GATE_FAILED,
+    KEPT,
+    ROLLED_BACK,
+    UNCHANGED,
+    PassRecord,
+    RunReport,
+    Snapshot,
+)
+from onnxopt.validate import Comparison, accuracy_of, compare_outputs, make_session
+
+logger = logging.getLogger(__name__)
+
+
+class Instrumentation(Protocol):
+    """Hooks around each pass (timing, dumps, custom checks). All are optional no-ops."""
+
+    def before_pass(self, pass_: Pass, model: ir.Model) -> None: ...
+
+    def after_pass(self, pass_: Pass, model: ir.Model, record: PassRecord) -> None: ...
+
+    def pass_failed(self, pass_: Pass, model: ir.Model, record: PassRecord) -> None: ...
+
+
+@dataclass
+class Gates:
+    """Limits on lossy passes, checked against the original model.
+
+    Attributes:
+        min_agreement: Lowest allowed top-1 agreement with the original model.
+        max_accuracy_drop: Largest allowed accuracy drop (fraction, 0.01 = 1 point).
+    """
+
+    min_agreement: float | None = None
+    max_accuracy_drop: float | None = None
+
+
+class PassManager:
+    """Runs a pipeline of passes on one model.
+
+    For each pass: snapshot, run, and if the model changed: ``onnx.checker``, shape
+    inference, onnxruntime on the validation feeds and comparison with the previous
+    stage. A failing exact pass is rolled back; a lossy pass is measured and gated.
+
+    Args:
+        passes: The passes, in order.
+        validation: Feeds to compare outputs on (None with ``validate`` = random data).
+        calib: Calibration feeds handed to passes.
+        validate: False skips checks and onnxruntime comparison entirely.
+        gates: Limits for lossy passes.
+        batch_size: Batch for validation runs when the batch axis is dynamic.
+        max_samples: Cap on validation samples.
+        input_shapes: Concrete shapes for dynamic inputs.
+        progress: Show progress bars (only on a terminal).
+        instruments: Extra hooks.
+        seed: Seed for random validation data and for passes.
+    """
+
+    def __init__(self, passes: Sequence[Pass], *, validation: FeedSource | None = None,
+                 calib: FeedSource | None = None, validate: bool = True,
+                 gates: Gates | None = None, batch_size: int = 32,
+                 max_samples: int | None = None,
+                 input_shapes: dict[str, tuple[int, ...]] | None = None,
+                 progress: bool = False, instruments: Sequence[Instrumentation] = (),
+                 seed: int = 0) -> None:
+        self.passes = list(passes)
+        self.validation = validation
+        self.calib = calib
+        self.validate = validate
+        self.gates = gates or Gates()
+        self.batch_size = batch_size
+        self.max_samples = max_samples
+        self.input_shapes = dict(input_shapes or {})
+        self.show_progress = progress
+        self.instruments = list(instruments)
+        self.seed = seed
+
+    def run(self, model: ir.Model) -> tuple[ir.Model, RunReport]:
+        """Run every pass; returns the final model and the report.
+
+        Raises:
+            UserError: A pass needs calibration data that was not given, or the data
+                does not fit the model.
+        """
+        for p in self.passes:
+            if p.needs_data and self.calib is None:
+                raise UserError(f"pass {p!r} needs calibration data; give --calib DATA")
+        model = infer_shapes(model)
+        report = RunReport(original=_snapshot(model))
+        ctx = PassContext(calib=self.calib, input_shapes=self.input_shapes, seed=self.seed,
+                          progress=self.show_progress)
+        validator = None
+        if self.validate:
+            validator = _Validator(model, self)
+            report.original_accuracy = validator.original_accuracy
+            report.validated_samples = validator.samples
+            report.validation_source = validator.source.description
+        for pass_ in self.passes:
+            model, record = self._run_one(pass_, model, ctx, validator)
+            report.records.append(record)
+        return model, report
+
+    def _run_one(self, pass_: Pass, model: ir.Model, ctx: PassContext,
+                 validator: _Validator | None) -> tuple[ir.Model, PassRecord]:
+        for hook in self.instruments:
+            hook.before_pass(pass_, model)
+        snapshot = clone_model(model)
+        start = time.perf_counter()
+        try:
+            result = pass_.run(model, ctx)
+        except UserError:
+            raise
+        except Exception as exc:  # a crashing pass must not lose the user's model
+            logger.exception("pass %r crashed; rolled back", pass_)
+            record = PassRecord(repr(pass_), pass_.exact, CRASHED, _snapshot(snapshot),
+                                time.perf_counter() - start,
+                                message=f"crashed, rolled back: {type(exc).__name__}: {exc}")
+            self._notify_failed(pass_, snapshot, record)
+            return snapshot, record
+        exact = pass_.exact if result.exact is None else result.exact
+        record = PassRecord(repr(pass_), exact, KEPT if result.modified else UNCHANGED,
+                            _snapshot(snapshot), 0.0, stats=result.stats,
+                            refusals=list(result.refusals))
+        if result.modified:
+            ctx.analyses.clear()
+            problem = _structural_problem(model) if self.validate else None
+            if problem is not None:
+                return self._roll_back(pass_, snapshot, record, start,
+                                       f"invalid model, rolled back: {problem}")
+            model = infer_shapes(model)
+            if validator is not None:
+                failure = validator.check(pass_, model, result, record, exact, self.gates)
+                if failure is not None:
+                    status, message = failure
+                    record.status = status
+                    return self._roll_back(pass_, snapshot, record, start, message)
+            record.after = _snapshot(model)
+        record.seconds = time.perf_counter() - start
+        for hook in self.instruments:
+            hook.after_pass(pass_, model, record)
+        return model, record
+
+    def _roll_back(self, pass_: Pass, snapshot: ir.Model, record: PassRecord, start: float,
+                   message: str) -> tuple[ir.Model, PassRecord]:
+        if record.status not in (GATE_FAILED,):
+            record.status = ROLLED_BACK
+        record.message = message
+        record.after = _snapshot(snapshot)
+        record.seconds = time.perf_counter() - start
+        logger.warning("pass %s: %s", record.name, message)
+        self._notify_failed(pass_, snapshot, record)
+        return snapshot, record
+
+    def _notify_failed(self, pass_: Pass, model: ir.Model, record: PassRecord) -> None:
+        for hook in self.instruments:
+            hook.pass_failed(pass_, model, record)
+
+
+class _Validator:
+    """Holds the reference outputs and compares each stage against them."""
+
+    def __init__(self, model: ir.Model, manager: PassManager) -> None:
+        from onnxopt.data import open_feeds
+
+        self.manager = manager
+        if manager.validation is not None:
+            self.source = manager.validation
+        elif manager.calib is not None:
+            self.source = manager.calib
+        else:
+            self.source = open_feeds("random:16", model, seed=manager.seed,
+                                     input_shapes=manager.input_shapes)
+        self.limit = manager.max_samples
+        if self.limit is None and self.source is manager.calib:
+            self.limit = 256
+        self.specs = input_specs(model, manager.input_shapes)
+        self.output_names = [v.name or "" for v in model.graph.outputs]
+        outputs, labels, samples = self._run(model, "validating original")
+        self.original = outputs
+        self.previous = outputs
+        self.labels = labels
+        self.samples = samples
+        self.original_accuracy = accuracy_of(outputs, labels) if labels is not None else None
+
+    def _run(self, model: ir.Model, desc: str,
+             ) -> tuple[list[np.ndarray], np.ndarray | None, int]:
+        session = make_session(model)
+        names = [i.name for i in session.get_inputs()]
+        chunks: list[list[np.ndarray]] = []
+        label_parts: list[np.ndarray] = []
+        count = 0
+        batches = self.source.batches(self.specs, self.manager.batch_size, self.limit)
+        for feeds, labels in progress(batches, enabled=self.manager.show_progress, desc=desc):
+            chunks.append(session.run(None, {k: v for k, v in feeds.items() if k in names}))
+            if labels is not None:
+                label_parts.append(labels)
+            count += next(iter(feeds.values())).shape[0]
+        outputs = [_join([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+        labels = np.concatenate(label_parts) if len(label_parts) == len(chunks) else None
+        return outputs, labels, count
+
+    def check(self, pass_: Pass, model: ir.Model, result: PassResult, record: PassRecord,
+              exact: bool, gates: Gates) -> tuple[str, str] | None:
+        """Compare ``model`` with the previous stage; returns (status, message) on failure."""
+        names = [v.name or "" for v in model.graph.outputs]
+        if names != self.output_names:
+            return ROLLED_BACK, (f"graph outputs changed from {self.output_names} to {names}, "
+                                 f"rolled back")
+        try:
+            outputs, _, _ = self._run(model, f"validating {pass_.name}")
+        except Exception as exc:  # onnxruntime refused the rewritten model
+            return ROLLED_BACK, f"onnxruntime cannot run the result, rolled back: {exc}"
+        tol = pass_.tolerance
+        record.vs_previous = compare_outputs(self.previous, outputs, names, tol, self.labels)
+        record.vs_original = compare_outputs(self.original, outputs, names, tol, self.labels)
+        if exact and not record.vs_previous:
+            return ROLLED_BACK, ("exact pass changed the outputs, rolled back: "
+                                 + record.vs_previous.summary())
+        if not exact:
+            message = _gate_message(record.vs_original, gates, self.original_accuracy)
+            if message is not None:
+                return GATE_FAILED, message + ", rolled back"
+        self.previous = outputs
+        return None
+
+
+def _gate_message(cmp: Comparison, gates: Gates, original_accuracy: float | None) -> str | None:
+    if gates.min_agreement is not None and cmp.agreement is not None \
+            and cmp.agreement < gates.min_agreement:
+        return (f"top-1 agreement {cmp.agreement:.4f} is below --min-agreement "
+                f"{gates.min_agreement}")
+    if gates.max_accuracy_drop is not None and cmp.accuracy is not None \
+            and original_accuracy is not None:
+        drop = original_accuracy - cmp.accuracy
+        if drop > gates.max_accuracy_drop:
+            return (f"accuracy dropped {100 * drop:.2f} points, more than --max-accuracy-drop "
+                    f"{100 * gates.max_accuracy_drop:.2f}")
+    return None
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def _structural_problem(model: ir.Model) -> str | None:
+    """Run the ONNX checker and strict shape inference; a message if either fails."""
+    try:
+        proto = to_proto(model)
+        if proto.ByteSize() < 2_000_000_000:
+            onnx.checker.check_model(proto)
+            onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except Exception as exc:  # the checker raises several types
+        text = str(exc).strip().splitlines()
+        return text[0][:300] if text else type(exc).__name__
+    return None
+
+
+def _snapshot(model: ir.Model) -> Snapshot:
+    cost = model_cost(model)
+    return Snapshot(nodes=cost.nodes, params=cost.params, macs=cost.macs,
+                    bytes=serialized_size(model))

@@ -1,0 +1,188 @@
+"""Load and save models: lazy external data, old-IR initializer inputs, atomic writes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from onnxopt.errors import ModelError, UserError
+from onnxopt.ir import from_proto
+
+logger = logging.getLogger(__name__)
+
+#: Protobuf cannot serialize more than 2 GiB; above this we write external data.
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+#: Tensors smaller than this stay inline when external data is written.
+_INLINE_LIMIT = 1024
+
+ModelLike = "str | os.PathLike | onnx.ModelProto | ir.Model"
+
+
+def load(model: str | os.PathLike | onnx.ModelProto | ir.Model,
+         *, promote_initializer_inputs: bool = True) -> ir.Model:
+    """Load a model into onnx_ir.
+
+    Args:
+        model: A path, a ``ModelProto`` or an ``onnx_ir.Model`` (returned as is).
+        promote_initializer_inputs: Old exporters list every initializer as a graph
+            input too, which makes the weights overridable and so not constants. When
+            True those inputs are dropped from the input list (the IR version is raised
+            to 4 when needed), which is what every runtime does when they are not fed.
+
+    Raises:
+        ModelError: The file is missing, unreadable, not ONNX, or its external data
+            points outside the model's folder.
+    """
+    if isinstance(model, ir.Model):
+        result = model
+    elif isinstance(model, onnx.ModelProto):
+        result = from_proto(model)
+    else:
+        result = _load_path(Path(model))
+    if promote_initializer_inputs:
+        _promote_initializer_inputs(result)
+    return result
+
+
+def _load_path(path: Path) -> ir.Model:
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelError(f"model path is a directory, not an .onnx file: {path}")
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
+        raise ModelError(f"not a readable ONNX model: {path} ({_short(exc)})") from None
+    except Exception as exc:  # protobuf raises several unrelated types on garbage input
+        raise ModelError(f"not a readable ONNX model: {path} ({_short(exc)})") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelError(f"not a readable ONNX model: {path} (no graph found)")
+    check_external_locations(proto, path.parent)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise ModelError(f"not a valid ONNX model: {path} ({_short(exc)})") from None
+    # External tensors are memory-mapped lazily relative to the model's folder.
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    return model
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def check_external_locations(proto: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external-data locations that are absolute or escape ``base_dir``."""
+    base = base_dir.resolve()
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base):
+            raise ModelError(
+                f"external data of tensor {tensor.name!r} points outside the model folder: "
+                f"{location!r}")
+        if not target.exists():
+            raise ModelError(f"external data file of tensor {tensor.name!r} not found: "
+                             f"{location!r}")
+
+
+def _all_tensors(proto: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(proto)
+
+
+def _promote_initializer_inputs(model: ir.Model) -> None:
+    graph = model.graph
+    promoted = [v for v in graph.inputs if v.is_initializer()]
+    if not promoted:
+        return
+    for value in promoted:
+        graph.inputs.remove(value)
+    if model.ir_version < 4:
+        model.ir_version = 4
+    logger.info("treating %d initializers listed as graph inputs as constants", len(promoted))
+
+
+def model_inputs(model: ir.Model) -> list[ir.Value]:
+    """Graph inputs the user must feed (initializer-backed inputs excluded)."""
+    return [v for v in model.graph.inputs if not v.is_initializer()]
+
+
+def total_weight_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers of the main graph."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Write ``model`` atomically: a temporary file in the target folder, then a rename.
+
+    Args:
+        model: The model to write.
+        path: Destination ``.onnx`` path.
+        external_data: Write weights to ``<name>.data`` beside the model. ``None`` means
+            only when the model would exceed protobuf's 2 GB limit.
+
+    Returns:
+        The destination path.
+
+    Raises:
+        UserError: The destination is a directory, its folder does not exist or is not
+            writable, or the disk is full. No partial file is left behind.
+    """
+    dest = Path(path)
+    if dest.is_dir():
+        raise UserError(f"output path is a directory: {dest}")
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output folder does not exist: {folder}")
+    if external_data is None:
+        external_data = total_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = dest.name + ".data"
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=folder))
+    except OSError as exc:
+        raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+    try:
+        tmp_model = tmp_dir / dest.name
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=_INLINE_LIMIT)
+            os.replace(tmp_dir / data_name, folder / data_name)
+        else:
+            ir.save(model, tmp_model)
+        os.replace(tmp_model, dest)
+    except OSError as exc:
+        raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return dest
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file plus its external data files."""
+    p = Path(path)
+    total = p.stat().st_size
+    data = p.with_name(p.name + ".data")
+    if data.exists():
+        total += data.stat().st_size
+    return total
+
+
+def serialized_size(model: ir.Model) -> int:
+    """Bytes the model would take on disk (protobuf size, weights included)."""
+    from onnxopt.ir import to_proto
+
+    if total_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        return total_weight_bytes(model)
+    return to_proto(model).ByteSize()

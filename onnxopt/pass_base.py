@@ -1,0 +1,187 @@
+"""Pass base class, its result and context types, and the pass registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import onnx_ir as ir
+
+if TYPE_CHECKING:
+    from onnxopt.data import FeedSource
+
+logger = logging.getLogger(__name__)
+
+#: Built-in catalog, imported by name so the engine never imports a pass module directly.
+BUILTIN_CATALOG = "onnxopt.passes"
+#: Entry-point group through which other packages can add passes.
+ENTRY_POINT_GROUP = "onnxopt.passes"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Allowed deviation of an exact pass: ``|a - b| <= atol * max|ref| + rtol * |ref|``.
+
+    ``atol`` is relative to the magnitude of the reference output so that the same
+    tolerance works for logits of size 1 and of size 1000.
+    """
+
+    rtol: float = 1e-4
+    atol: float = 1e-5
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A rewrite that matched but was not applied, and why."""
+
+    where: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    """What a pass did.
+
+    Attributes:
+        modified: True only if the model was actually changed (computed, not assumed).
+        stats: Pass-specific counters and tables shown in the report.
+        refusals: Matches that were declined, with reasons; never silent.
+        exact: Overrides the pass's declared exactness for this run (e.g. a lossy threshold).
+    """
+
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    refusals: list[Refusal] = field(default_factory=list)
+    exact: bool | None = None
+
+    def refuse(self, where: str, reason: str) -> None:
+        """Record a declined rewrite."""
+        logger.info("refused at %s: %s", where, reason)
+        self.refusals.append(Refusal(where, reason))
+
+
+@dataclass
+class PassContext:
+    """Read-only inputs a pass may use: calibration data and cached analyses.
+
+    Attributes:
+        calib: Calibration feeds, or None when the user gave none.
+        input_shapes: Concrete shapes for dynamic inputs, from ``--input-shape``.
+        seed: Seed for any randomness a pass needs.
+        progress: Whether long loops may show a progress bar.
+        analyses: Cache of analyses keyed by name; the manager clears it after a pass
+            that modified the model.
+    """
+
+    calib: FeedSource | None = None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    seed: int = 0
+    progress: bool = False
+    analyses: dict[str, Any] = field(default_factory=dict)
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Return the cached analysis ``key``, computing it on first use."""
+        if key not in self.analyses:
+            self.analyses[key] = compute()
+        return self.analyses[key]
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a pass that takes none."""
+
+
+class Pass:
+    """Base class of every pass.
+
+    Subclasses set the class attributes and implement :meth:`run`. A pass does not
+    write files, print, or validate itself; the :class:`~onnxopt.manager.PassManager`
+    does that around it.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    exact: ClassVar[bool] = True
+    needs_data: ClassVar[bool] = False
+    tolerance: ClassVar[Tolerance] = Tolerance()
+
+    def __init__(self, options: Any | None = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("give either an options object or keyword options, not both")
+        self.options = options if options is not None else self.Options(**kwargs)
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """Rewrite ``model`` in place and say what changed."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        changed = {
+            f.name: getattr(self.options, f.name)
+            for f in dataclasses.fields(self.options)
+            if getattr(self.options, f.name) != _field_default(f)
+        }
+        args = ",".join(f"{k}={v}" for k, v in changed.items())
+        return f"{self.name}({args})" if args else self.name
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+_catalog_loaded = False
+
+P = TypeVar("P", bound=type[Pass])
+
+
+def register_pass(cls: P) -> P:
+    """Class decorator that adds a pass to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no registry name")
+    if not dataclasses.is_dataclass(cls.Options):
+        raise TypeError(f"{cls.__qualname__}.Options must be a dataclass")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"pass name {cls.name!r} is already registered by {existing.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_catalog() -> None:
+    global _catalog_loaded
+    if _catalog_loaded:
+        return
+    _catalog_loaded = True
+    importlib.import_module(BUILTIN_CATALOG)
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception:  # a broken plug-in must not break the built-in passes
+            logger.exception("could not load pass plug-in %s", entry.name)
+
+
+def get_pass(name: str) -> type[Pass]:
+    """Look a pass class up by registry name (KeyError if unknown)."""
+    _load_catalog()
+    return _REGISTRY[name]
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """All registered passes by name, sorted by name."""
+    _load_catalog()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def option_fields(pass_cls: type[Pass]) -> Iterator[dataclasses.Field]:
+    """The option fields of a pass, in declaration order."""
+    yield from dataclasses.fields(pass_cls.Options)

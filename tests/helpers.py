@@ -1,0 +1,59 @@
+"""Shared test utilities: random feeds, applying one pass, op counts and numeric checks."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.ir import from_proto, to_proto
+from onnxopt.pass_base import Pass, PassContext, PassResult
+from onnxopt.validate import compare_outputs, run_model
+
+
+def random_feeds(model: onnx.ModelProto | ir.Model, batch: int = 2, seed: int = 0,
+                 ) -> dict[str, np.ndarray]:
+    """One feed dict of standard-normal float32 data; symbolic dims become ``batch``."""
+    proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
+    init_names = {i.name for i in proto.graph.initializer}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in proto.graph.input:
+        if inp.name in init_names:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else batch
+                for d in inp.type.tensor_type.shape.dim]
+        feeds[inp.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
+
+
+def apply_pass(pass_: Pass, model: onnx.ModelProto | ir.Model,
+               ctx: PassContext | None = None) -> tuple[ir.Model, PassResult]:
+    """Run one pass on a copy of ``model``; returns the rewritten model and the result."""
+    proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
+    work = from_proto(proto)
+    result = pass_.run(work, ctx or PassContext())
+    onnx.checker.check_model(to_proto(work), full_check=True)
+    return work, result
+
+
+def op_counts(model: onnx.ModelProto | ir.Model) -> Counter:
+    """Histogram of op types in the main graph."""
+    proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
+    return Counter(n.op_type for n in proto.graph.node)
+
+
+def assert_same_outputs(before: onnx.ModelProto | ir.Model, after: onnx.ModelProto | ir.Model,
+                        feeds: dict[str, np.ndarray], rtol: float = 1e-4,
+                        atol: float = 1e-5) -> None:
+    """Both models give the same outputs in onnxruntime within the pass tolerance."""
+    from onnxopt.pass_base import Tolerance
+
+    ref = run_model(before, feeds)
+    got = run_model(after, feeds)
+    proto = before if isinstance(before, onnx.ModelProto) else to_proto(before)
+    names = [o.name for o in proto.graph.output]
+    cmp = compare_outputs(ref, got, names, Tolerance(rtol=rtol, atol=atol))
+    assert cmp, cmp.summary()

@@ -1,0 +1,91 @@
+"""Model I/O: sources, external data (lazy, size threshold, path safety), old IR, atomic save."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxopt import model_io
+from onnxopt.errors import ModelError
+from onnxopt.ir import to_proto
+from onnxopt.model_io import load, save
+from tests.helpers import assert_same_outputs, random_feeds
+from testmodels.structures import conv_chain
+
+
+def test_load_from_path_proto_and_ir(conv_chain_path):
+    proto = onnx.load(conv_chain_path)
+    from_path = load(conv_chain_path)
+    from_proto = load(proto)
+    assert load(from_proto) is from_proto
+    assert from_path.graph.num_nodes() == from_proto.graph.num_nodes() == len(proto.graph.node)
+
+
+def test_external_data_is_lazy_and_round_trips(tmp_path):
+    proto = conv_chain()
+    src = tmp_path / "src.onnx"
+    onnx.save(proto, src, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="src.onnx.data", size_threshold=0)
+    model = load(src)
+    lazy = [v.const_value for v in model.graph.initializers.values()]
+    assert any(isinstance(t, ir.ExternalTensor) for t in lazy)
+    fresh = conv_chain()  # onnx.save moved the weights of `proto` out to the file
+    assert_same_outputs(fresh, model, random_feeds(fresh), rtol=0, atol=0)
+
+
+def test_large_models_are_written_with_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = tmp_path / "big.onnx"
+    save(load(conv_chain()), out)
+    assert (tmp_path / "big.onnx.data").exists()
+    header = onnx.load(out, load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+    assert_same_outputs(conv_chain(), load(out), random_feeds(header), rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+
+
+def test_external_data_escaping_model_folder_is_refused(tmp_path):
+    inner = tmp_path / "models"
+    inner.mkdir()
+    path = inner / "m.onnx"
+    onnx.save(conv_chain(), path, save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    (tmp_path / "secret.data").write_bytes((inner / "m.data").read_bytes())
+    proto = onnx.load(path, load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../secret.data"
+    onnx.save(proto, path)
+    with pytest.raises(ModelError, match="outside the model folder"):
+        load(path)
+
+
+def test_old_ir_initializers_as_inputs_become_constants():
+    proto = conv_chain()
+    for init in proto.graph.initializer:
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(
+            init.name, init.data_type, list(init.dims)))
+    proto.ir_version = 3
+    model = load(proto)
+    assert [v.name for v in model.graph.inputs] == ["input"]
+    assert all(not v.is_graph_input() for v in model.graph.initializers.values())
+    assert_same_outputs(proto, model, random_feeds(conv_chain()), rtol=0, atol=0)
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"old")
+    save(load(conv_chain()), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    onnx.checker.check_model(onnx.load(out))
+
+
+def test_serialized_size_matches_file(tmp_path):
+    model = load(conv_chain())
+    out = save(model, tmp_path / "m.onnx")
+    assert abs(model_io.serialized_size(model) - out.stat().st_size) < 64
+    assert np.isclose(model_io.file_size(out), out.stat().st_size)
+    assert to_proto(model).graph.name == onnx.load(out).graph.name
