@@ -43,7 +43,9 @@ def _main_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="exit 1 if any pass is rolled back")
     p.add_argument("--no-validate", action="store_true",
-                   help="skip the checker and onnxruntime validation")
+                   help="skip the checker and onnxruntime validation after each pass")
+    p.add_argument("--no-check", action="store_true",
+                   help="proceed even if the input fails onnx.checker or has NaN/Inf weights")
     p.add_argument("--min-agreement", type=float, metavar="X",
                    help="lossy passes must keep top-1 agreement with the original >= X")
     p.add_argument("--max-accuracy-drop", type=float, metavar="X",
@@ -129,7 +131,7 @@ def _default_output(model: str) -> Path:
 def _optimize(args: argparse.Namespace) -> int:
     from onnxopt.api import optimize
     from onnxopt.data import parse_input_shapes
-    from onnxopt.model_io import load
+    from onnxopt.model_io import check_model, load
     from onnxopt.pipeline import parse_pipeline
 
     passes = parse_pipeline(args.pipeline)
@@ -140,6 +142,8 @@ def _optimize(args: argparse.Namespace) -> int:
         if value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"{name} must be a fraction between 0 and 1, got {value}")
     model = load(args.model)
+    if not args.no_check:
+        check_model(model, args.model)
     show_progress = not args.quiet
     _, report = optimize(
         model, passes, calib=args.calib, eval=args.eval_data, output=output,

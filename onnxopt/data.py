@@ -191,12 +191,11 @@ def check_chunk(feeds: Mapping[str, Any], specs: list[InputSpec], where: str,
             raise DataError(f"{where}: no data for model input '{spec.name}' "
                             f"(expected shape {spec.shape_text()}){hint}")
         array = np.asarray(feeds[spec.name])
-        if spec.dims is not None:
-            if array.ndim != len(spec.dims) or any(
-                    d is not None and i > 0 and array.shape[i] != d
-                    for i, d in enumerate(spec.dims)):
-                raise DataError(f"{where}: input '{spec.name}' has shape {list(array.shape)}; "
-                                f"model expects {spec.shape_text()}")
+        if spec.dims is not None and (array.ndim != len(spec.dims) or any(
+                d is not None and i > 0 and array.shape[i] != d
+                for i, d in enumerate(spec.dims))):
+            raise DataError(f"{where}: input '{spec.name}' has shape {list(array.shape)}; "
+                            f"model expects {spec.shape_text()}")
         if array.dtype != spec.dtype:
             if np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
                 array = array.astype(spec.dtype)

@@ -32,7 +32,8 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     tensor = value.const_value
     if tensor is None:
         producer = value.producer()
-        if producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
+        if (producer is None or producer.op_type != "Constant"
+                or producer.domain not in ("", "ai.onnx")):
             return None
         attr = producer.attributes.get("value")
         if attr is None:
@@ -98,7 +99,8 @@ def iter_values(graph: ir.Graph) -> Iterator[ir.Value]:
 def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer with a unique name derived from ``base_name``."""
     name = unique_name(graph, base_name)
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    # ascontiguousarray alone turns a 0-d array into shape (1,); keep scalars scalar.
+    tensor = ir.tensor(np.ascontiguousarray(array).reshape(np.shape(array)), name=name)
     value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
                      const_value=tensor)
     graph.register_initializer(value)

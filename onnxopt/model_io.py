@@ -186,3 +186,39 @@ def serialized_size(model: ir.Model) -> int:
     if total_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         return total_weight_bytes(model)
     return to_proto(model).ByteSize()
+
+
+def check_model(model: ir.Model, path: str | os.PathLike | None = None) -> None:
+    """Refuse models that fail ``onnx.checker`` or carry NaN/Inf weights.
+
+    Args:
+        model: The loaded model.
+        path: Its file, if any; the checker then reads it from disk, which also works for
+            models with external data over 2 GB.
+
+    Raises:
+        ModelError: With the checker's first line, or the name of the non-finite weight.
+    """
+    import numpy as np
+
+    try:
+        if path is not None:
+            onnx.checker.check_model(os.fspath(path))
+        else:
+            from onnxopt.ir import to_proto
+
+            onnx.checker.check_model(to_proto(model))
+    except Exception as exc:  # the checker raises several exception types
+        raise ModelError(f"model fails onnx.checker: {_short(exc)} "
+                         f"(--no-check proceeds anyway)") from None
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or not tensor.dtype.is_floating_point():
+            continue
+        try:
+            array = tensor.numpy()
+        except Exception:  # exotic dtypes numpy cannot hold; the runtime will judge them
+            continue
+        if not np.all(np.isfinite(array.astype(np.float32, copy=False))):
+            raise ModelError(f"weight {name!r} contains NaN or Inf (--no-check proceeds "
+                             f"anyway)")

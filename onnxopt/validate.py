@@ -171,7 +171,7 @@ def compare_outputs(
     reference: Sequence[np.ndarray],
     actual: Sequence[np.ndarray],
     names: Sequence[str],
-    tolerance: Tolerance = Tolerance(),
+    tolerance: Tolerance | None = None,
     labels: np.ndarray | None = None,
 ) -> Comparison:
     """Compare two output lists elementwise.
@@ -179,6 +179,7 @@ def compare_outputs(
     An element passes when ``|a - r| <= atol * max|r| + rtol * |r|``. NaN in the
     actual output where the reference is finite always fails.
     """
+    tolerance = tolerance or Tolerance()
     result = Comparison(passed=True, tolerance=tolerance)
     if len(reference) != len(actual):
         result.passed = False
@@ -230,7 +231,10 @@ def _metrics(name: str, ref: np.ndarray, act: np.ndarray, tol: Tolerance) -> Out
     else:
         sqnr = 10.0 * np.log10(signal / noise)
     denom = float(np.linalg.norm(r) * np.linalg.norm(a))
-    cosine = 1.0 if denom == 0.0 and noise == 0.0 else (float(np.dot(r, a) / denom) if denom else 0.0)
+    if denom:
+        cosine = float(np.dot(r, a) / denom)
+    else:
+        cosine = 1.0 if noise == 0.0 else 0.0
     return OutputMetrics(name, float(diff.max()), needed_rtol, cosine, sqnr)
 
 
@@ -241,3 +245,20 @@ def accuracy_of(outputs: Sequence[np.ndarray], labels: np.ndarray) -> float | No
         if classifier_like(arr) and arr.shape[0] == len(labels):
             return float(np.mean(arr.argmax(1) == np.asarray(labels).reshape(-1)))
     return None
+
+
+#: Minimum tolerances for low-precision outputs: a few units in the last place.
+_LOW_PRECISION = {np.dtype(np.float16): Tolerance(rtol=4e-3, atol=4e-3)}
+
+
+def scaled_tolerance(tolerance: Tolerance, outputs: Sequence[np.ndarray]) -> Tolerance:
+    """Widen ``tolerance`` to what the outputs' dtype can represent (float16, bfloat16)."""
+    rtol, atol = tolerance.rtol, tolerance.atol
+    for out in outputs:
+        dtype = np.asarray(out).dtype
+        floor = _LOW_PRECISION.get(dtype)
+        if floor is None and dtype.name == "bfloat16":
+            floor = Tolerance(rtol=3e-2, atol=3e-2)
+        if floor is not None:
+            rtol, atol = max(rtol, floor.rtol), max(atol, floor.atol)
+    return Tolerance(rtol=rtol, atol=atol)

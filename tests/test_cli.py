@@ -179,3 +179,39 @@ def test_python_dash_m(conv_chain_path, tmp_path):
 def test_pipeline_syntax_errors(conv_chain_path, capsys, spec):
     code = main([str(conv_chain_path), "-p", spec])
     _one_line_error(capsys, code)
+
+
+def test_model_failing_checker(tmp_path, capsys):
+    from testmodels.structures import conv_chain
+
+    proto = conv_chain()
+    proto.graph.node[1].input[0] = "does_not_exist"
+    path = tmp_path / "broken.onnx"
+    onnx.save(proto, path)
+    code = main([str(path), "-p", "cleanup", "-o", str(tmp_path / "o.onnx")])
+    line = _one_line_error(capsys, code)
+    assert "onnx.checker" in line and "--no-check" in line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_nan_weights_refused_unless_no_check(tmp_path, capsys):
+    from testmodels.structures import conv_chain
+
+    proto = conv_chain()
+    weight = onnx.numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    weight.flat[0] = np.nan
+    proto.graph.initializer[0].CopyFrom(
+        onnx.numpy_helper.from_array(weight, proto.graph.initializer[0].name))
+    path = tmp_path / "nan.onnx"
+    onnx.save(proto, path)
+    code = main([str(path), "-p", "cleanup", "-o", str(tmp_path / "o.onnx")])
+    assert "NaN or Inf" in _one_line_error(capsys, code)
+    assert main([str(path), "-p", "cleanup", "--no-check", "-q",
+                 "-o", str(tmp_path / "o.onnx")]) == 0
+
+
+def test_empty_calibration_data(tmp_path, capsys, conv_chain_path):
+    data = tmp_path / "empty.npz"
+    np.savez(data, input=np.zeros((0, 3, 16, 16), np.float32))
+    code = main([str(conv_chain_path), "-p", "cleanup", "--calib", str(data)])
+    assert "no samples" in _one_line_error(capsys, code)

@@ -9,8 +9,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnxopt import Gates, Pass, PassContext, PassManager, PassResult, load, optimize
-from onnxopt.data import random_source, input_specs
+from onnxopt import Pass, PassContext, PassManager, PassResult, load, optimize
+from onnxopt.data import input_specs, random_source
 from onnxopt.ir import add_initializer, const_array, to_proto
 from onnxopt.report import CRASHED, GATE_FAILED, KEPT, ROLLED_BACK, UNCHANGED
 from testmodels.structures import conv_chain

@@ -11,8 +11,8 @@ from onnxopt import model_io
 from onnxopt.errors import ModelError
 from onnxopt.ir import to_proto
 from onnxopt.model_io import load, save
-from tests.helpers import assert_same_outputs, random_feeds
 from testmodels.structures import conv_chain
+from tests.helpers import assert_same_outputs, random_feeds
 
 
 def test_load_from_path_proto_and_ir(conv_chain_path):
