@@ -35,13 +35,6 @@ logger = logging.getLogger(__name__)
 
 Chunk = tuple[dict[str, np.ndarray], "np.ndarray | None"]
 
-_DTYPES = {
-    ir.DataType.FLOAT: np.float32, ir.DataType.DOUBLE: np.float64,
-    ir.DataType.FLOAT16: np.float16, ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32,
-    ir.DataType.INT8: np.int8, ir.DataType.UINT8: np.uint8, ir.DataType.BOOL: np.bool_,
-}
-
-
 @dataclass(frozen=True)
 class InputSpec:
     """What the model expects of one input: name, numpy dtype and dims (None = dynamic)."""
@@ -56,6 +49,16 @@ class InputSpec:
         return "[" + ", ".join("N" if d is None else str(d) for d in self.dims) + "]"
 
 
+def _numpy_dtype(dtype: ir.DataType | None) -> Any:
+    """The numpy dtype of an ONNX element type, or None if numpy has no plain equivalent."""
+    if dtype is None:
+        return None
+    try:
+        return np.dtype(dtype.numpy())
+    except Exception:  # string and exotic types: no dtype check
+        return None
+
+
 def input_specs(model: ir.Model, overrides: Mapping[str, tuple[int, ...]] | None = None,
                 ) -> list[InputSpec]:
     """The feedable inputs of ``model`` with dims from the model or ``--input-shape``."""
@@ -64,7 +67,7 @@ def input_specs(model: ir.Model, overrides: Mapping[str, tuple[int, ...]] | None
     for value in model.graph.inputs:
         if value.is_initializer():
             continue
-        dtype = _DTYPES.get(value.dtype, np.float32) if value.dtype is not None else np.float32
+        dtype = _numpy_dtype(value.dtype)
         if value.name in overrides:
             dims: tuple[int | None, ...] | None = tuple(overrides[value.name])
         elif value.shape is None:
@@ -85,11 +88,13 @@ class FeedSource:
     """
 
     def __init__(self, chunks: Callable[[], Iterator[Chunk]], description: str,
-                 num_samples: int | None = None, representative: bool = True) -> None:
+                 num_samples: int | None = None, representative: bool = True,
+                 rebatch: bool = True) -> None:
         self._chunks = chunks
         self.description = description
         self.num_samples = num_samples
         self.representative = representative
+        self.rebatch = rebatch
 
     def chunks(self) -> Iterator[Chunk]:
         """A fresh pass over the raw chunks."""
@@ -105,6 +110,9 @@ class FeedSource:
         Raises:
             DataError: A missing input, wrong rank/shape/dtype, NaN/Inf, or no samples.
         """
+        if not self.rebatch:
+            yield from self._verbatim(specs, limit)
+            return
         static = {s.dims[0] for s in specs if s.dims and s.dims[0] is not None}
         size = static.pop() if len(static) == 1 else batch_size
         buffer: list[Chunk] = []
@@ -113,13 +121,13 @@ class FeedSource:
         for feeds, labels in self.chunks():
             feeds = check_chunk(feeds, specs, self.description)
             buffer.append((feeds, labels))
-            buffered += _count(feeds)
+            buffered += sample_count(feeds)
             while buffered >= size:
                 batch, buffer, buffered = _take(buffer, size)
                 if limit is not None and produced + size > limit:
                     batch = _head(batch, limit - produced)
                 yield batch
-                produced += _count(batch[0])
+                produced += sample_count(batch[0])
                 if limit is not None and produced >= limit:
                     return
         if buffered and (limit is None or produced < limit):
@@ -130,20 +138,35 @@ class FeedSource:
             batch, _, _ = _take(buffer, buffered)
             if limit is not None:
                 batch = _head(batch, limit - produced)
-            produced += _count(batch[0])
+            produced += sample_count(batch[0])
             yield batch
+        if produced == 0:
+            raise DataError(f"{self.description}: no samples")
+
+    def _verbatim(self, specs: list[InputSpec], limit: int | None) -> Iterator[Chunk]:
+        """Each chunk is one run, as a CalibrationDataReader means it: no re-batching."""
+        produced = 0
+        for feeds, labels in self.chunks():
+            feeds = check_chunk(feeds, specs, self.description)
+            yield feeds, labels
+            produced += max(sample_count(feeds), 1)
+            if limit is not None and produced >= limit:
+                return
         if produced == 0:
             raise DataError(f"{self.description}: no samples")
 
     def count(self, specs: list[InputSpec]) -> int:
         """Number of samples (iterates the data once if not known)."""
         if self.num_samples is None:
-            self.num_samples = sum(_count(f) for f, _ in self.batches(specs))
+            self.num_samples = sum(sample_count(f) for f, _ in self.batches(specs))
         return self.num_samples
 
 
-def _count(feeds: Mapping[str, np.ndarray]) -> int:
-    return next(iter(feeds.values())).shape[0] if feeds else 0
+def sample_count(feeds: Mapping[str, np.ndarray]) -> int:
+    """Samples in a chunk: the first axis of its first non-scalar array (1 for scalars)."""
+    for array in feeds.values():
+        return array.shape[0] if np.ndim(array) else 1
+    return 0
 
 
 def _head(batch: Chunk, n: int) -> Chunk:
@@ -160,7 +183,7 @@ def _take(buffer: list[Chunk], size: int) -> tuple[Chunk, list[Chunk], int]:
     need = size
     rest: list[Chunk] = []
     for feeds, labels in buffer:
-        n = _count(feeds)
+        n = sample_count(feeds)
         if need <= 0:
             rest.append((feeds, labels))
             continue
@@ -176,7 +199,7 @@ def _take(buffer: list[Chunk], size: int) -> tuple[Chunk, list[Chunk], int]:
     batch = {n: np.ascontiguousarray(np.concatenate(p)) if len(p) > 1 else
              np.ascontiguousarray(p[0]) for n, p in parts.items()}
     labels_out = np.concatenate(label_parts) if has_labels and label_parts else None
-    return (batch, labels_out), rest, sum(_count(f) for f, _ in rest)
+    return (batch, labels_out), rest, sum(sample_count(f) for f, _ in rest)
 
 
 def check_chunk(feeds: Mapping[str, Any], specs: list[InputSpec], where: str,
@@ -196,13 +219,13 @@ def check_chunk(feeds: Mapping[str, Any], specs: list[InputSpec], where: str,
                 for i, d in enumerate(spec.dims))):
             raise DataError(f"{where}: input '{spec.name}' has shape {list(array.shape)}; "
                             f"model expects {spec.shape_text()}")
-        if array.dtype != spec.dtype:
+        if spec.dtype is not None and array.dtype != spec.dtype:
             if np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
                 array = array.astype(spec.dtype)
             else:
                 raise DataError(f"{where}: input '{spec.name}' has dtype {array.dtype}; "
                                 f"model expects {np.dtype(spec.dtype).name}")
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
             raise DataError(f"{where}: input '{spec.name}' contains NaN or Inf")
         out[spec.name] = array
     return out
@@ -292,13 +315,16 @@ def random_source(specs: list[InputSpec], n: int, seed: int = 0) -> FeedSource:
                 dims = shapes[spec.name]
                 b = dims[0] if dims and dims[0] is not None else min(left, 32)
                 shape = (b, *dims[1:]) if dims else ()
-                if np.issubdtype(spec.dtype, np.floating):
+                if spec.dtype is None or spec.dtype.kind == "O":
+                    raise DataError(f"cannot make random data for input '{spec.name}' of "
+                                    f"type {spec.dtype}; give real data")
+                if "float" in spec.dtype.name:
                     feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
                 elif spec.dtype == np.bool_:
                     feeds[spec.name] = rng.integers(0, 2, shape).astype(np.bool_)
                 else:
                     feeds[spec.name] = rng.integers(0, 10, shape).astype(spec.dtype)
-            left -= _count(feeds) or left
+            left -= sample_count(feeds) or left
             yield feeds, None
 
     return FeedSource(chunks, f"random:{n}", n, representative=False)
@@ -314,7 +340,7 @@ def from_reader(reader: Any, description: str = "CalibrationDataReader") -> Feed
             reader.rewind()
             while (feed := reader.get_next()) is not None:
                 yield dict(feed), None
-        return FeedSource(chunks, description)
+        return FeedSource(chunks, description, rebatch=False)
     cached = []
     while (feed := reader.get_next()) is not None:
         cached.append(dict(feed))
@@ -333,7 +359,7 @@ def from_iterable(items: Iterable[Mapping[str, Any]], description: str = "feeds"
             yield {k: np.asarray(v) for k, v in feed.items()}, (
                 None if labels is None else np.asarray(labels).reshape(-1))
 
-    return FeedSource(chunks, description)
+    return FeedSource(chunks, description, rebatch=False)
 
 
 _RANDOM = re.compile(r"^random:(\d+)$")

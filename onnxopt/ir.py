@@ -129,6 +129,11 @@ def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> bool:
         name = old.name
         old.name = None
         new.name = name
+        # A graph output must stay typed even when the new producer was never annotated.
+        if new.type is None:
+            new.type = old.type
+        if new.shape is None:
+            new.shape = old.shape
     return True
 
 

@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.analysis.cost import infer_shapes, model_cost
-from onnxopt.data import FeedSource, input_specs
+from onnxopt.data import FeedSource, input_specs, sample_count
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, to_proto
 from onnxopt.model_io import serialized_size
@@ -227,7 +227,7 @@ class _Validator:
             chunks.append(session.run(None, {k: v for k, v in feeds.items() if k in names}))
             if labels is not None:
                 label_parts.append(labels)
-            count += next(iter(feeds.values())).shape[0]
+            count += sample_count(feeds)
         outputs = [_join([c[i] for c in chunks]) for i in range(len(chunks[0]))]
         labels = np.concatenate(label_parts) if len(label_parts) == len(chunks) else None
         return outputs, labels, count

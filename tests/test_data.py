@@ -61,15 +61,16 @@ def test_calibration_data_reader_protocol(model):
             self.i = 0
 
     source = open_feeds(Reader(), model)
-    assert _samples(source, model, batch=4) == [(4, None), (2, None)]
-    assert _samples(source, model, batch=4) == [(4, None), (2, None)]  # rewound
+    # each get_next() is one run, as onnxruntime's quantization tool treats it
+    assert _samples(source, model, batch=4) == [(2, None)] * 3
+    assert _samples(source, model, batch=4) == [(2, None)] * 3  # rewound
 
 
 def test_generator_of_feed_dicts_is_reusable(model):
     gen = ({"input": np.ones((1, 3, 16, 16), np.float32)} for _ in range(3))
     source = open_feeds(gen, model)
-    assert _samples(source, model) == [(3, None)]
-    assert _samples(source, model) == [(3, None)]
+    assert _samples(source, model) == [(1, None)] * 3
+    assert _samples(source, model) == [(1, None)] * 3
 
 
 def test_wrong_dtype_and_nan_and_empty(tmp_path, model):
