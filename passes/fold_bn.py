@@ -1,0 +1,282 @@
+"""The ``fold-bn`` pass: fold inference BatchNormalization into the linear op that feeds it.
+
+Algebra. A Conv, ConvTranspose or Gemm computes, per output channel ``c`` (axis 1 of its
+output), ``Y[c] = (W * X)[c] + b[c]`` where only the slice of ``W`` that produces channel
+``c`` contributes. Inference BatchNormalization computes
+``Z[c] = gamma[c] * (Y[c] - mean[c]) / sqrt(var[c] + eps) + beta[c]``. With
+``s = gamma / sqrt(var + eps)``:
+
+    W'[c] = s[c] * W[c]                 (the slice of W along its output-channel axis)
+    b'[c] = s[c] * (b[c] - mean[c]) + beta[c]
+
+so ``Z = W' * X + b'`` and the BatchNormalization node disappears. The ops differ only in
+where the output channel sits in the weight, which the ``_PRODUCERS`` table records:
+
+* Conv: ``W`` is ``[Cout, Cin/group, k...]``, channel axis 0 (any group count).
+* ConvTranspose: ``W`` is ``[Cin, Cout/group, k...]``; output channel ``g*Cout/group + j``
+  is column ``j`` of group ``g``, so ``W`` is scaled as ``[group, Cin/group, Cout/group, k...]``.
+* Gemm: ``Y = alpha * A' @ B' + beta * C``; the feature axis of ``B`` is 0 with ``transB=1``,
+  else 1. The effective bias ``beta * C`` must be the same for every row (shape ``[N]``,
+  ``[1, N]`` or a scalar); the folded bias is written with ``beta = 1``.
+
+The rewrite refuses (and says why) when the producer's output has other readers or is a
+graph output, when a weight, bias or BN parameter is not a true constant, when the weight or
+bias is shared with another node, when the BN runs in training mode or its training outputs
+are read, when the dtype is not float16/32/64, or when the channel counts do not line up.
+New weights are written as new initializers; the old ones are dropped once unused.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.ir import (
+    add_initializer,
+    const_array,
+    is_constant,
+    node_label,
+    opset_version,
+    replace_value,
+    used_only_by,
+)
+from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
+
+logger = logging.getLogger(__name__)
+
+_STANDARD_DOMAINS = ("", "ai.onnx")
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
+_BN_PARAMS = ("scale", "bias", "mean", "var")
+
+
+class _LinearProducer:
+    """Shared algebra of folding a per-channel affine map into a linear op (Conv layout)."""
+
+    weight_index = 1
+    bias_index = 2
+
+    def out_channels(self, node: ir.Node, weight: np.ndarray) -> int:
+        """Number of output channels the weight produces."""
+        return int(weight.shape[0])
+
+    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """``weight`` with every output channel ``c`` multiplied by ``scale[c]``."""
+        return weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+
+    def channel_bias(self, node: ir.Node, bias: np.ndarray | None,
+                     channels: int) -> np.ndarray | str:
+        """The bias per output channel as ``[channels]``, or why it is not per-channel."""
+        if bias is None:
+            return np.zeros(channels)
+        if bias.shape != (channels,):
+            return f"bias shape {bias.shape} is not [{channels}]"
+        return bias
+
+    def finish(self, node: ir.Node) -> None:
+        """Adjust attributes after the new weight and bias are in place."""
+
+
+class _ConvTranspose(_LinearProducer):
+    """ConvTranspose: ``W`` is ``[Cin, Cout/group, k...]``."""
+
+    def out_channels(self, node: ir.Node, weight: np.ndarray) -> int:
+        return int(weight.shape[1]) * node.attributes.get_int("group", 1)
+
+    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        group = node.attributes.get_int("group", 1)
+        cin, per_group = weight.shape[0], weight.shape[1]
+        grouped = weight.reshape((group, cin // group, per_group) + weight.shape[2:])
+        factor = scale.reshape((group, 1, per_group) + (1,) * (weight.ndim - 2))
+        return (grouped * factor).reshape(weight.shape)
+
+
+class _Gemm(_LinearProducer):
+    """Gemm: feature axis of ``B`` is 0 with ``transB=1``, else 1; bias is ``beta * C``."""
+
+    def _axis(self, node: ir.Node) -> int:
+        return 0 if node.attributes.get_int("transB", 0) else 1
+
+    def out_channels(self, node: ir.Node, weight: np.ndarray) -> int:
+        return int(weight.shape[self._axis(node)])
+
+    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        return weight * (scale[:, None] if self._axis(node) == 0 else scale[None, :])
+
+    def channel_bias(self, node: ir.Node, bias: np.ndarray | None,
+                     channels: int) -> np.ndarray | str:
+        if bias is None:
+            return np.zeros(channels)
+        if bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1) or (
+                bias.size not in (1, channels)):
+            return f"Gemm bias shape {bias.shape} is not per-feature (varies along rows)"
+        beta = node.attributes.get_float("beta", 1.0)
+        return beta * np.broadcast_to(bias.reshape(-1), (channels,))
+
+    def finish(self, node: ir.Node) -> None:
+        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+
+
+#: Producer op type -> where its output channels live in its weight and bias.
+_PRODUCERS: dict[str, _LinearProducer] = {
+    "Conv": _LinearProducer(),
+    "ConvTranspose": _ConvTranspose(),
+    "Gemm": _Gemm(),
+}
+
+
+@dataclass(frozen=True)
+class _Match:
+    """A BatchNormalization and the linear node it folds into, with their constants."""
+
+    bn: ir.Node
+    producer: ir.Node
+    kind: _LinearProducer
+    weight: np.ndarray
+    bias: np.ndarray  # per output channel, before BN
+    scale: np.ndarray  # s = gamma / sqrt(var + eps)
+    shift: np.ndarray  # beta - s * mean
+
+
+@register_pass
+class FoldBatchNormPass(Pass):
+    """Folds inference BatchNormalization into a preceding Conv, ConvTranspose or Gemm."""
+
+    name = "fold-bn"
+    description = "fold inference BatchNormalization into the preceding Conv/ConvTranspose/Gemm"
+    exact = True
+    needs_data = False
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """Fold every foldable BatchNormalization of the main graph in place."""
+        graph = model.graph
+        opset = opset_version(model)
+        result = PassResult(modified=False)
+        folded = standalone = 0
+        for bn in list(graph):
+            if bn.op_type != "BatchNormalization" or bn.domain not in _STANDARD_DOMAINS:
+                continue
+            producer = bn.inputs[0].producer() if bn.inputs and bn.inputs[0] else None
+            kind = _PRODUCERS.get(producer.op_type) if producer is not None else None
+            if kind is None or producer.domain not in _STANDARD_DOMAINS:
+                standalone += 1
+                continue
+            match = _match(bn, producer, kind, opset)
+            if isinstance(match, str):
+                result.refuse(node_label(bn), match)
+                continue
+            _apply(graph, match)
+            logger.debug("folded %s into %s", node_label(bn), node_label(producer))
+            folded += 1
+        result.modified = folded > 0
+        result.stats = {"folded": folded, "standalone": standalone,
+                        "refused": len(result.refusals)}
+        return result
+
+
+def _bn_blocker(bn: ir.Node, opset: int) -> str | None:
+    """Why ``bn`` is not a per-channel affine map at inference, or None."""
+    if bn.attributes.get_int("training_mode", 0) != 0:
+        return "BatchNormalization is in training mode"
+    if opset < 7 and bn.attributes.get_int("is_test", 0) != 1:
+        return "BatchNormalization has is_test=0 (training form)"
+    if opset < 9 and bn.attributes.get_int("spatial", 1) != 1:
+        return "BatchNormalization has spatial=0 (per-activation statistics)"
+    if any(out.uses() or out.is_graph_output() for out in bn.outputs[1:]):
+        return "BatchNormalization training outputs are used"
+    if len(bn.inputs) < 5:
+        return "BatchNormalization has missing inputs"
+    return None
+
+
+def _sole_reader(value: ir.Value, node: ir.Node) -> bool:
+    return len(value.uses()) == 1 and not value.is_graph_output() and used_only_by(value, [node])
+
+
+def _match(bn: ir.Node, producer: ir.Node, kind: _LinearProducer, opset: int) -> _Match | str:
+    """Check the pattern ``bn(producer(...))``; a reason string when it must not fold."""
+    reason = _bn_blocker(bn, opset)
+    if reason:
+        return reason
+    for role, value in zip(_BN_PARAMS, bn.inputs[1:5], strict=True):
+        if not is_constant(value):
+            return f"BatchNormalization {role} is not a constant (or is a graph input)"
+    y = bn.inputs[0]
+    if not used_only_by(y, [bn]):
+        return f"{node_label(producer)} output has other readers or is a graph output"
+    w_value = producer.inputs[kind.weight_index] if len(producer.inputs) > 1 else None
+    # Without type annotations the weight's dtype is the activation's (same type variable T).
+    dtype = y.type.dtype if y.type is not None else None
+    if dtype is None and w_value is not None and w_value.type is not None:
+        dtype = w_value.type.dtype
+    if dtype not in _FLOAT_TYPES:
+        return f"dtype {dtype} is not float16/float32/float64"
+    b_value = producer.inputs[kind.bias_index] if len(producer.inputs) > kind.bias_index else None
+    for role, value in (("weight", w_value), ("bias", b_value)):
+        if value is None:
+            continue
+        if not is_constant(value):
+            return f"{role} of {node_label(producer)} is not a constant (or is a graph input)"
+        if not _sole_reader(value, producer):
+            return f"{role} of {node_label(producer)} is shared with another node"
+    if w_value is None:
+        return f"{node_label(producer)} has no weight"
+    weight = const_array(w_value)
+    channels = kind.out_channels(producer, weight)
+    gamma, beta, mean, var = (
+        const_array(v).astype(np.float64) for v in bn.inputs[1:5])
+    if any(p.shape != (channels,) for p in (gamma, beta, mean, var)):
+        return (f"BatchNormalization parameters are not [{channels}] "
+                f"(channels of {node_label(producer)})")
+    bias = kind.channel_bias(
+        producer, None if b_value is None else const_array(b_value).astype(np.float64), channels)
+    if isinstance(bias, str):
+        return bias
+    scale = gamma / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
+    return _Match(bn, producer, kind, weight, np.asarray(bias, np.float64), scale,
+                  beta - scale * mean)
+
+
+def _apply(graph: ir.Graph, m: _Match) -> None:
+    """Write the folded weight and bias as new initializers and drop the BN node."""
+    producer, bn = m.producer, m.bn
+    old_inputs = [v for v in (*producer.inputs[1:], *bn.inputs[1:]) if v is not None]
+    w_old = producer.inputs[m.kind.weight_index]
+    dtype = m.weight.dtype
+    new_weight = m.kind.scale_weight(producer, m.weight.astype(np.float64), m.scale)
+    new_bias = m.scale * m.bias + m.shift
+    base = producer.name or w_old.name or "fused"
+    producer.replace_input_with(
+        m.kind.weight_index, add_initializer(graph, f"{base}.bn_weight", new_weight.astype(dtype)))
+    if len(producer.inputs) <= m.kind.bias_index:
+        producer.resize_inputs(m.kind.bias_index + 1)
+    producer.replace_input_with(
+        m.kind.bias_index, add_initializer(graph, f"{base}.bn_bias", new_bias.astype(dtype)))
+    m.kind.finish(producer)
+
+    y, z = bn.inputs[0], bn.outputs[0]
+    for i in range(len(bn.inputs)):
+        bn.replace_input_with(i, None)
+    if z.is_graph_output():
+        replaced = replace_value(graph, z, y)
+        assert replaced, "checked by _match: y is a node output read only by bn"
+    else:
+        z.replace_all_uses_with(y)
+    graph.remove(bn)
+    _drop_if_unused(graph, old_inputs)
+
+
+def _drop_if_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Remove the initializers or Constant nodes behind ``values`` that nobody reads now."""
+    for value in values:
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        if value.is_initializer():
+            if graph.initializers.get(value.name) is value:
+                del graph.initializers[value.name]
+            continue
+        producer = value.producer()
+        if producer is not None and producer.op_type == "Constant" and producer.graph is graph:
+            graph.remove(producer)

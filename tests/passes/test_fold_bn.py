@@ -1,0 +1,252 @@
+"""Tests of the ``fold-bn`` pass: structure after the rewrite, numerics, and refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.ir import from_proto, to_proto
+from onnxopt.pass_base import get_pass
+from testmodels import STRUCTURES
+from tests.helpers import apply_pass, assert_same_outputs, op_counts, random_feeds
+
+F = TensorProto.FLOAT
+
+
+def _fold_bn():
+    return get_pass("fold-bn")()
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def _vi(name: str, shape: Sequence[int | str], elem: int = F) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def _model(nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
+           outputs: Sequence[onnx.ValueInfoProto],
+           initializers: Sequence[onnx.TensorProto]) -> onnx.ModelProto:
+    graph = helper.make_graph(list(nodes), "g", list(inputs), list(outputs),
+                              initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _bn(x: str, y: str, channels: int, prefix: str, seed: int = 1,
+        dtype: type = np.float32, **attrs: object) -> tuple[onnx.NodeProto, list]:
+    """A BatchNormalization node with non-trivial random statistics."""
+    rng = np.random.default_rng(seed)
+    params = {
+        "scale": rng.uniform(0.5, 1.5, channels), "bias": rng.normal(0, 0.5, channels),
+        "mean": rng.normal(0, 0.5, channels), "var": rng.uniform(0.2, 2.0, channels),
+    }
+    inits = [_init(f"{prefix}.{k}", v.astype(dtype)) for k, v in params.items()]
+    node = helper.make_node("BatchNormalization", [x, *(f"{prefix}.{k}" for k in params)], [y],
+                            epsilon=1e-3, **attrs)
+    return node, inits
+
+
+def _unchanged(model: onnx.ModelProto, out) -> bool:
+    """Whether the rewritten model is byte-identical to a plain round trip of ``model``."""
+    return to_proto(out).SerializeToString() == to_proto(from_proto(model)).SerializeToString()
+
+
+def _check_folded(model: onnx.ModelProto, expected: int, feeds: dict | None = None):
+    out, result = apply_pass(_fold_bn(), model)
+    assert "BatchNormalization" not in op_counts(out)
+    assert result.modified and result.stats["folded"] == expected, result.stats
+    assert not result.refusals
+    assert_same_outputs(model, out, feeds if feeds is not None else random_feeds(model))
+    _, again = apply_pass(_fold_bn(), out)
+    assert again.modified is False
+    return out, result
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+def test_structures_have_no_bn_left(name: str) -> None:
+    model = STRUCTURES[name]()
+    before = op_counts(model)
+    out, _ = _check_folded(model, before["BatchNormalization"])
+    expected = before.copy()
+    del expected["BatchNormalization"]
+    assert op_counts(out) == expected
+    # No stale weights: every initializer is read.
+    proto = to_proto(out)
+    read = {i for n in proto.graph.node for i in n.input}
+    assert all(init.name in read for init in proto.graph.initializer)
+
+
+def _conv_bn(op: str = "Conv", group: int = 1, bias: bool = False, cin: int = 4,
+             cout: int = 6, dtype: type = np.float32, stride: int = 1) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    if op == "Conv":
+        w_shape, out_hw = (cout, cin // group, 3, 3), (8 - 3) // stride + 1
+    else:
+        w_shape, out_hw = (cin, cout // group, 3, 3), (8 - 1) * stride + 3
+    inits = [_init("w", rng.normal(0, 0.3, w_shape).astype(dtype))]
+    inputs = ["x", "w"]
+    if bias:
+        inits.append(_init("b", rng.normal(0, 0.3, cout).astype(dtype)))
+        inputs.append("b")
+    bn, bn_inits = _bn("c", "y", cout, "bn", dtype=dtype)
+    nodes = [helper.make_node(op, inputs, ["c"], group=group, kernel_shape=[3, 3],
+                              strides=[stride, stride]), bn]
+    return _model(nodes, [_vi("x", [2, cin, 8, 8], elem)],
+                  [_vi("y", [2, cout, out_hw, out_hw], elem)], inits + bn_inits)
+
+
+@pytest.mark.parametrize(("group", "bias", "cin", "cout"), [
+    (1, False, 4, 6), (1, True, 4, 6), (2, True, 4, 6), (4, False, 4, 4),
+])
+def test_conv_bn_folded(group: int, bias: bool, cin: int, cout: int) -> None:
+    out, _ = _check_folded(_conv_bn("Conv", group, bias, cin, cout), 1)
+    conv = to_proto(out).graph.node[0]
+    assert op_counts(out) == {"Conv": 1}
+    assert len(conv.input) == 3  # a bias was added when there was none
+
+
+@pytest.mark.parametrize(("group", "bias", "stride"), [
+    (1, False, 1), (1, True, 2), (2, True, 1), (2, False, 2),
+])
+def test_conv_transpose_bn_folded(group: int, bias: bool, stride: int) -> None:
+    out, _ = _check_folded(_conv_bn("ConvTranspose", group, bias, stride=stride), 1)
+    assert op_counts(out) == {"ConvTranspose": 1}
+
+
+def test_float64_gemm_bn_folded() -> None:
+    # onnxruntime's CPU Conv has no double kernel; Gemm and BatchNormalization do.
+    model = _gemm_bn(1, 1.0, 1.0, (4,), dtype=np.float64)
+    feeds = {"x": np.random.default_rng(3).standard_normal((3, 5))}
+    out, _ = _check_folded(model, 1, feeds)
+    assert {i.data_type for i in to_proto(out).graph.initializer} == {TensorProto.DOUBLE}
+
+
+def _gemm_bn(trans_b: int, alpha: float, beta: float,
+             bias_shape: tuple[int, ...] | None, m: int = 3, k: int = 5,
+             n: int = 4, dtype: type = np.float32) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [_init("w", rng.normal(0, 0.5, (n, k) if trans_b else (k, n)).astype(dtype))]
+    inputs = ["x", "w"]
+    if bias_shape is not None:
+        inits.append(_init("b", rng.normal(0, 0.5, bias_shape).astype(dtype)))
+        inputs.append("b")
+    bn, bn_inits = _bn("g", "y", n, "bn", dtype=dtype)
+    gemm = helper.make_node("Gemm", inputs, ["g"], transB=trans_b, alpha=alpha, beta=beta)
+    return _model([gemm, bn], [_vi("x", [m, k], elem)], [_vi("y", [m, n], elem)],
+                  inits + bn_inits)
+
+
+@pytest.mark.parametrize(("trans_b", "alpha", "beta", "bias_shape"), [
+    (1, 1.0, 1.0, (4,)), (0, 1.0, 1.0, (4,)), (1, 0.5, 2.0, (1, 4)), (0, 1.5, 0.3, ()),
+    (1, 1.0, 1.0, None), (0, 2.0, -1.0, (1, 1)),
+])
+def test_gemm_bn_folded(trans_b: int, alpha: float, beta: float,
+                        bias_shape: tuple[int, ...] | None) -> None:
+    out, _ = _check_folded(_gemm_bn(trans_b, alpha, beta, bias_shape), 1)
+    gemm = from_proto(to_proto(out)).graph.node(0)
+    assert gemm.attributes.get_float("beta") == 1.0
+    assert gemm.attributes.get_float("alpha", 1.0) == pytest.approx(alpha)
+
+
+def test_bn_graph_output_keeps_name_and_chain_folds() -> None:
+    """Conv -> BN -> BN where the last BN's output is the graph output."""
+    model = _conv_bn("Conv")
+    bn2, bn2_inits = _bn("y", "z", 6, "bn2", seed=7)
+    graph = model.graph
+    graph.node.append(bn2)
+    graph.initializer.extend(bn2_inits)
+    graph.output[0].name = "z"
+    onnx.checker.check_model(model, full_check=True)
+    out, _ = _check_folded(model, 2)
+    proto = to_proto(out)
+    assert [o.name for o in proto.graph.output] == ["z"]
+    assert proto.graph.node[0].output[0] == "z"
+
+
+def test_standalone_bn_left_alone() -> None:
+    bn, inits = _bn("r", "y", 3, "bn")
+    model = _model([helper.make_node("Relu", ["x"], ["r"]), bn],
+                   [_vi("x", [2, 3, 4, 4])], [_vi("y", [2, 3, 4, 4])], inits)
+    out, result = apply_pass(_fold_bn(), model)
+    assert result.modified is False and not result.refusals
+    assert result.stats == {"folded": 0, "standalone": 1, "refused": 0}
+    assert _unchanged(model, out)
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+def _assert_refused(model: onnx.ModelProto, reason: str, count: int = 1,
+                    feeds: dict | None = None) -> None:
+    out, result = apply_pass(_fold_bn(), model)
+    assert result.modified is False
+    assert _unchanged(model, out)
+    assert op_counts(out) == op_counts(model)
+    assert result.stats["refused"] == count == len(result.refusals)
+    assert all(reason in r.reason for r in result.refusals), result.refusals
+    assert all(r.where.startswith("BatchNormalization") for r in result.refusals)
+    assert_same_outputs(model, out, feeds if feeds is not None else random_feeds(model))
+
+
+def test_refuses_shared_weight() -> None:
+    bn0, i0 = _bn("c0", "y0", 6, "bn0")
+    bn1, i1 = _bn("c1", "y1", 6, "bn1", seed=2)
+    w = np.random.default_rng(0).normal(0, 0.3, (6, 4, 1, 1)).astype(np.float32)
+    model = _model(
+        [helper.make_node("Conv", ["x", "w"], ["c0"]), bn0,
+         helper.make_node("Conv", ["x", "w"], ["c1"]), bn1],
+        [_vi("x", [2, 4, 5, 5])], [_vi("y0", [2, 6, 5, 5]), _vi("y1", [2, 6, 5, 5])],
+        [_init("w", w), *i0, *i1])
+    _assert_refused(model, "weight of Conv", count=2)
+    _assert_refused(model, "is shared with another node", count=2)
+
+
+def test_refuses_weight_fed_as_graph_input() -> None:
+    model = _conv_bn("Conv")
+    model.graph.input.append(_vi("w", [6, 4, 3, 3]))  # overridable initializer (old-IR style)
+    onnx.checker.check_model(model, full_check=True)
+    _assert_refused(model, "weight of Conv -> c is not a constant (or is a graph input)")
+
+    del model.graph.initializer[0]  # now a genuine input
+    feeds = {**random_feeds(model), "w": np.ones((6, 4, 3, 3), np.float32)}
+    _assert_refused(model, "is not a constant", feeds=feeds)
+
+
+def test_refuses_conv_output_read_twice() -> None:
+    model = _conv_bn("Conv")
+    model.graph.node.append(helper.make_node("Relu", ["c"], ["r"]))
+    model.graph.output.append(_vi("r", [2, 6, 6, 6]))
+    _assert_refused(model, "output has other readers or is a graph output")
+
+
+def test_refuses_bn_param_graph_input() -> None:
+    model = _conv_bn("Conv")
+    mean = next(i for i in model.graph.initializer if i.name == "bn.mean")
+    model.graph.initializer.remove(mean)
+    model.graph.input.append(_vi("bn.mean", [6]))
+    feeds = {**random_feeds(model), "bn.mean": np.zeros(6, np.float32)}
+    _assert_refused(model, "BatchNormalization mean is not a constant", feeds=feeds)
+
+
+def test_refuses_gemm_bias_varying_over_rows() -> None:
+    _assert_refused(_gemm_bn(1, 1.0, 1.0, (3, 4)), "not per-feature")
+
+
+def test_refuses_training_mode() -> None:
+    model = _conv_bn("Conv")
+    bn = model.graph.node[1]
+    bn.attribute.append(helper.make_attribute("training_mode", 1))
+    bn.output.extend(["running_mean", "running_var"])
+    out, result = apply_pass(_fold_bn(), model)
+    assert result.modified is False and _unchanged(model, out)
+    assert [r.reason for r in result.refusals] == ["BatchNormalization is in training mode"]
