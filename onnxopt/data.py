@@ -42,6 +42,7 @@ class InputSpec:
     name: str
     dtype: Any
     dims: tuple[int | None, ...] | None
+    is_tensor: bool = True
 
     def shape_text(self) -> str:
         if self.dims is None:
@@ -74,7 +75,8 @@ def input_specs(model: ir.Model, overrides: Mapping[str, tuple[int, ...]] | None
             dims = None
         else:
             dims = tuple(d if isinstance(d, int) else None for d in value.shape)
-        specs.append(InputSpec(value.name or "", dtype, dims))
+        is_tensor = value.type is None or isinstance(value.type, ir.TensorType)
+        specs.append(InputSpec(value.name or "", dtype, dims, is_tensor))
     return specs
 
 
@@ -165,8 +167,9 @@ class FeedSource:
 def sample_count(feeds: Mapping[str, np.ndarray]) -> int:
     """Samples in a chunk: the first axis of its first non-scalar array (1 for scalars)."""
     for array in feeds.values():
-        return array.shape[0] if np.ndim(array) else 1
-    return 0
+        if isinstance(array, np.ndarray):
+            return array.shape[0] if array.ndim else 1
+    return 1 if feeds else 0
 
 
 def _head(batch: Chunk, n: int) -> Chunk:
@@ -213,6 +216,9 @@ def check_chunk(feeds: Mapping[str, Any], specs: list[InputSpec], where: str,
             hint = f" (it has {', '.join(unknown)})" if unknown else ""
             raise DataError(f"{where}: no data for model input '{spec.name}' "
                             f"(expected shape {spec.shape_text()}){hint}")
+        if not spec.is_tensor:  # sequences, maps, optionals: onnxruntime checks them
+            out[spec.name] = feeds[spec.name]
+            continue
         array = np.asarray(feeds[spec.name])
         if spec.dims is not None and (array.ndim != len(spec.dims) or any(
                 d is not None and i > 0 and array.shape[i] != d
@@ -356,7 +362,8 @@ def from_iterable(items: Iterable[Mapping[str, Any]], description: str = "feeds"
         for feed in items:
             feed = dict(feed)
             labels = feed.pop("labels", None)
-            yield {k: np.asarray(v) for k, v in feed.items()}, (
+            yield {k: v if isinstance(v, (list, dict)) else np.asarray(v)
+                   for k, v in feed.items()}, (
                 None if labels is None else np.asarray(labels).reshape(-1))
 
     return FeedSource(chunks, description, rebatch=False)

@@ -32,6 +32,7 @@ from onnxopt.report import (
 from onnxopt.validate import (
     Comparison,
     accuracy_of,
+    as_comparable,
     compare_outputs,
     make_session,
     scaled_tolerance,
@@ -224,7 +225,8 @@ class _Validator:
         count = 0
         batches = self.source.batches(self.specs, self.manager.batch_size, self.limit)
         for feeds, labels in progress(batches, enabled=self.manager.show_progress, desc=desc):
-            chunks.append(session.run(None, {k: v for k, v in feeds.items() if k in names}))
+            outputs = session.run(None, {k: v for k, v in feeds.items() if k in names})
+            chunks.append([as_comparable(o) for o in outputs])
             if labels is not None:
                 label_parts.append(labels)
             count += sample_count(feeds)

@@ -95,6 +95,26 @@ def run_model(
     return [_concat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
 
+def as_comparable(output: object) -> np.ndarray:
+    """An onnxruntime output as one array: sequences are flattened and joined.
+
+    Sequence and map outputs (lists and dicts) have no common array form; for comparison
+    their elements are concatenated in order, which keeps every value and its position.
+    """
+    if isinstance(output, np.ndarray):
+        return output
+    if isinstance(output, dict):
+        output = [output[k] for k in sorted(output)]
+    if isinstance(output, list):
+        parts = [as_comparable(o).reshape(-1) for o in output]
+        if not parts:
+            return np.zeros(0, np.float32)
+        if all(p.dtype.kind in "biuf" for p in parts):
+            return np.concatenate([p.astype(np.float64) for p in parts])
+        return np.concatenate([p.astype(object) for p in parts])
+    return np.asarray(output)
+
+
 def _concat(parts: Sequence[np.ndarray]) -> np.ndarray:
     if len(parts) == 1:
         return np.asarray(parts[0])
