@@ -59,7 +59,8 @@ def _single_node_macs(node: onnx.NodeProto, inputs, output, inits=()) -> int:
 def test_grouped_dilated_strided_conv_and_conv_transpose():
     import numpy as np
     from onnx import TensorProto as T
-    from onnx.helper import make_node, make_tensor_value_info as vi
+    from onnx.helper import make_node
+    from onnx.helper import make_tensor_value_info as vi
     from onnx.numpy_helper import from_array
 
     x = vi("x", T.FLOAT, [1, 8, 10, 10])
