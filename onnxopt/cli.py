@@ -8,27 +8,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from onnxopt.cli_common import EXIT_OK, EXIT_USER, EXIT_VALIDATION, OneLineParser, setup_logging
 from onnxopt.errors import UserError
 
 logger = logging.getLogger("onnxopt")
 
 DEFAULT_PIPELINE = "cleanup,fold-bn"
 
-EXIT_OK, EXIT_VALIDATION, EXIT_USER = 0, 1, 2
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage mistakes as one line and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def _main_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="onnxopt",
         description="Optimize an ONNX model with a pipeline of passes; every rewrite is "
-                    "checked with onnxruntime. 'onnxopt info MODEL' prints its cost.",
+                    "checked with onnxruntime. 'onnxopt info MODEL' prints its cost; "
+                    "'onnxopt split MODEL --calib DATA' writes an early-exit bundle.",
         epilog="Exit codes: 0 ok, 1 validation failure or missed gate, 2 user error.")
     p.add_argument("model", nargs="?", help="input .onnx model")
     p.add_argument("-p", "--pipeline", default=DEFAULT_PIPELINE,
@@ -62,7 +57,7 @@ def _main_parser() -> argparse.ArgumentParser:
 
 
 def _info_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnxopt info", description="Print a model's parameters, MACs, size "
+    p = OneLineParser(prog="onnxopt info", description="Print a model's parameters, MACs, size "
                 "and op histogram.")
     p.add_argument("model", help="input .onnx model")
     p.add_argument("--groups", action="store_true",
@@ -76,12 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used as the console script)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args_list[:1] == ["split"]:
+            from onnxopt.cli_split import split_main
+
+            return split_main(args_list[1:])
         if args_list[:1] == ["info"]:
             args = _info_parser().parse_args(args_list[1:])
-            _setup_logging(args.verbose, quiet=False)
+            setup_logging(args.verbose, quiet=False)
             return _info(args)
         args = _main_parser().parse_args(args_list)
-        _setup_logging(args.verbose, args.quiet)
+        setup_logging(args.verbose, args.quiet)
         if args.list_passes:
             print(_list_passes())
             return EXIT_OK
@@ -96,15 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (
-        logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("onnxopt: %(levelname)s: %(message)s"))
-    root = logging.getLogger("onnxopt")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
 
 
 def _list_passes() -> str:

@@ -49,7 +49,8 @@ class PassResult:
 
     Attributes:
         modified: True only if the model was actually changed (computed, not assumed).
-        stats: Pass-specific counters and tables shown in the report.
+        stats: Pass-specific counters and tables shown in the JSON report; a string under
+            ``stats["summary"]`` is also printed under the table.
         refusals: Matches that were declined, with reasons; never silent.
         exact: Overrides the pass's declared exactness for this run (e.g. a lossy threshold).
     """

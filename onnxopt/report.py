@@ -126,6 +126,8 @@ class RunReport:
         for r in self.records:
             if r.message:
                 notes.append(f"{r.name}: {r.message}")
+            if isinstance(r.stats.get("summary"), str) and r.status == KEPT:
+                notes.append(f"{r.name}: {r.stats['summary']}")
             if r.refusals:
                 reasons: dict[str, int] = {}
                 for ref in r.refusals:

@@ -116,9 +116,16 @@ def _conv_q(node: ir.Node) -> int | None:
 
 
 def node_macs(node: ir.Node) -> int:
-    """MACs of one node per sample (0 for shape ops or when shapes are unknown)."""
+    """MACs of one node per sample (0 for shape ops or when shapes are unknown).
+
+    A node with subgraphs costs its costliest branch (If) or one trip of its body
+    (Loop, Scan): an upper bound for If, a lower bound for loops.
+    """
     if node.domain not in ("", "ai.onnx"):
         return 0
+    bodies = _subgraphs(node)
+    if bodies:
+        return max(sum(node_macs(n) for n in body) for body in bodies)
     fn = _MACS.get(node.op_type)
     if fn is None and node.op_type in _ELEMENTWISE:
         fn = _elementwise
@@ -130,14 +137,24 @@ def node_macs(node: ir.Node) -> int:
         return 0
 
 
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs: list[ir.Graph] = []
+    for attribute in node.attributes.values():
+        if attribute.type == ir.AttributeType.GRAPH:
+            graphs.append(attribute.as_graph())
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attribute.as_graphs())
+    return graphs
+
+
 @dataclass
 class ModelCost:
     """Cost summary of a model.
 
     Attributes:
-        params: Number of elements in all initializers (weights) of the main graph.
+        params: Number of elements in all initializers (weights), subgraphs included.
         weight_bytes: Bytes of those initializers.
-        macs: Total MACs per sample.
+        macs: Total MACs per sample; an If counts its costliest branch (worst case).
         nodes: Node count of the main graph.
         per_node: MACs per node name (or output name when unnamed).
         op_histogram: Node count per op type.
@@ -158,13 +175,14 @@ def model_cost(model: ir.Model) -> ModelCost:
     """
     params = 0
     weight_bytes = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is None:
-            continue
-        n = math.prod(d if isinstance(d, int) else 1 for d in tensor.shape)
-        params += n
-        weight_bytes += tensor.nbytes
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            n = math.prod(d if isinstance(d, int) else 1 for d in tensor.shape)
+            params += n
+            weight_bytes += tensor.nbytes
     per_node: dict[str, int] = {}
     hist: Counter = Counter()
     total = 0
@@ -181,13 +199,33 @@ def infer_shapes(model: ir.Model) -> ir.Model:
     """Run ONNX shape inference and return a model whose values carry the shapes.
 
     Returns the input model unchanged if inference fails (shapes stay as they were).
+    Unlike ``onnx_ir``'s ``ShapeInferencePass`` merge, which sets only ``dtype`` and so
+    turns an untyped sequence or optional value into a tensor, a value without a type
+    takes the whole inferred type.
     """
-    from onnx_ir.passes.common import ShapeInferencePass
+    import onnx
+    from onnx_ir.passes.common import _c_api_utils  # strips big weights before inference
+
+    def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+        return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
+                                                 data_prop=True)
 
     try:
-        return ShapeInferencePass().call(model).model
+        inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, model))
     except Exception:  # inference failing must not stop analysis; shapes stay unknown
         return model
+    for graph, inferred_graph in zip(model.graphs(), inferred.graphs(), strict=False):
+        found = ir.convenience.create_value_mapping(inferred_graph)
+        for name, value in ir.convenience.create_value_mapping(graph).items():
+            new = found.get(name)
+            if new is None or new.type is None:
+                continue
+            tensors = isinstance(value.type, ir.TensorType) and isinstance(new.type, ir.TensorType)
+            if value.type is None or tensors:
+                value.type = new.type
+            if new.shape is not None and value.shape != new.shape:
+                value.shape = new.shape
+    return model
 
 
 def array_bytes(array: np.ndarray) -> int:
