@@ -1,0 +1,84 @@
+"""dead-layers: zero residual branches, unreachable nodes and no-op ops are removed exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnxopt.passes.dead_layers import DeadLayers
+
+from onnxopt.pass_base import get_pass
+from testmodels import zeroed
+from testmodels.structures import residual_blocks
+from tests.helpers import apply_pass, assert_same_outputs, op_counts, random_feeds
+
+
+def _check(original: onnx.ModelProto):
+    model, result = apply_pass(DeadLayers(), original)
+    assert_same_outputs(original, model, random_feeds(original))
+    _, again = apply_pass(DeadLayers(), model)
+    assert not again.modified
+    return model, result
+
+
+def test_zero_scaled_and_all_zero_residual_branches_become_identity() -> None:
+    original = zeroed.zero_scaled_residual()
+    model, result = _check(original)
+    assert result.stats["bypassed"] == {"zero-branch": 2}
+    before, after = op_counts(original), op_counts(model)
+    assert before["Conv"] == 5 and after["Conv"] == 1  # both branches (2 convs each) gone
+    assert after["Add"] == 0 and after["Mul"] == 0
+    assert result.stats["params_saved"] > 0 and result.stats["macs_saved"] > 0
+
+
+def test_unreachable_subgraph_is_removed() -> None:
+    original = zeroed.unreachable_subgraph()
+    model, result = _check(original)
+    assert result.stats["nodes_removed"] == 9
+    assert op_counts(model) == {"Conv": 2, "BatchNormalization": 2, "Relu": 2,
+                                "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
+    names = {t.name for t in original.graph.initializer}
+    kept = set(model.graph.initializers)
+    assert kept < names and len(names - kept) == result.stats["initializers_removed"]
+
+
+def test_noop_ops_are_bypassed() -> None:
+    model, result = _check(zeroed.noop_ops())
+    assert result.stats["bypassed"] == {"mul-by-1": 1, "add-of-0": 1, "pad-of-0": 1,
+                                        "full-slice": 1, "same-reshape": 1}
+    assert not {"Mul", "Add", "Pad", "Slice", "Reshape"} & set(op_counts(model))
+
+
+def test_model_without_dead_layers_is_unchanged() -> None:
+    original = residual_blocks()
+    model, result = _check(original)
+    assert not result.modified and op_counts(model) == op_counts(original)
+
+
+def _single(nodes: list[onnx.NodeProto], inits: list[np.ndarray], in_shape: list[int],
+            out_shape: list[int] | None = None) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(a.astype(np.float32), f"c{i}") for i, a in enumerate(inits)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_graph_input_feeding_a_graph_output_is_refused() -> None:
+    original = _single([helper.make_node("Mul", ["x", "c0"], ["y"])], [np.ones(4)], [2, 4])
+    model, result = _check(original)
+    assert not result.modified and op_counts(model) == {"Mul": 1}
+    assert "graph output" in result.refusals[0].reason
+
+
+def test_broadcasting_zero_add_is_kept() -> None:
+    original = _single([helper.make_node("Add", ["x", "c0"], ["y"])],
+                       [np.zeros((1, 4, 3, 3))], [2, 4, 1, 1])
+    model, result = _check(original)
+    assert not result.modified and op_counts(model) == {"Add": 1}
+
+
+def test_registered() -> None:
+    assert get_pass("dead-layers") is DeadLayers
