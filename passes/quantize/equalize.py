@@ -1,0 +1,202 @@
+"""Cross-layer equalization (Nagel et al. 2019): rescale channels between consecutive linear ops.
+
+For ``y = W2 f(W1 x + b1) + b2`` where ``f`` is positively homogeneous per channel,
+``f(x / s) = f(x) / s`` for ``s > 0`` (Relu, LeakyRelu, PRelu, max/average pooling, Identity,
+a Flatten of 1x1 maps), any positive per-channel ``s`` gives the same ``y`` with
+
+    W1'[i] = W1[i] / s_i,   b1'[i] = b1[i] / s_i,   W2'[:, i] = W2[:, i] * s_i
+
+(``W1[i]`` = everything producing output channel ``i``, ``W2[:, i]`` = everything reading input
+channel ``i``, which for a grouped or depthwise second conv is one slice of one group).
+With ``r1_i = max|W1[i]|`` and ``r2_i = max|W2[:, i]|``, ``s_i = sqrt(r1_i / r2_i)`` makes both
+ranges ``sqrt(r1_i * r2_i)``, so one per-tensor weight scale fits every channel about equally.
+Chains (1x1 expand -> depthwise -> 1x1 project) are swept pair by pair until the scales settle.
+Clip with an upper bound (Relu6) is not homogeneous, so chains through it are left alone.
+The rewrite is exact in real arithmetic; new weights are written as new initializers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.ir import add_initializer, attr, const_array, is_constant, node_label, static_shape
+from onnxopt.pass_base import PassResult
+
+logger = logging.getLogger(__name__)
+
+
+class _ConvLayout:
+    """Conv: ``W`` is ``[Cout, Cin / group, k...]``."""
+
+    def out_range(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
+        return np.abs(w).reshape(w.shape[0], -1).max(axis=1)
+
+    def scale_out(self, node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+
+    def _grouped(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
+        g = int(attr(node, "group", 1))
+        return w.reshape((g, w.shape[0] // g) + w.shape[1:])
+
+    def in_channels(self, node: ir.Node, w: np.ndarray) -> int:
+        return int(attr(node, "group", 1)) * int(w.shape[1])
+
+    def in_range(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
+        grouped = np.abs(self._grouped(node, w))
+        axes = (1,) + tuple(range(3, grouped.ndim))
+        return grouped.max(axis=axes).reshape(-1)
+
+    def scale_in(self, node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+        grouped = self._grouped(node, w)
+        factor = s.reshape((grouped.shape[0], 1, grouped.shape[2]) + (1,) * (grouped.ndim - 3))
+        return (grouped * factor).reshape(w.shape)
+
+
+class _GemmLayout:
+    """Gemm: ``B`` is ``[N, K]`` with ``transB=1``, else ``[K, N]``."""
+
+    def _out_axis(self, node: ir.Node) -> int:
+        return 0 if attr(node, "transB", 0) else 1
+
+    def out_range(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
+        return np.abs(w).max(axis=1 - self._out_axis(node))
+
+    def scale_out(self, node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+        return w * (s[:, None] if self._out_axis(node) == 0 else s[None, :])
+
+    def in_channels(self, node: ir.Node, w: np.ndarray) -> int:
+        return int(w.shape[1 - self._out_axis(node)])
+
+    def in_range(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
+        return np.abs(w).max(axis=self._out_axis(node))
+
+    def scale_in(self, node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+        return w * (s[None, :] if self._out_axis(node) == 0 else s[:, None])
+
+
+#: Linear op type -> where its output and input channels live in its weight.
+_LAYOUTS: dict[str, _ConvLayout | _GemmLayout] = {"Conv": _ConvLayout(), "Gemm": _GemmLayout()}
+
+
+def _flatten_of_1x1(node: ir.Node) -> bool:
+    shape = static_shape(node.inputs[0]) if node.inputs[0] is not None else None
+    return attr(node, "axis", 1) == 1 and shape is not None and math.prod(shape[2:]) == 1
+
+
+def _relu_like_clip(node: ir.Node) -> bool:
+    lo = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
+    has_max = len(node.inputs) > 2 and node.inputs[2] is not None
+    return not has_max and (lo is None or float(lo) == 0.0)
+
+
+#: Ops with ``f(x / s) = f(x) / s`` per channel for ``s > 0`` (with an extra check).
+HOMOGENEOUS: dict[str, Callable[[ir.Node], bool]] = {
+    "Relu": lambda n: True,
+    "LeakyRelu": lambda n: True,
+    "PRelu": lambda n: True,
+    "Identity": lambda n: True,
+    "MaxPool": lambda n: len(n.outputs) == 1 or not n.outputs[1].uses(),
+    "AveragePool": lambda n: True,
+    "GlobalAveragePool": lambda n: True,
+    "GlobalMaxPool": lambda n: True,
+    "Flatten": _flatten_of_1x1,
+    "Clip": _relu_like_clip,
+}
+
+
+@dataclass(frozen=True)
+class _Pair:
+    first: ir.Node
+    second: ir.Node
+
+
+def _linear(node: ir.Node) -> bool:
+    if node.op_type not in _LAYOUTS or node.domain not in ("", "ai.onnx"):
+        return False
+    if len(node.inputs) < 2 or not is_constant(node.inputs[1]):
+        return False
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    return bias is None or is_constant(bias)
+
+
+def find_pairs(graph: ir.Graph, result: PassResult) -> list[_Pair]:
+    """Consecutive linear ops joined only through homogeneous ops, each read by nothing else."""
+    pairs = []
+    for node in graph:
+        if not _linear(node):
+            continue
+        value = node.outputs[0]
+        while not value.is_graph_output() and len(value.uses()) == 1:
+            reader, index = value.uses()[0].node, value.uses()[0].idx
+            check = HOMOGENEOUS.get(reader.op_type)
+            if index == 0 and check is not None and check(reader):
+                value = reader.outputs[0]
+                continue
+            if index == 0 and _linear(reader):
+                w1, w2 = const_array(node.inputs[1]), const_array(reader.inputs[1])
+                if len(_LAYOUTS[node.op_type].out_range(node, w1)) == \
+                        _LAYOUTS[reader.op_type].in_channels(reader, w2):
+                    pairs.append(_Pair(node, reader))
+            elif reader.op_type == "Clip":
+                result.refuse(f"{node_label(node)} -> {node_label(reader)}",
+                              "not equalized: Clip with an upper bound (Relu6) is not "
+                              "positively homogeneous")
+            break
+    return pairs
+
+
+def _bias_of(node: ir.Node, channels: int) -> np.ndarray | None:
+    if len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    bias = const_array(node.inputs[2]).astype(np.float64)  # type: ignore[union-attr]
+    if node.op_type == "Gemm":
+        return np.broadcast_to(bias.reshape(-1), (channels,)).copy() if bias.size in (
+            1, channels) and bias.ndim <= 2 else None
+    return bias
+
+
+def equalize(graph: ir.Graph, result: PassResult, max_sweeps: int = 20,
+             tolerance: float = 1e-3) -> int:
+    """Equalize every pair in place; returns the number of pairs rescaled."""
+    pairs = find_pairs(graph, result)
+    if not pairs:
+        return 0
+    nodes = {id(n): n for p in pairs for n in (p.first, p.second)}
+    weights = {k: const_array(n.inputs[1]).astype(np.float64) for k, n in nodes.items()}
+    biases = {}
+    for k, n in nodes.items():
+        channels = len(_LAYOUTS[n.op_type].out_range(n, weights[k]))
+        biases[k] = _bias_of(n, channels)
+    usable = [p for p in pairs if not (len(p.first.inputs) > 2 and p.first.inputs[2] is not None
+                                       and biases[id(p.first)] is None)]
+    for sweep in range(max_sweeps):
+        change = 0.0
+        for p in usable:
+            a, c = id(p.first), id(p.second)
+            la, lc = _LAYOUTS[p.first.op_type], _LAYOUTS[p.second.op_type]
+            r1 = la.out_range(p.first, weights[a])
+            r2 = lc.in_range(p.second, weights[c])
+            s = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.where(r2 > 0, r2, 1.0)), 1.0)
+            weights[a] = la.scale_out(p.first, weights[a], 1.0 / s)
+            if biases[a] is not None:
+                biases[a] = biases[a] / s
+            weights[c] = lc.scale_in(p.second, weights[c], s)
+            change = max(change, float(np.max(np.abs(np.log(s)))))
+        if change < tolerance:
+            logger.debug("equalization converged after %d sweeps", sweep + 1)
+            break
+    for k, n in nodes.items():
+        dtype = const_array(n.inputs[1]).dtype  # type: ignore[union-attr]
+        base = n.name or n.inputs[1].name or "linear"
+        n.replace_input_with(1, add_initializer(graph, f"{base}.eq_weight",
+                                                weights[k].astype(dtype)))
+        if biases[k] is not None:
+            n.replace_input_with(2, add_initializer(graph, f"{base}.eq_bias",
+                                                    biases[k].astype(dtype)))
+    return len(usable)
