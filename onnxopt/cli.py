@@ -50,6 +50,9 @@ def _main_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="validation batch size")
     p.add_argument("--max-samples", type=int, help="cap on validation samples")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan only: passes with a plan mode (prune) report what they would "
+                        "do; nothing is written")
     p.add_argument("--list-passes", action="store_true", help="list passes and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the result")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
@@ -125,8 +128,11 @@ def _optimize(args: argparse.Namespace) -> int:
     from onnxopt.pipeline import parse_pipeline
 
     passes = parse_pipeline(args.pipeline)
+    if args.dry_run:
+        passes = _plan_only(passes)
     output = Path(args.output) if args.output else _default_output(args.model)
-    _check_output(output)
+    if not args.dry_run:
+        _check_output(output)
     for name, value in (("--min-agreement", args.min_agreement),
                         ("--max-accuracy-drop", args.max_accuracy_drop)):
         if value is not None and not 0.0 <= value <= 1.0:
@@ -136,14 +142,15 @@ def _optimize(args: argparse.Namespace) -> int:
         check_model(model, args.model)
     show_progress = not args.quiet
     _, report = optimize(
-        model, passes, calib=args.calib, eval=args.eval_data, output=output,
+        model, passes, calib=args.calib, eval=args.eval_data,
+        output=None if args.dry_run else output,
         validate=not args.no_validate, min_agreement=args.min_agreement,
         max_accuracy_drop=args.max_accuracy_drop,
         input_shapes=parse_input_shapes(args.input_shape), batch_size=args.batch_size,
         max_samples=args.max_samples, progress=show_progress, seed=args.seed)
     if not args.quiet:
         print(report.format_table())
-    print(f"wrote {output}")
+    print("dry run: nothing written" if args.dry_run else f"wrote {output}")
     if args.report:
         _write_text(Path(args.report), report.to_json())
     gate_failures = [r for r in report.failures if r.status == "gate failed"]
@@ -157,6 +164,21 @@ def _optimize(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_VALIDATION
     return EXIT_OK
+
+
+def _plan_only(passes: list) -> list:
+    """Switch every pass that can plan without rewriting to ``plan_only=True``."""
+    import dataclasses
+
+    planned = []
+    for p in passes:
+        if any(f.name == "plan_only" for f in dataclasses.fields(p.options)):
+            p = type(p)(dataclasses.replace(p.options, plan_only=True))
+        planned.append(p)
+    if passes and not any(getattr(p.options, "plan_only", False) for p in planned):
+        raise UserError("--dry-run: no pass in the pipeline has a plan-only mode "
+                        "(prune has one)")
+    return planned
 
 
 def _check_output(output: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -21,8 +23,83 @@ def from_proto(proto: onnx.ModelProto) -> ir.Model:
 
 
 def clone_model(model: ir.Model) -> ir.Model:
-    """A deep copy of ``model``; weights stay lazy when they were lazy."""
-    return from_proto(to_proto(model))
+    """A copy of ``model``'s graphs, nodes and values that shares its weight tensors.
+
+    Tensors are never modified in place (passes write new initializers, and
+    :func:`const_array` hands out read-only arrays), so sharing them is safe, costs no memory
+    for big models, and keeps memory-mapped external weights working (a protobuf round trip
+    would lose the folder they are read from).
+    """
+    return model.clone()
+
+
+#: Initializers at most this large stay in the proto :func:`call_without_weights` builds.
+SMALL_WEIGHT_BYTES = 1024
+
+_R = TypeVar("_R")
+
+
+def is_large_weight(tensor: ir.TensorProtocol | None) -> bool:
+    """Whether :func:`call_without_weights` leaves this initializer out of the proto."""
+    return tensor is not None and (isinstance(tensor, ir.ExternalTensor)
+                                   or tensor.nbytes > SMALL_WEIGHT_BYTES)
+
+
+def call_without_weights(func: Callable[[onnx.ModelProto], _R], model: ir.Model) -> _R:
+    """Call ``func`` on a ``ModelProto`` of ``model`` that leaves the large weights out.
+
+    Main-graph initializers above :data:`SMALL_WEIGHT_BYTES`, and every external one, become
+    graph inputs of the same type and shape for the call. The checker and shape inference
+    need no weight values, so this serves them without a second copy of the weights, works
+    past protobuf's 2 GB limit, and never resolves external data against the working
+    directory. The model is restored afterwards, initializer order included.
+    """
+    graph = model.graph
+    order = list(graph.initializers.values())
+    large = [v for v in order if is_large_weight(v.const_value)]
+    tensors = {id(v): v.const_value for v in large}
+    inputs = list(graph.inputs)
+    try:
+        for value in large:
+            tensor = value.const_value
+            if value.shape is None:
+                value.shape = tensor.shape
+            if value.dtype is None:
+                value.dtype = tensor.dtype
+            del graph.initializers[value.name]
+            value.const_value = None
+            if not value.is_graph_input():
+                graph.inputs.append(value)
+        proto = ir.serde.serialize_model(model)
+    finally:
+        graph.inputs.clear()
+        graph.inputs.extend(inputs)
+        for value in large:
+            value.const_value = tensors[id(value)]
+        graph.initializers.clear()
+        for value in order:
+            graph.initializers.add(value)
+    return func(proto)
+
+
+def release_mapped_weights(model: ir.Model) -> None:
+    """Unmap the external-data files that the model's weights have been read from so far.
+
+    The data stays on disk and is mapped again on the next read. Pages read for one
+    onnxruntime run would otherwise stay resident (and count against the process) until the
+    end, beside the new weights a later pass writes. A mapping someone still reads through
+    is left alone.
+    """
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                with contextlib.suppress(BufferError):
+                    value.const_value.release()
+
+
+#: Numeric ``Constant`` attributes other than ``value``, with the dtype ONNX gives them.
+_CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32,
+                   "value_int": np.int64, "value_ints": np.int64}
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -35,14 +112,22 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
         if (producer is None or producer.op_type != "Constant"
                 or producer.domain not in ("", "ai.onnx")):
             return None
+        for name, dtype in _CONSTANT_LISTS.items():
+            listed = producer.attributes.get(name)
+            if listed is not None and not listed.is_ref():
+                return np.array(listed.value, dtype=dtype)
         attr = producer.attributes.get("value")
-        if attr is None:
+        if attr is None or attr.is_ref():
             return None
         tensor = attr.as_tensor()
     try:
-        return tensor.numpy()
+        array = tensor.numpy()
     except Exception:  # string or unsupported tensors are not numeric constants
         return None
+    if array.flags.writeable:  # the tensor may be shared with a snapshot: never write into it
+        array = array.view()
+        array.flags.writeable = False
+    return array
 
 
 def is_constant(value: ir.Value | None) -> bool:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -21,6 +23,8 @@ logger = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 #: Tensors smaller than this stay inline when external data is written.
 _INLINE_LIMIT = 1024
+#: Up to this many bytes of weights, :func:`serialized_size` serializes the model to count.
+_EXACT_SIZE_LIMIT = 64_000_000
 
 ModelLike = "str | os.PathLike | onnx.ModelProto | ir.Model"
 
@@ -132,7 +136,9 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         model: The model to write.
         path: Destination ``.onnx`` path.
         external_data: Write weights to ``<name>.data`` beside the model. ``None`` means
-            only when the model would exceed protobuf's 2 GB limit.
+            when the model would exceed protobuf's 2 GB limit, or when it was loaded with
+            external data (its weights are then copied into the new data file, so the
+            output never points at the input's files).
 
     Returns:
         The destination path.
@@ -148,7 +154,8 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     if not folder.is_dir():
         raise UserError(f"output folder does not exist: {folder}")
     if external_data is None:
-        external_data = total_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = (total_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
+                         or has_external_weights(model))
     data_name = dest.name + ".data"
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=folder))
@@ -179,13 +186,27 @@ def file_size(path: str | os.PathLike) -> int:
     return total
 
 
-def serialized_size(model: ir.Model) -> int:
-    """Bytes the model would take on disk (protobuf size, weights included)."""
-    from onnxopt.ir import to_proto
+def has_external_weights(model: ir.Model) -> bool:
+    """Whether some main-graph initializer is read lazily from an external data file."""
+    return any(isinstance(v.const_value, ir.ExternalTensor)
+               for v in model.graph.initializers.values())
 
-    if total_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-        return total_weight_bytes(model)
-    return to_proto(model).ByteSize()
+
+def serialized_size(model: ir.Model) -> int:
+    """Bytes the model would take on disk (protobuf size, weights included).
+
+    Exact for small in-memory models; for models with external or more than
+    ``_EXACT_SIZE_LIMIT`` bytes of weights it is the protobuf size without the large
+    weights plus their bytes (a few bytes of framing per tensor off), which needs no copy
+    of the weights.
+    """
+    from onnxopt.ir import call_without_weights, is_large_weight, to_proto
+
+    if total_weight_bytes(model) <= _EXACT_SIZE_LIMIT and not has_external_weights(model):
+        return to_proto(model).ByteSize()
+    large = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                if is_large_weight(v.const_value))
+    return call_without_weights(lambda proto: proto.ByteSize(), model) + large
 
 
 def check_model(model: ir.Model, path: str | os.PathLike | None = None) -> None:
@@ -199,8 +220,6 @@ def check_model(model: ir.Model, path: str | os.PathLike | None = None) -> None:
     Raises:
         ModelError: With the checker's first line, or the name of the non-finite weight.
     """
-    import numpy as np
-
     try:
         if path is not None:
             onnx.checker.check_model(os.fspath(path))
@@ -216,9 +235,21 @@ def check_model(model: ir.Model, path: str | os.PathLike | None = None) -> None:
         if tensor is None or not tensor.dtype.is_floating_point():
             continue
         try:
-            array = tensor.numpy()
+            finite = _all_finite(tensor.numpy())
         except Exception:  # exotic dtypes numpy cannot hold; the runtime will judge them
             continue
-        if not np.all(np.isfinite(array.astype(np.float32, copy=False))):
+        if isinstance(tensor, ir.ExternalTensor):
+            # Unmap what the scan read (it maps its file again on next use), unless someone
+            # else still holds a view of the mapping.
+            with contextlib.suppress(BufferError):
+                tensor.release()
+        if not finite:
             raise ModelError(f"weight {name!r} contains NaN or Inf (--no-check proceeds "
                              f"anyway)")
+
+
+def _all_finite(array: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """``np.isfinite(array).all()`` in chunks, so a huge weight needs no huge temporary."""
+    flat = array.reshape(-1)
+    return all(bool(np.isfinite(flat[i:i + chunk].astype(np.float32, copy=False)).all())
+               for i in range(0, flat.size, chunk))

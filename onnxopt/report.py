@@ -126,7 +126,7 @@ class RunReport:
         for r in self.records:
             if r.message:
                 notes.append(f"{r.name}: {r.message}")
-            if isinstance(r.stats.get("summary"), str) and r.status == KEPT:
+            if isinstance(r.stats.get("summary"), str) and not r.failed:
                 notes.append(f"{r.name}: {r.stats['summary']}")
             if r.refusals:
                 reasons: dict[str, int] = {}

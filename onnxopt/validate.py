@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ from onnxopt.pass_base import Tolerance
 
 logger = logging.getLogger(__name__)
 
-#: Above this size a model goes to onnxruntime through a file with external data.
+#: Above this many bytes of weights, onnxruntime gets the weights as fed inputs.
 _PROTO_LIMIT = 1_800_000_000
 
 
@@ -28,11 +27,12 @@ def make_session(
     threads: int = 0,
     optimized_path: str | None = None,
     graph_optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-) -> ort.InferenceSession:
+) -> ort.InferenceSession | FedWeightsSession:
     """An onnxruntime CPU session for a model object or file.
 
     Args:
-        model: The model; onnx_ir models are serialized, huge ones through a temp file.
+        model: The model. onnx_ir models are serialized; one with more than 1.8 GB of
+            weights gets a :class:`FedWeightsSession` instead, which never copies them.
         threads: Intra-op threads (0 lets onnxruntime choose).
         optimized_path: If given, onnxruntime writes its optimized graph there.
         graph_optimization: onnxruntime's graph optimization level.
@@ -52,12 +52,47 @@ def make_session(
             if v.const_value is not None
         )
         if total > _PROTO_LIMIT:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "model.onnx")
-                ir.save(model, path, external_data="model.onnx.data")
-                return ort.InferenceSession(path, opts, providers=providers)
+            return _session_feeding_weights(model, opts, providers)
         model = _proto_with_inline_data(model)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+
+
+class FedWeightsSession:
+    """An onnxruntime session whose large weights are graph inputs, fed on every run.
+
+    onnxruntime reads fed arrays in place, whereas initializers, even ones added from
+    memory with ``add_external_initializers``, are copied into the session; feeding them keeps
+    a big model's weights in memory once (memory-mapped files stay mapped, in-memory weights
+    are shared with the model). Offers what callers of :func:`make_session` use:
+    ``get_inputs`` (the data inputs only), ``get_outputs`` and ``run``.
+    """
+
+    def __init__(self, session: ort.InferenceSession, weights: dict[str, np.ndarray]) -> None:
+        self.session = session
+        self.weights = weights
+
+    def get_inputs(self) -> list:
+        """The inputs a caller feeds (the weights are fed by the session itself)."""
+        return [i for i in self.session.get_inputs() if i.name not in self.weights]
+
+    def get_outputs(self) -> list:
+        """The model outputs."""
+        return self.session.get_outputs()
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, object],
+            run_options: ort.RunOptions | None = None) -> list:
+        """``InferenceSession.run`` with the weights added to ``input_feed``."""
+        return self.session.run(output_names, {**input_feed, **self.weights}, run_options)
+
+
+def _session_feeding_weights(model: ir.Model, opts: ort.SessionOptions,
+                             providers: list[str]) -> FedWeightsSession:
+    from onnxopt.ir import call_without_weights, is_large_weight
+
+    weights = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()
+               if is_large_weight(v.const_value)}
+    proto = call_without_weights(lambda p: p.SerializeToString(), model)
+    return FedWeightsSession(ort.InferenceSession(proto, opts, providers=providers), weights)
 
 
 def _proto_with_inline_data(model: ir.Model) -> onnx.ModelProto:
@@ -79,11 +114,12 @@ def _proto_with_inline_data(model: ir.Model) -> onnx.ModelProto:
 
 
 def run_model(
-    model: ir.Model | onnx.ModelProto | ort.InferenceSession,
+    model: ir.Model | onnx.ModelProto | ort.InferenceSession | FedWeightsSession,
     feeds: Iterable[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray],
 ) -> list[np.ndarray]:
     """Run ``model`` on one feed dict or a stream of them; outputs are concatenated on axis 0."""
-    session = model if isinstance(model, ort.InferenceSession) else make_session(model)
+    session = (model if isinstance(model, ort.InferenceSession | FedWeightsSession)
+               else make_session(model))
     if isinstance(feeds, Mapping):
         feeds = [feeds]
     names = [i.name for i in session.get_inputs()]

@@ -16,21 +16,31 @@ Each step is an identity of the computed function, so the pass is exact:
   cannot run it). ``Shape``/``Size`` of a graph input with a static declared shape fold too,
   since onnxruntime enforces declared input dims. Not folded, and counted per reason in
   ``fold_skipped``: custom domains, nodes with subgraphs, random ops, quantize/dequantize
-  (onnxruntime needs those patterns to pick integer kernels), graph outputs, results above
-  ``max_fold_elements``, non-numeric results and evaluation failures. Models older than IR 4
-  are not folded (every initializer there must be a graph input, hence overridable).
+  (onnxruntime needs those patterns to pick integer kernels), results above
+  ``max_fold_elements``, non-numeric results and evaluation failures. A folded graph output
+  becomes a ``Constant`` node of the same name (a graph output must be produced by a node).
+  Models older than IR 4 are not folded (every initializer there must be a graph input, hence
+  overridable).
+* ``If(c)`` with a constant condition ``c`` is its taken branch: the branch's nodes and
+  initializers move into the main graph (renamed if a name is taken anywhere in the model)
+  and readers of the If outputs read the branch outputs. Folding and inlining alternate, so
+  a condition computed from folded shapes is resolved. This matters beyond tidiness:
+  onnxruntime inlines such an If itself when it loads the model, and then runs data-dependent
+  shape inference on the branch with constant inputs it never saw as constants before (an
+  exported ``Range`` fed a ``[1]`` tensor instead of a scalar is rejected at load time).
+  Inlining it here lets folding evaluate those nodes with the kernels instead.
 * Unused initializers are dropped; a graph input nobody reads is dropped only when it is
   backed by an initializer of the same name (old-IR overridable weight), never a real input.
 * A final stable topological sort.
 
-Dead-node removal and folding work on the main graph only; the number of subgraphs they did
-not enter is reported as ``subgraphs_skipped``.
+Dead-node removal, folding and If inlining work on the main graph only; the number of
+subgraphs they did not enter is reported as ``subgraphs_skipped``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +54,7 @@ from onnxopt.ir import (
     add_initializer,
     const_array,
     is_constant,
+    iter_values,
     node_label,
     opset_version,
     remove_unused_initializers,
@@ -113,8 +124,8 @@ _BYPASS: dict[str, tuple[str, Callable[[ir.Node, int], str | None]]] = {
 
 
 #: Stats that count changes to the model; ``modified`` is true when any is non-zero.
-_CHANGE_COUNTS = ("identities", "dropouts", "dead_nodes", "folded", "initializers_removed",
-                  "inputs_removed", "reordered")
+_CHANGE_COUNTS = ("identities", "dropouts", "dead_nodes", "folded", "ifs_inlined",
+                  "initializers_removed", "inputs_removed", "reordered")
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,8 @@ class CleanupOptions:
 class CleanupPass(Pass):
     """Removes Identity/Dropout, dead nodes and unused weights; folds constants; sorts.
 
-    Stats: ``identities``, ``dropouts``, ``dead_nodes``, ``folded``, ``inputs_removed``,
+    Stats: ``identities``, ``dropouts``, ``dead_nodes``, ``folded``, ``ifs_inlined``,
+    ``inputs_removed``,
     ``initializers_removed`` (including those of removed inputs), ``reordered`` (0/1),
     ``fold_skipped`` (reason -> count) and ``subgraphs_skipped``.
     """
@@ -152,19 +164,33 @@ class CleanupPass(Pass):
         stats: dict[str, Any] = dict.fromkeys(_CHANGE_COUNTS, 0)
         skipped: dict[str, int] = {}
         opset = opset_version(model)
+        kept: dict[int, tuple[ir.Node, str]] = {}
 
-        _bypass_passthroughs(graph, opset, stats, result)
+        _bypass_passthroughs(ir.traversal.RecursiveGraphIterator(graph), opset, stats, kept)
         stats["dead_nodes"] += _remove_dead_nodes(graph)
         # Before IR 4 every initializer must also be a graph input, so a folded result could
         # only be added as an overridable input: not a constant any more.
         if self.options.fold_constants and model.ir_version >= 4:
-            stats["folded"] = _fold_constants(model, self.options.max_fold_elements, skipped)
+            tried_folds: set[int] = set()
+            tried_ifs: set[int] = set()
+            while True:
+                stats["folded"] += _fold_constants(model, self.options.max_fold_elements,
+                                                   skipped, tried_folds)
+                inlined, moved = _inline_constant_ifs(model, result, tried_ifs)
+                if not inlined:
+                    break
+                stats["ifs_inlined"] += inlined
+                _bypass_passthroughs(moved, opset, stats, kept)
             stats["dead_nodes"] += _remove_dead_nodes(graph)
         stats["inputs_removed"] = _remove_backed_unused_inputs(graph)
         stats["initializers_removed"] = stats["inputs_removed"] + remove_unused_initializers(graph)
         stats["reordered"] = _sort(graph)
         stats["fold_skipped"] = skipped
         stats["subgraphs_skipped"] = sum(1 for node in graph for _ in _subgraphs(node))
+        present = {id(node) for node in ir.traversal.RecursiveGraphIterator(graph)}
+        for node, reason in kept.values():
+            if id(node) in present:
+                result.refuse(node_label(node), f"kept: {reason}")
         result.modified = any(stats[key] for key in _CHANGE_COUNTS)
         result.stats = stats
         return result
@@ -173,10 +199,14 @@ class CleanupPass(Pass):
 # -- Identity / Dropout -----------------------------------------------------------------------
 
 
-def _bypass_passthroughs(graph: ir.Graph, opset: int, stats: dict[str, Any],
-                         result: PassResult) -> None:
-    """Remove Identity and inference Dropout nodes in ``graph`` and all its subgraphs."""
-    for node in list(ir.traversal.RecursiveGraphIterator(graph)):
+def _bypass_passthroughs(nodes: Iterable[ir.Node], opset: int, stats: dict[str, Any],
+                         kept: dict[int, tuple[ir.Node, str]]) -> None:
+    """Remove the Identity and inference Dropout nodes among ``nodes``.
+
+    A node that must stay is recorded in ``kept`` with the reason; a later call (after If
+    inlining moved it) may still remove it, so refusals are reported at the end.
+    """
+    for node in list(nodes):
         entry = _BYPASS.get(node.op_type)
         if entry is None or node.domain not in _STANDARD_DOMAINS:
             continue
@@ -184,8 +214,9 @@ def _bypass_passthroughs(graph: ir.Graph, opset: int, stats: dict[str, Any],
         reason = blocker(node, opset) or _bypass(node)
         if reason is None:
             stats[key] += 1
+            kept.pop(id(node), None)
         else:
-            result.refuse(node_label(node), f"kept: {reason}")
+            kept[id(node)] = (node, reason)
 
 
 def _bypass(node: ir.Node) -> str | None:
@@ -258,10 +289,14 @@ def _remove_dead_nodes(graph: ir.Graph) -> int:
 # -- constant folding -------------------------------------------------------------------------
 
 
-def _fold_constants(model: ir.Model, max_elements: int, skipped: dict[str, int]) -> int:
-    """Fold main-graph nodes with constant inputs into initializers; returns how many."""
+def _fold_constants(model: ir.Model, max_elements: int, skipped: dict[str, int],
+                    seen: set[int]) -> int:
+    """Fold main-graph nodes with constant inputs into initializers; returns how many.
+
+    ``seen`` holds the ids of nodes already tried (kept across calls, so a refusal is
+    counted once).
+    """
     graph = model.graph
-    seen: set[int] = set()
     folded = 0
     changed = True
     while changed:
@@ -309,8 +344,9 @@ def _fold_blocker(node: ir.Node, max_elements: int) -> str | None:
         return "subgraph"
     if node.op_type in _NEVER_FOLD:
         return _NEVER_FOLD[node.op_type]
-    if any(out.is_graph_output() for out in node.outputs):
-        return "graph_output"
+    if any(out.type is not None and not isinstance(out.type, ir.TensorType)
+           for out in node.outputs):
+        return "unsupported_type"
     for out in node.outputs:
         shape = static_shape(out)
         if shape is not None and int(np.prod(shape, dtype=np.int64)) > max_elements:
@@ -367,18 +403,32 @@ def _evaluate(model: ir.Model, node: ir.Node) -> list[np.ndarray] | None:
     except Exception as error:  # unsupported by onnxruntime: try the reference evaluator
         logger.debug("onnxruntime cannot fold %s (%s)", node_label(node), error)
         try:
-            values = list(onnx.reference.ReferenceEvaluator(tiny).run(None, feeds))
+            from onnx.reference import ReferenceEvaluator
+
+            values = list(ReferenceEvaluator(tiny).run(None, feeds))
         except Exception as error2:
             logger.debug("reference evaluator cannot fold %s (%s)", node_label(node), error2)
             return None
-    named = iter(np.asarray(v) for v in values)
+    # Sequences, maps and optionals come back as lists, dicts or None: not initializers.
+    named = iter(np.asarray(v) if isinstance(v, np.ndarray | np.generic)
+                 else np.empty(0, dtype=object) for v in values)
     return [next(named) if name else None for name in output_names]
 
 
 def _replace_by_constants(graph: ir.Graph, node: ir.Node,
                           arrays: list[np.ndarray | None]) -> None:
-    """Swap ``node`` for one initializer per used output (keeping the output names)."""
+    """Swap ``node`` for one initializer per used output (keeping the output names).
+
+    A graph output becomes the output of a new ``Constant`` node instead, which takes over
+    its name and its place in the output list.
+    """
     olds = list(node.outputs)
+    for old, array in zip(olds, arrays, strict=True):
+        if array is not None and old.is_graph_output():
+            constant = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(array))])
+            graph.insert_before(node, constant)
+            replaced = replace_value(graph, old, constant.outputs[0])
+            assert replaced, "a new Constant output is neither a graph input nor an output"
     _detach(node)
     graph.remove(node)
     for old, array in zip(olds, arrays, strict=True):
@@ -386,6 +436,107 @@ def _replace_by_constants(graph: ir.Graph, node: ir.Node,
             continue
         new = add_initializer(graph, old.name or "folded", array)
         old.replace_all_uses_with(new)
+
+
+# -- If with a constant condition ---------------------------------------------------------------
+
+
+def _inline_constant_ifs(model: ir.Model, result: PassResult,
+                         tried: set[int]) -> tuple[int, list[ir.Node]]:
+    """Replace main-graph If nodes whose condition is constant by their taken branch.
+
+    Returns how many were inlined and the nodes moved into the main graph. An If that
+    cannot be inlined is refused once (its id goes into ``tried``).
+    """
+    graph = model.graph
+    inlined = 0
+    moved: list[ir.Node] = []
+    for node in list(graph):
+        if (node.op_type != "If" or node.domain not in _STANDARD_DOMAINS or id(node) in tried
+                or not node.inputs or not is_constant(node.inputs[0])):
+            continue
+        cond = const_array(node.inputs[0])
+        if cond is None or cond.size != 1:
+            continue
+        tried.add(id(node))
+        attribute = node.attributes.get("then_branch" if bool(cond.reshape(-1)[0])
+                                        else "else_branch")
+        branch = attribute.as_graph() if attribute is not None else None
+        reason = "it has no such branch" if branch is None else _inline_blocker(node, branch)
+        if reason is not None:
+            result.refuse(node_label(node), f"If with a constant condition kept: {reason}")
+            continue
+        moved.extend(_inline_branch(model, node, branch))
+        inlined += 1
+    return inlined, moved
+
+
+def _inline_blocker(node: ir.Node, branch: ir.Graph) -> str | None:
+    """Why ``branch`` cannot replace ``node`` in the main graph, or None."""
+    if branch.inputs or len(branch.outputs) != len(node.outputs):
+        return "its branch does not match its outputs"
+    taken: set[int] = set()
+    for out, inner in zip(node.outputs, branch.outputs, strict=True):
+        if not out.is_graph_output():
+            continue
+        producer = inner.producer()
+        if producer is None or producer.graph is not branch or id(inner) in taken:
+            return ("a graph output would come straight from an outer value, an initializer "
+                    "or a second output")
+        taken.add(id(inner))
+    return None
+
+
+def _model_names(model: ir.Model, skip: ir.Node) -> set[str]:
+    """Every value name of ``model`` outside the subgraphs of ``skip``."""
+    names: set[str] = set()
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        names.update(v.name for v in iter_values(graph) if v.name)
+        for node in graph:
+            if node is not skip:
+                graphs.extend(_subgraphs(node))
+    return names
+
+
+def _inline_branch(model: ir.Model, node: ir.Node, branch: ir.Graph) -> list[ir.Node]:
+    """Move ``branch`` into the main graph in place of ``node``; returns the moved nodes."""
+    graph = model.graph
+    taken = _model_names(model, node)
+
+    def fresh(value: ir.Value) -> None:
+        if value.name and value.name in taken:
+            base, i = value.name, 1
+            while f"{base}_{i}" in taken:
+                i += 1
+            value.name = f"{base}_{i}"
+        if value.name:
+            taken.add(value.name)
+
+    for value in list(branch.initializers.values()):
+        branch.initializers.pop(value.name)
+        fresh(value)
+        graph.register_initializer(value)
+    nodes = list(branch)
+    for inner in nodes:
+        branch.remove(inner)
+        for value in inner.outputs:
+            fresh(value)
+    graph.insert_before(node, nodes)
+    inner_outputs = list(branch.outputs)
+    branch.outputs.clear()
+    for out, inner in zip(node.outputs, inner_outputs, strict=True):
+        if inner.type is None:
+            inner.type = out.type
+        if out.is_graph_output():
+            replaced = replace_value(graph, out, inner)
+            assert replaced, "checked by _inline_blocker"
+        else:
+            out.replace_all_uses_with(inner)
+    _detach(node)
+    graph.remove(node)
+    return nodes
 
 
 # -- inputs, initializers, order --------------------------------------------------------------

@@ -24,12 +24,23 @@ graph output, when a weight, bias or BN parameter is not a true constant, when t
 bias is shared with another node, when the BN runs in training mode or its training outputs
 are read, when the dtype is not float16/32/64, or when the channel counts do not line up.
 New weights are written as new initializers; the old ones are dropped once unused.
+
+If/Loop/Scan bodies are searched too. Inside a body the same checks hold, and they see every
+scope: a weight defined in an outer graph folds only if this Conv is its sole reader in the
+whole model, and BN parameters may come from any scope (they are only read). The producer must
+sit in the same body as the BatchNormalization (folding into an outer-scope producer would
+change a value computed once for every iteration; refused). The folded weight and bias become
+initializers of the body that holds the producer, under names unique in the whole model (a
+body may not shadow an outer name), and an outer initializer that no longer has readers is
+dropped from the graph that owns it. ``in_subgraphs`` counts the folds made inside bodies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -38,6 +49,7 @@ from onnxopt.ir import (
     add_initializer,
     const_array,
     is_constant,
+    iter_values,
     node_label,
     opset_version,
     replace_value,
@@ -62,9 +74,9 @@ class _LinearProducer:
         """Number of output channels the weight produces."""
         return int(weight.shape[0])
 
-    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-        """``weight`` with every output channel ``c`` multiplied by ``scale[c]``."""
-        return weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> None:
+        """Multiply every output channel ``c`` of ``weight`` (in place) by ``scale[c]``."""
+        weight *= scale.reshape((-1,) + (1,) * (weight.ndim - 1))
 
     def channel_bias(self, node: ir.Node, bias: np.ndarray | None,
                      channels: int) -> np.ndarray | str:
@@ -85,12 +97,11 @@ class _ConvTranspose(_LinearProducer):
     def out_channels(self, node: ir.Node, weight: np.ndarray) -> int:
         return int(weight.shape[1]) * node.attributes.get_int("group", 1)
 
-    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> None:
         group = node.attributes.get_int("group", 1)
         cin, per_group = weight.shape[0], weight.shape[1]
-        grouped = weight.reshape((group, cin // group, per_group) + weight.shape[2:])
-        factor = scale.reshape((group, 1, per_group) + (1,) * (weight.ndim - 2))
-        return (grouped * factor).reshape(weight.shape)
+        grouped = weight.reshape((group, cin // group, per_group) + weight.shape[2:])  # a view
+        grouped *= scale.reshape((group, 1, per_group) + (1,) * (weight.ndim - 2))
 
 
 class _Gemm(_LinearProducer):
@@ -102,8 +113,8 @@ class _Gemm(_LinearProducer):
     def out_channels(self, node: ir.Node, weight: np.ndarray) -> int:
         return int(weight.shape[self._axis(node)])
 
-    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-        return weight * (scale[:, None] if self._axis(node) == 0 else scale[None, :])
+    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> None:
+        weight *= scale[:, None] if self._axis(node) == 0 else scale[None, :]
 
     def channel_bias(self, node: ir.Node, bias: np.ndarray | None,
                      channels: int) -> np.ndarray | str:
@@ -150,12 +161,13 @@ class FoldBatchNormPass(Pass):
     needs_data = False
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        """Fold every foldable BatchNormalization of the main graph in place."""
+        """Fold every foldable BatchNormalization of the model (bodies included) in place."""
         graph = model.graph
         opset = opset_version(model)
         result = PassResult(modified=False)
-        folded = standalone = 0
-        for bn in list(graph):
+        folded = standalone = in_subgraphs = 0
+        names: set[str] | None = None  # every value name of the model, built on first fold
+        for bn in list(ir.traversal.RecursiveGraphIterator(graph)):
             if bn.op_type != "BatchNormalization" or bn.domain not in _STANDARD_DOMAINS:
                 continue
             producer = bn.inputs[0].producer() if bn.inputs and bn.inputs[0] else None
@@ -163,16 +175,30 @@ class FoldBatchNormPass(Pass):
             if kind is None or producer.domain not in _STANDARD_DOMAINS:
                 standalone += 1
                 continue
+            if producer.graph is not bn.graph:
+                result.refuse(node_label(bn), f"{node_label(producer)} is in an outer scope")
+                continue
             match = _match(bn, producer, kind, opset)
             if isinstance(match, str):
                 result.refuse(node_label(bn), match)
                 continue
-            _apply(graph, match)
+            if names is None:
+                names = _model_names(graph)
+            replaced = producer.inputs[kind.weight_index].const_value
+            _apply(bn.graph, match, names)
+            del match  # its views of the old weight must go before the mapping can
+            if isinstance(replaced, ir.ExternalTensor):
+                # Unmap the old weight now rather than at the end of the pass: on a big model
+                # the old and new weights would otherwise both be resident. A snapshot that
+                # shares the tensor maps its file again if it is ever read.
+                with contextlib.suppress(BufferError):
+                    replaced.release()
             logger.debug("folded %s into %s", node_label(bn), node_label(producer))
             folded += 1
+            in_subgraphs += bn.graph is not graph
         result.modified = folded > 0
         result.stats = {"folded": folded, "standalone": standalone,
-                        "refused": len(result.refusals)}
+                        "refused": len(result.refusals), "in_subgraphs": in_subgraphs}
         return result
 
 
@@ -239,21 +265,53 @@ def _match(bn: ir.Node, producer: ir.Node, kind: _LinearProducer, opset: int) ->
                   beta - scale * mean)
 
 
-def _apply(graph: ir.Graph, m: _Match) -> None:
-    """Write the folded weight and bias as new initializers and drop the BN node."""
+def _model_names(graph: ir.Graph) -> set[str]:
+    """Every value name in ``graph`` and all its subgraphs."""
+    names = {v.name for v in iter_values(graph) if v.name}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attribute in node.attributes.values():
+            if attribute.type == ir.AttributeType.GRAPH:
+                names.update(v.name for v in iter_values(attribute.as_graph()) if v.name)
+            elif attribute.type == ir.AttributeType.GRAPHS:
+                for sub in attribute.as_graphs():
+                    names.update(v.name for v in iter_values(sub) if v.name)
+    return names
+
+
+def _fresh_name(names: set[str], base: str) -> str:
+    """``base`` or ``base_<i>``, whichever is free in ``names`` first; then taken."""
+    name, i = base, 0
+    while name in names:
+        i += 1
+        name = f"{base}_{i}"
+    names.add(name)
+    return name
+
+
+def _apply(graph: ir.Graph, m: _Match, names: set[str]) -> None:
+    """Write the folded weight and bias as initializers of ``graph`` and drop the BN node.
+
+    ``graph`` is the graph (main or body) holding both nodes; ``names`` holds every value
+    name of the model and receives the new ones.
+    """
     producer, bn = m.producer, m.bn
     old_inputs = [v for v in (*producer.inputs[1:], *bn.inputs[1:]) if v is not None]
     w_old = producer.inputs[m.kind.weight_index]
     dtype = m.weight.dtype
-    new_weight = m.kind.scale_weight(producer, m.weight.astype(np.float64), m.scale)
+    # One new array in the weight's precision (float32 at least), scaled in place: a float64
+    # round trip would need three times the weight's memory on a big model for no useful
+    # accuracy.
+    calc = np.result_type(dtype, np.float32)
+    new_weight = _writable_copy(w_old, calc)
+    m.kind.scale_weight(producer, new_weight, m.scale.astype(calc))
     new_bias = m.scale * m.bias + m.shift
     base = producer.name or w_old.name or "fused"
-    producer.replace_input_with(
-        m.kind.weight_index, add_initializer(graph, f"{base}.bn_weight", new_weight.astype(dtype)))
+    producer.replace_input_with(m.kind.weight_index, add_initializer(
+        graph, _fresh_name(names, f"{base}.bn_weight"), new_weight.astype(dtype, copy=False)))
     if len(producer.inputs) <= m.kind.bias_index:
         producer.resize_inputs(m.kind.bias_index + 1)
-    producer.replace_input_with(
-        m.kind.bias_index, add_initializer(graph, f"{base}.bn_bias", new_bias.astype(dtype)))
+    producer.replace_input_with(m.kind.bias_index, add_initializer(
+        graph, _fresh_name(names, f"{base}.bn_bias"), new_bias.astype(dtype)))
     m.kind.finish(producer)
 
     y, z = bn.inputs[0], bn.outputs[0]
@@ -265,18 +323,39 @@ def _apply(graph: ir.Graph, m: _Match) -> None:
     else:
         z.replace_all_uses_with(y)
     graph.remove(bn)
-    _drop_if_unused(graph, old_inputs)
+    _drop_if_unused(old_inputs)
 
 
-def _drop_if_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
-    """Remove the initializers or Constant nodes behind ``values`` that nobody reads now."""
+def _writable_copy(value: ir.Value, dtype: np.dtype) -> np.ndarray:
+    """A new array holding ``value``'s constant in ``dtype``.
+
+    A weight in an external data file is read from the file straight into the new array:
+    going through its memory map would leave the old pages resident beside the new copy.
+    """
+    tensor = value.const_value
+    if (isinstance(tensor, ir.ExternalTensor) and tensor.dtype.numpy() == dtype
+            and Path(tensor.path).resolve().is_relative_to(Path(tensor.base_dir).resolve())):
+        with open(tensor.path, "rb") as fh:
+            fh.seek(tensor.offset or 0)
+            array = np.fromfile(fh, dtype=dtype.newbyteorder("<"), count=tensor.size)
+        if array.size == tensor.size:
+            return array.astype(dtype, copy=False).reshape(tensor.shape.numpy())
+    return np.array(const_array(value), dtype=dtype)
+
+
+def _drop_if_unused(values: list[ir.Value]) -> None:
+    """Remove the initializers or Constant nodes behind ``values`` that nobody reads now.
+
+    Each is removed from the graph that owns it, which may be an outer scope.
+    """
     for value in values:
         if value.uses() or value.is_graph_output() or value.is_graph_input():
             continue
         if value.is_initializer():
-            if graph.initializers.get(value.name) is value:
-                del graph.initializers[value.name]
+            owner = value.graph
+            if owner is not None and owner.initializers.get(value.name) is value:
+                del owner.initializers[value.name]
             continue
         producer = value.producer()
-        if producer is not None and producer.op_type == "Constant" and producer.graph is graph:
-            graph.remove(producer)
+        if producer is not None and producer.op_type == "Constant" and producer.graph is not None:
+            producer.graph.remove(producer)

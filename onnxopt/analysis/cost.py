@@ -204,14 +204,15 @@ def infer_shapes(model: ir.Model) -> ir.Model:
     takes the whole inferred type.
     """
     import onnx
-    from onnx_ir.passes.common import _c_api_utils  # strips big weights before inference
+
+    from onnxopt.ir import call_without_weights
 
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
                                                  data_prop=True)
 
     try:
-        inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, model))
+        inferred = ir.serde.deserialize_model(call_without_weights(infer, model))
     except Exception:  # inference failing must not stop analysis; shapes stay unknown
         return model
     for graph, inferred_graph in zip(model.graphs(), inferred.graphs(), strict=False):

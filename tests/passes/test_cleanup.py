@@ -298,3 +298,110 @@ def test_body_output_identity_and_constant_node_input() -> None:
     assert [(n.op_type, n.output[0]) for n in branches["then_branch"].node] == [("Neg", "t")]
     assert [n.op_type for n in branches["else_branch"].node] == ["Identity"]
     assert [r.where for r in result.refusals] == ["Identity -> e"]
+
+
+def _constant(name: str, **value: object) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], **value)
+
+
+def _affine_grid_like() -> onnx.ModelProto:
+    """The pattern of ``AffineGrid``'s function expansion (onnx corpus).
+
+    ``If(Size(size) == 4)`` picks the count ``D`` as a ``[1]`` tensor that feeds ``Range``,
+    whose inputs the spec wants scalar. onnxruntime accepts it while ``D`` is computed, but
+    once folding makes the condition constant it inlines the If at load time and then
+    rejects ``Range`` with constant ``[1]`` inputs.
+    """
+    then_branch = helper.make_graph([helper.make_node("Identity", ["one_1d"], ["d_then"])],
+                                    "then", [], [_vi("d_then", [1], TensorProto.INT64)])
+    else_branch = helper.make_graph([helper.make_node("Shape", ["size"], ["d_else"])],
+                                    "else", [], [_vi("d_else", [1], TensorProto.INT64)])
+    return _model(
+        [_constant("four", value_int=4), _constant("one_1d", value_ints=[3]),
+         _constant("zero", value_int=0), _constant("one", value_int=1),
+         helper.make_node("Size", ["size"], ["ndim"]),
+         helper.make_node("Equal", ["ndim", "four"], ["is_2d"]),
+         helper.make_node("If", ["is_2d"], ["d"], then_branch=then_branch,
+                          else_branch=else_branch),
+         helper.make_node("Range", ["zero", "d", "one"], ["steps"]),
+         helper.make_node("Cast", ["steps"], ["steps_f"], to=F),
+         helper.make_node("Add", ["x", "steps_f"], ["y"])],
+        [_vi("x", [3]), _vi("size", [4], TensorProto.INT64)], [_vi("y", [3])], opset=20)
+
+
+def test_if_on_folded_shape_condition_is_inlined() -> None:
+    """Regression: cleanup on test_affine_grid_2d_*_expanded was rolled back by onnxruntime."""
+    from onnxopt.data import from_iterable
+    from onnxopt.manager import PassManager
+    from onnxopt.model_io import load
+
+    model = _affine_grid_like()
+    feeds = {"x": np.array([1.0, 2.0, 3.0], np.float32), "size": np.array([2, 3, 5, 6])}
+    out, result = _run_checked(model, feeds)
+    assert op_counts(out) == {"Add": 1}
+    assert result.stats["ifs_inlined"] == 1 and result.stats["identities"] == 1
+    assert not result.refusals  # the branch's Identity was refused in the body, then removed
+    _, report = PassManager([_cleanup()], validation=from_iterable([feeds])).run(load(model))
+    assert report.records[0].status == "kept", report.records[0].message
+
+
+def test_inlined_branch_names_and_initializers_do_not_clash() -> None:
+    """Branch values are renamed when the name exists anywhere else in the model."""
+    then_branch = helper.make_graph(
+        [helper.make_node("Mul", ["r", "w"], ["t"]), helper.make_node("Neg", ["t"], ["tn"])],
+        "then", [], [_vi("tn", [2])], initializer=[_init("w", np.array([2.0, 3.0], np.float32))])
+    else_branch = _branch("else", [helper.make_node("Exp", ["r"], ["e"])], "e")
+    other_then = _branch("other_then", [helper.make_node("Abs", ["x"], ["t"])], "t")
+    other_else = _branch("other_else", [helper.make_node("Sin", ["x"], ["s"])], "s")
+    model = _model(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("If", ["yes"], ["y"], then_branch=then_branch,
+                          else_branch=else_branch),
+         helper.make_node("If", ["c"], ["z"], then_branch=other_then, else_branch=other_else)],
+        [_vi("x", [2]), _vi("c", [], TensorProto.BOOL)], [_vi("y", [2]), _vi("z", [2])],
+        [_init("yes", np.array(True)), _init("w_", np.zeros(2, np.float32))])
+    for cond in (True, False):
+        feeds = {"x": np.array([-1.0, 2.0], np.float32), "c": np.array(cond)}
+        out, result = _run_checked(model, feeds)
+    assert op_counts(out) == {"Relu": 1, "Mul": 1, "Neg": 1, "If": 1}
+    assert result.stats["ifs_inlined"] == 1 and result.stats["subgraphs_skipped"] == 2
+    proto = to_proto(out)
+    assert _output_names(out) == ["y", "z"]
+    mul = next(n for n in proto.graph.node if n.op_type == "Mul")
+    assert mul.output[0] == "t_1" and mul.input[1] == "w"
+    assert sorted(i.name for i in proto.graph.initializer) == ["w"]
+
+
+def test_if_with_constant_condition_refused_when_output_is_a_branch_initializer() -> None:
+    then_branch = helper.make_graph([], "then", [], [_vi("k", [2])],
+                                    initializer=[_init("k", np.array([1.0, 2.0], np.float32))])
+    else_branch = _branch("else", [helper.make_node("Exp", ["r"], ["e"])], "e")
+    model = _model(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("If", ["yes"], ["y"], then_branch=then_branch,
+                          else_branch=else_branch)],
+        [_vi("x", [2])], [_vi("y", [2])], [_init("yes", np.array(True))])
+    out, result = _run_checked(model, {"x": np.array([-1.0, 2.0], np.float32)})
+    assert op_counts(out) == {"Relu": 1, "If": 1}
+    assert result.stats["ifs_inlined"] == 0
+    assert [r.where for r in result.refusals] == ["If -> y"]
+    assert "initializer" in result.refusals[0].reason
+
+
+def test_folded_graph_output_becomes_constant_node() -> None:
+    model = _model(
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Relu", ["x"], ["y"])],
+        [_vi("x", [2, 3])], [_vi("y", [2, 3]), _vi("s", [2], TensorProto.INT64)])
+    out, result = _run_checked(model)
+    assert op_counts(out) == {"Relu": 1, "Constant": 1}
+    assert _output_names(out) == ["y", "s"] and result.stats["folded"] == 1
+
+
+def test_sequence_results_are_not_folded() -> None:
+    model = _model(
+        [helper.make_node("SequenceEmpty", [], ["empty"], dtype=F),
+         helper.make_node("SequenceInsert", ["empty", "x"], ["seq"]),
+         helper.make_node("SequenceAt", ["seq", "zero"], ["y"])],
+        [_vi("x", [2])], [_vi("y", [2])], [_init("zero", np.array(0, np.int64))])
+    out, result = _run_checked(model)
+    assert op_counts(out) == op_counts(model) and result.modified is False

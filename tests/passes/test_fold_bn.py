@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -179,7 +180,7 @@ def test_standalone_bn_left_alone() -> None:
                    [_vi("x", [2, 3, 4, 4])], [_vi("y", [2, 3, 4, 4])], inits)
     out, result = apply_pass(_fold_bn(), model)
     assert result.modified is False and not result.refusals
-    assert result.stats == {"folded": 0, "standalone": 1, "refused": 0}
+    assert result.stats == {"folded": 0, "standalone": 1, "refused": 0, "in_subgraphs": 0}
     assert _unchanged(model, out)
 
 
@@ -250,3 +251,106 @@ def test_refuses_training_mode() -> None:
     out, result = apply_pass(_fold_bn(), model)
     assert result.modified is False and _unchanged(model, out)
     assert [r.reason for r in result.refusals] == ["BatchNormalization is in training mode"]
+
+
+# -- If/Loop bodies ---------------------------------------------------------------------------
+
+
+def _if_conv_bn(shared_weight: bool) -> onnx.ModelProto:
+    """If whose branches hold Conv+BN; weights and BN parameters partly from the outer scope.
+
+    then: ``BN_then(Conv(x, w_outer))`` with its BN parameters in the branch.
+    else: ``Relu(BN_else(Conv(x, w_else)))`` with its BN parameters in the main graph;
+    ``w_else`` is a branch initializer, or ``w_outer`` itself when ``shared_weight``.
+    """
+    rng = np.random.default_rng(5)
+    w_outer = _init("w_outer", rng.normal(0, 0.3, (6, 4, 3, 3)).astype(np.float32))
+    bn_then, then_inits = _bn("c_then", "t", 6, "bn_then", seed=2)
+    bn_else, else_params = _bn("c_else", "e0", 6, "bn_else", seed=3)
+    else_weight = "w_outer" if shared_weight else "w_else"
+    else_inits = [] if shared_weight else [
+        _init("w_else", rng.normal(0, 0.3, (6, 4, 3, 3)).astype(np.float32))]
+    out_shape = [2, 6, 6, 6]
+    then_branch = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w_outer"], ["c_then"], kernel_shape=[3, 3]), bn_then],
+        "then", [], [_vi("t", out_shape)], initializer=then_inits)
+    else_branch = helper.make_graph(
+        [helper.make_node("Conv", ["x", else_weight], ["c_else"], kernel_shape=[3, 3]),
+         bn_else, helper.make_node("Relu", ["e0"], ["e"])],
+        "else", [], [_vi("e", out_shape)], initializer=else_inits)
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then_branch,
+                            else_branch=else_branch)
+    return _model([node], [_vi("x", [2, 4, 8, 8]), _vi("cond", [], TensorProto.BOOL)],
+                  [_vi("y", out_shape)], [w_outer, *else_params])
+
+
+def _all_ops(model) -> Counter:
+    proto = to_proto(model) if not isinstance(model, onnx.ModelProto) else model
+    counts: Counter = Counter()
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            counts[node.op_type] += 1
+            graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+    return counts
+
+
+def _if_feeds(cond: bool) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    return {"x": x, "cond": np.array(cond)}
+
+
+def test_bn_in_if_branches_folded_with_outer_scope_weight() -> None:
+    model = _if_conv_bn(shared_weight=False)
+    out, result = apply_pass(_fold_bn(), model)
+    assert result.stats == {"folded": 2, "standalone": 0, "refused": 0, "in_subgraphs": 2}
+    assert _all_ops(out) == {"If": 1, "Conv": 2, "Relu": 1}
+    for cond in (True, False):
+        assert_same_outputs(model, out, _if_feeds(cond))
+    proto = to_proto(out)
+    # The outer weight and the outer BN parameters had no other reader: dropped.
+    assert [i.name for i in proto.graph.initializer] == []
+    branches = {a.name: a.g for a in proto.graph.node[0].attribute}
+    assert sorted(i.name for i in branches["then_branch"].initializer) == [
+        "w_outer.bn_bias", "w_outer.bn_weight"]
+    _, again = apply_pass(_fold_bn(), out)
+    assert again.modified is False
+
+
+def test_bn_in_if_branches_refused_when_outer_weight_is_shared() -> None:
+    model = _if_conv_bn(shared_weight=True)
+    out, result = apply_pass(_fold_bn(), model)
+    assert result.modified is False and _unchanged(model, out)
+    assert result.stats["refused"] == 2
+    assert all("is shared with another node" in r.reason for r in result.refusals)
+    for cond in (True, False):
+        assert_same_outputs(model, out, _if_feeds(cond))
+
+
+def test_bn_reading_an_outer_scope_conv_is_refused() -> None:
+    rng = np.random.default_rng(0)
+    bn, inits = _bn("c", "t", 6, "bn")
+    then_branch = helper.make_graph([bn], "then", [], [_vi("t", [2, 6, 6, 6])])
+    else_branch = helper.make_graph([helper.make_node("Relu", ["c"], ["e"])], "else", [],
+                                    [_vi("e", [2, 6, 6, 6])])
+    model = _model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then_branch,
+                          else_branch=else_branch)],
+        [_vi("x", [2, 4, 8, 8]), _vi("cond", [], TensorProto.BOOL)], [_vi("y", [2, 6, 6, 6])],
+        [_init("w", rng.normal(0, 0.3, (6, 4, 3, 3)).astype(np.float32)), *inits])
+    out, result = apply_pass(_fold_bn(), model)
+    assert result.modified is False and _unchanged(model, out)
+    assert [r.reason for r in result.refusals] == ["Conv -> c is in an outer scope"]
+
+
+def test_cleanup_and_fold_bn_pipeline_on_if_model() -> None:
+    from onnxopt.api import optimize
+
+    model = _if_conv_bn(shared_weight=False)
+    for cond in (True, False):
+        result, report = optimize(model, "cleanup,fold-bn", eval=[_if_feeds(cond)])
+        assert [r.status for r in report.records] == ["unchanged", "kept"], report.records
+        assert _all_ops(result) == {"If": 1, "Conv": 2, "Relu": 1}
+        assert_same_outputs(model, result, _if_feeds(cond))
