@@ -57,19 +57,43 @@ class ChannelConstants:
 
 
 def uniform_along(array: np.ndarray, axis: int) -> Vector:
-    """Per index of ``axis``, the value when it is the same everywhere else, else NaN."""
-    moved = np.moveaxis(np.asarray(array, dtype=np.float64), axis, 0).reshape(array.shape[axis], -1)
-    if moved.shape[1] == 0:
-        return np.full(moved.shape[0], np.nan)
-    first = moved[:, 0]
-    return np.where(np.all(moved == first[:, None], axis=1), first, np.nan)
+    """Per index of ``axis``, the value when it is the same everywhere else, else NaN.
+
+    Works through the array in blocks of indices, so a large weight is never copied whole.
+    """
+    moved = np.moveaxis(np.asarray(array), axis, 0)
+    out = np.full(moved.shape[0], np.nan)
+    for rows, block in _blocks(moved, 0):
+        flat = block.reshape(block.shape[0], -1)
+        if flat.shape[1] == 0:
+            continue
+        first = flat[:, :1]
+        same = np.all(flat == first, axis=1)
+        out[rows] = np.where(same, first[:, 0].astype(np.float64), np.nan)
+    return out
+
+
+#: Bytes of weight looked at per step when scanning large weights.
+_BLOCK_BYTES = 1 << 25
+
+
+def _blocks(array: np.ndarray, axis: int):
+    """``(slice, view)`` pairs covering ``array`` along ``axis`` in blocks of bounded size."""
+    n = array.shape[axis]
+    per_index = max(1, array.nbytes // max(n, 1))
+    step = max(1, _BLOCK_BYTES // per_index)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        index = [slice(None)] * array.ndim
+        index[axis] = rows
+        yield rows, array[tuple(index)]
 
 
 def _scalar(value: ir.Value | None) -> float:
     array = const_array(value)
     if array is None or array.size == 0:
         return np.nan
-    flat = np.asarray(array, dtype=np.float64).ravel()
+    flat = np.asarray(array).ravel()
     return float(flat[0]) if np.all(flat == flat[0]) else np.nan
 
 
@@ -243,6 +267,27 @@ def _reads(reads: np.ndarray, summed: np.ndarray, x: Vector) -> tuple[Vector, Ve
     return zero, known, total
 
 
+def _reads_by_block(weight: np.ndarray, out_axis: int, x: Vector,
+                    to_matrix: Callable[[np.ndarray], np.ndarray]) -> tuple[Vector, Vector, Vector]:
+    """:func:`_reads` over blocks of output channels, so no full-size temporary is made.
+
+    ``to_matrix`` turns a block of the weight into ``[out_block, in, ...]`` (the trailing
+    axes are summed).
+    """
+    parts = []
+    for _, block in _blocks(weight, out_axis):
+        matrix = to_matrix(block)
+        axes = tuple(range(2, matrix.ndim))
+        reads = np.any(matrix != 0, axis=axes) if axes else matrix != 0
+        summed = matrix.sum(axis=axes, dtype=np.float64) if axes else matrix.astype(np.float64)
+        parts.append(_reads(reads, summed, x))
+    if not parts:
+        empty = np.zeros(0)
+        return empty.astype(bool), empty.astype(bool), empty
+    zero, known, total = (np.concatenate(p) for p in zip(*parts, strict=True))
+    return zero, known, total
+
+
 def _bias_of(node: ir.Node, index: int, size: int) -> Vector:
     b = const_array(node.inputs[index]) if len(node.inputs) > index else None
     if b is None:
@@ -252,33 +297,31 @@ def _bias_of(node: ir.Node, index: int, size: int) -> Vector:
 
 
 def _conv(node: ir.Node, tie: GroupTie, consts: ChannelConstants) -> Vector:
-    weight = np.asarray(const_array(node.inputs[1]), dtype=np.float64)
+    weight = np.asarray(const_array(node.inputs[1]))
     transpose = node.op_type == "ConvTranspose"
     group = int(attr(node, "group", 1))
     cout = weight.shape[1] * group if transpose else weight.shape[0]
     cin = weight.shape[0] if transpose else weight.shape[1] * group
     bias = _bias_of(node, 2, cout)
     x = consts.of(node.inputs[0], 1, cin)
-    if group == 1:
-        spatial = tuple(range(2, weight.ndim))
-        reads, summed = np.any(weight != 0, axis=spatial), weight.sum(axis=spatial)
-        if transpose:
-            reads, summed = reads.T, summed.T
-        zero, known, total = _reads(reads, summed, x)
+    if group == 1 and transpose:  # [in, out, k...]: outputs on axis 1
+        zero, known, total = _reads_by_block(weight, 1, x, lambda b: np.swapaxes(b, 0, 1))
+    elif group == 1:
+        zero, known, total = _reads_by_block(weight, 0, x, lambda b: b)
     else:  # depthwise: output o reads input o // m through its own filter (row o of both layouts)
         flat = weight.reshape(cout, -1)
         reads = flat.any(axis=1)
         xo = x[np.arange(cout) // (cout // cin)]
         zero = ~reads | (xo == 0)
         known = ~reads | ~np.isnan(xo)
-        total = np.where(reads, flat.sum(axis=1) * np.nan_to_num(xo), 0.0)
+        total = np.where(reads, flat.sum(axis=1, dtype=np.float64) * np.nan_to_num(xo), 0.0)
     exact_sum = not transpose and unpadded(node)
     return np.where(zero, bias, np.where(known & exact_sum, bias + total, np.nan))
 
 
 def _gemm(node: ir.Node, tie: GroupTie, consts: ChannelConstants) -> Vector:
-    b = np.asarray(const_array(node.inputs[1]), dtype=np.float64)
-    b = b.T if attr(node, "transB", 0) else b
+    b = np.asarray(const_array(node.inputs[1]))
+    b = b.T if attr(node, "transB", 0) else b  # [in, out] either way (a view)
     if node.op_type == "MatMul":
         feature = (rank_of(node.inputs[0]) or 1) - 1
     else:
@@ -288,7 +331,7 @@ def _gemm(node: ir.Node, tie: GroupTie, consts: ChannelConstants) -> Vector:
     c = beta * _bias_of(node, 2, b.shape[1]) if node.op_type == "Gemm" else np.zeros(b.shape[1])
     if node.op_type == "MatMul":
         alpha = 1.0
-    zero, known, total = _reads(b.T != 0, b.T, a)
+    zero, known, total = _reads_by_block(b, 1, a, lambda block: block.T)
     return np.where(zero, c, np.where(known, c + alpha * total, np.nan))
 
 
