@@ -150,6 +150,10 @@ def _optimize(args: argparse.Namespace) -> int:
         max_samples=args.max_samples, progress=show_progress, seed=args.seed)
     if not args.quiet:
         print(report.format_table())
+    if args.dry_run:
+        for record in report.records:
+            if isinstance(record.stats.get("plan_text"), str):
+                print(f"{record.name} plan:\n{record.stats['plan_text']}")
     print("dry run: nothing written" if args.dry_run else f"wrote {output}")
     if args.report:
         _write_text(Path(args.report), report.to_json())
