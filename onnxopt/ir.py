@@ -256,3 +256,14 @@ def static_shape(value: ir.Value) -> tuple[int, ...] | None:
 def opset_version(model: ir.Model, domain: str = "") -> int:
     """The imported opset of ``domain`` (default ONNX), or 0 if not imported."""
     return int(model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 0)))
+
+
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs held by ``node``'s attributes (If branches, Loop/Scan bodies)."""
+    graphs: list[ir.Graph] = []
+    for attribute in node.attributes.values():
+        if attribute.type == ir.AttributeType.GRAPH:
+            graphs.append(attribute.as_graph())
+        elif attribute.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attribute.as_graphs())
+    return graphs

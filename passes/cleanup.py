@@ -60,6 +60,7 @@ from onnxopt.ir import (
     remove_unused_initializers,
     replace_value,
     static_shape,
+    subgraphs,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 from onnxopt.validate import make_session
@@ -186,7 +187,7 @@ class CleanupPass(Pass):
         stats["initializers_removed"] = stats["inputs_removed"] + remove_unused_initializers(graph)
         stats["reordered"] = _sort(graph)
         stats["fold_skipped"] = skipped
-        stats["subgraphs_skipped"] = sum(1 for node in graph for _ in _subgraphs(node))
+        stats["subgraphs_skipped"] = sum(1 for node in graph for _ in subgraphs(node))
         present = {id(node) for node in ir.traversal.RecursiveGraphIterator(graph)}
         for node, reason in kept.values():
             if id(node) in present:
@@ -245,21 +246,11 @@ def _bypass(node: ir.Node) -> str | None:
 # -- dead nodes -------------------------------------------------------------------------------
 
 
-def _subgraphs(node: ir.Node) -> list[ir.Graph]:
-    graphs: list[ir.Graph] = []
-    for attribute in node.attributes.values():
-        if attribute.type == ir.AttributeType.GRAPH:
-            graphs.append(attribute.as_graph())
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            graphs.extend(attribute.as_graphs())
-    return graphs
-
-
 def _detach(node: ir.Node) -> None:
     """Drop every read of ``node`` and of the nodes in its subgraphs (before removing it)."""
     for i in range(len(node.inputs)):
         node.replace_input_with(i, None)
-    for sub in _subgraphs(node):
+    for sub in subgraphs(node):
         for inner in ir.traversal.RecursiveGraphIterator(sub):
             for i in range(len(inner.inputs)):
                 inner.replace_input_with(i, None)
@@ -340,7 +331,7 @@ def _fold_blocker(node: ir.Node, max_elements: int) -> str | None:
     """Why ``node`` must not be folded, judged before evaluating it."""
     if node.domain not in _STANDARD_DOMAINS:
         return "custom_domain"
-    if _subgraphs(node):
+    if subgraphs(node):
         return "subgraph"
     if node.op_type in _NEVER_FOLD:
         return _NEVER_FOLD[node.op_type]
@@ -496,7 +487,7 @@ def _model_names(model: ir.Model, skip: ir.Node) -> set[str]:
         names.update(v.name for v in iter_values(graph) if v.name)
         for node in graph:
             if node is not skip:
-                graphs.extend(_subgraphs(node))
+                graphs.extend(subgraphs(node))
     return names
 
 

@@ -53,6 +53,7 @@ from onnxopt.ir import (
     node_label,
     opset_version,
     replace_value,
+    subgraphs,
     used_only_by,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
@@ -269,12 +270,8 @@ def _model_names(graph: ir.Graph) -> set[str]:
     """Every value name in ``graph`` and all its subgraphs."""
     names = {v.name for v in iter_values(graph) if v.name}
     for node in ir.traversal.RecursiveGraphIterator(graph):
-        for attribute in node.attributes.values():
-            if attribute.type == ir.AttributeType.GRAPH:
-                names.update(v.name for v in iter_values(attribute.as_graph()) if v.name)
-            elif attribute.type == ir.AttributeType.GRAPHS:
-                for sub in attribute.as_graphs():
-                    names.update(v.name for v in iter_values(sub) if v.name)
+        for sub in subgraphs(node):
+            names.update(v.name for v in iter_values(sub) if v.name)
     return names
 
 

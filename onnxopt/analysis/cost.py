@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.ir import attr
+from onnxopt.ir import attr, subgraphs
 
 
 def _numel(value: ir.Value | None) -> int | None:
@@ -123,7 +123,7 @@ def node_macs(node: ir.Node) -> int:
     """
     if node.domain not in ("", "ai.onnx"):
         return 0
-    bodies = _subgraphs(node)
+    bodies = subgraphs(node)
     if bodies:
         return max(sum(node_macs(n) for n in body) for body in bodies)
     fn = _MACS.get(node.op_type)
@@ -135,16 +135,6 @@ def node_macs(node: ir.Node) -> int:
         return int(fn(node) or 0)
     except (IndexError, TypeError):
         return 0
-
-
-def _subgraphs(node: ir.Node) -> list[ir.Graph]:
-    graphs: list[ir.Graph] = []
-    for attribute in node.attributes.values():
-        if attribute.type == ir.AttributeType.GRAPH:
-            graphs.append(attribute.as_graph())
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            graphs.extend(attribute.as_graphs())
-    return graphs
 
 
 @dataclass

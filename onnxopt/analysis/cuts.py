@@ -28,6 +28,7 @@ from onnx_ir.analysis import analyze_implicit_usage
 
 from onnxopt.analysis.cost import node_macs
 from onnxopt.errors import UserError
+from onnxopt.ir import subgraphs
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +80,8 @@ class CutPoint:
 def _data_inputs(node: ir.Node, captured: dict[ir.Graph, set[ir.Value]]) -> list[ir.Value]:
     """Explicit inputs of ``node`` plus main-graph values its subgraphs capture."""
     values = [v for v in node.inputs if v is not None]
-    for attribute in node.attributes.values():
-        if attribute.type == ir.AttributeType.GRAPH:
-            graphs = [attribute.as_graph()]
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            graphs = list(attribute.as_graphs())
-        else:
-            continue
-        for sub in graphs:
-            values.extend(v for v in captured.get(sub, ()) if v.graph is node.graph)
+    for sub in subgraphs(node):
+        values.extend(v for v in captured.get(sub, ()) if v.graph is node.graph)
     return values
 
 
