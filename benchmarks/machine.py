@@ -1,0 +1,53 @@
+"""The machine a benchmark ran on: CPU, int8 VNNI support, cores, load and library versions."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+import onnxopt
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, int8 VNNI support, cores and library versions for the report header."""
+    cpu, flags = platform.processor() or "unknown", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        match = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        cpu = match.group(1).strip() if match else cpu
+        match = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        flags = set(match.group(1).split()) if match else set()
+    except OSError:
+        pass
+    vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    import onnx_ir
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu, "vnni": bool(vnni), "vnni_flags": vnni,
+        "logical_cpus": os.cpu_count(), "usable_cpus": usable,
+        "platform": platform.platform(), "python": platform.python_version(),
+        "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+        "onnx_ir": onnx_ir.__version__, "numpy": np.__version__,
+        "onnxopt": onnxopt.__version__, "load_average_start": load_average(),
+    }
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, or ``n/a`` where the OS has none."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
