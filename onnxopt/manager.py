@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from onnxopt.analysis.cost import infer_shapes, model_cost
 from onnxopt.data import FeedSource, input_specs, sample_count
-from onnxopt.errors import ModelError, UserError
+from onnxopt.errors import DataError, ModelError, UserError
 from onnxopt.ir import call_without_weights, clone_model, release_mapped_weights
 from onnxopt.model_io import serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult
@@ -117,6 +117,7 @@ class PassManager:
         for p in self.passes:
             if p.needs_data and self.calib is None:
                 raise UserError(f"pass {p!r} needs calibration data; give --calib DATA")
+        self._check_sample_count(model)
         model = infer_shapes(model)
         report = RunReport(original=_snapshot(model))
         ctx = PassContext(calib=self.calib, input_shapes=self.input_shapes, seed=self.seed,
@@ -131,6 +132,17 @@ class PassManager:
             model, record = self._run_one(pass_, model, ctx, validator)
             report.records.append(record)
         return model, report
+
+    def _check_sample_count(self, model: ir.Model) -> None:
+        """Refuse calibration data with fewer samples than a pass of the pipeline needs."""
+        need = max((p.min_samples for p in self.passes), default=1)
+        if self.calib is None or need <= 1:
+            return
+        have = self.calib.count(input_specs(model, self.input_shapes))
+        if have < need:
+            name = next(p for p in self.passes if p.min_samples == need)
+            raise DataError(f"pass {name!r} needs at least {need} calibration samples; "
+                            f"{self.calib.description} has {have}")
 
     def _run_one(self, pass_: Pass, model: ir.Model, ctx: PassContext,
                  validator: _Validator | None) -> tuple[ir.Model, PassRecord]:

@@ -110,6 +110,8 @@ class Pass:
     Options: ClassVar[type] = NoOptions
     exact: ClassVar[bool] = True
     needs_data: ClassVar[bool] = False
+    #: Fewest calibration samples the pass can work with when it is given data.
+    min_samples: ClassVar[int] = 1
     tolerance: ClassVar[Tolerance] = Tolerance()
 
     def __init__(self, options: Any | None = None, **kwargs: Any) -> None:

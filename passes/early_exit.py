@@ -84,6 +84,7 @@ class EarlyExit(Pass):
     Options = EarlyExitOptions
     exact = False
     needs_data = True
+    min_samples = 32
     tolerance = Tolerance()
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:

@@ -215,3 +215,14 @@ def test_empty_calibration_data(tmp_path, capsys, conv_chain_path):
     np.savez(data, input=np.zeros((0, 3, 16, 16), np.float32))
     code = main([str(conv_chain_path), "-p", "cleanup", "--calib", str(data)])
     assert "no samples" in _one_line_error(capsys, code)
+
+
+def test_calibration_sample_count_below_what_a_pass_needs(tmp_path, capsys, digits_model):
+    data = np.load(digits_model.parent / "digits_calib.npz")
+    small = tmp_path / "small.npz"
+    np.savez(small, input=data["input"][:5], labels=data["labels"][:5])
+    out = tmp_path / "o.onnx"
+    code = main([str(digits_model), "-p", "early-exit", "--calib", str(small), "-o", str(out)])
+    line = _one_line_error(capsys, code)
+    assert "needs at least 32 calibration samples" in line and "has 5" in line
+    assert not out.exists()
