@@ -8,7 +8,8 @@ Three parts, all measured in this one run:
 
 1. Accuracy on the bundled digits classifier after ``fold-bn,prune(macs=M, ...)`` with no
    retraining: every criterion (thinet, l1, l2, apoz, bn, random) with and without the
-   least-squares reconstruction, and knapsack against uniform allocation. Top-1 accuracy on
+   least-squares reconstruction, and knapsack against uniform allocation (at round_to=16 and
+   at round_to=1, where uniform can reach the same MACs). Top-1 accuracy on
    the 512 evaluation samples, top-1 agreement with the original and the SQNR of the logits
    against the original's (finer than top-1, where one sample is 0.2 points); ``random`` is
    averaged over ``--seeds`` seeds (with the spread of its SQNR).
@@ -75,17 +76,20 @@ def accuracy_table(macs: float, seeds: int) -> list[dict]:
     folded, _ = _prune(onnx.load(DIGITS_MODEL), "fold-bn", None)
     logits = _logits(onnx.load(DIGITS_MODEL), inputs)
     reference = logits.argmax(1)
-    rows = [{"criterion": "(original)", "allocation": "", "reconstruct": "",
+    rows = [{"criterion": "(original)", "allocation": "", "round_to": "", "reconstruct": "",
              "accuracy": float(np.mean(reference == labels)), "agreement": 1.0,
              "sqnr_db": float("inf"), "sqnr_spread": 0.0, "macs": 1.0, "seconds": 0.0}]
     full = _macs(folded)
-    runs = [(c, "knapsack", r) for c in CRITERIA for r in (True, False)]
-    runs += [(c, "uniform", r) for c in ("thinet", "l1") for r in (True, False)]
-    for criterion, allocation, refit in runs:
+    runs = [(c, "knapsack", r, 16) for c in CRITERIA for r in (True, False)]
+    runs += [(c, "uniform", r, 16) for c in ("thinet", "l1") for r in (True, False)]
+    # round_to=16 leaves uniform few widths (it lands well under the target): also compare
+    # the two allocations at any width, where both reach about the same MACs
+    runs += [("thinet", a, True, 1) for a in ("knapsack", "uniform")]
+    for criterion, allocation, refit, round_to in runs:
         accs, agrees, sqnrs, macs_kept, times = [], [], [], [], []
         for seed in range(seeds if criterion == "random" else 1):
             spec = (f"prune(macs={macs:g},criterion={criterion},allocation={allocation},"
-                    f"reconstruct={str(refit).lower()})")
+                    f"reconstruct={str(refit).lower()},round_to={round_to})")
             pruned, seconds = _prune(folded, spec, str(DIGITS_CALIB), seed)
             macs_kept.append(_macs(pruned) / full)
             got = _logits(pruned, inputs)
@@ -94,12 +98,12 @@ def accuracy_table(macs: float, seeds: int) -> list[dict]:
             accs.append(float(np.mean(top == labels)))
             agrees.append(float(np.mean(top == reference)))
             times.append(seconds)
-        rows.append({"criterion": criterion, "allocation": allocation,
+        rows.append({"criterion": criterion, "allocation": allocation, "round_to": round_to,
                      "reconstruct": "yes" if refit else "no", "accuracy": float(np.mean(accs)),
                      "agreement": float(np.mean(agrees)), "sqnr_db": float(np.mean(sqnrs)),
                      "sqnr_spread": float(np.ptp(sqnrs)), "macs": float(np.mean(macs_kept)),
                      "seconds": float(np.mean(times))})
-        _log(f"  {criterion:<7} {allocation:<8} refit={refit!s:<5} "
+        _log(f"  {criterion:<7} {allocation:<8} round_to={round_to:<2} refit={refit!s:<5} "
              f"acc {rows[-1]['accuracy']:.2%}  agree {rows[-1]['agreement']:.2%}  "
              f"sqnr {rows[-1]['sqnr_db']:.2f} dB")
     return rows
@@ -124,11 +128,12 @@ def latency_ratios(models: dict[str, onnx.ModelProto], baseline: str, feed: np.n
 
 def _markdown(rows: list[dict], speed: dict[str, dict[str, dict]], macs: float) -> str:
     lines = [f"prune at {macs:.0%} MACs on digits (no retraining; eval 512 samples)", "",
-             "| criterion | allocation | reconstruct | MACs kept | top-1 | agreement | logit SQNR "
-             "| time |", "|---|---|---|---|---|---|---|---|"]
+             "| criterion | allocation | round_to | reconstruct | MACs kept | top-1 | agreement "
+             "| logit SQNR | time |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = f" (range {r['sqnr_spread']:.1f})" if r["sqnr_spread"] else ""
-        lines.append(f"| {r['criterion']} | {r['allocation']} | {r['reconstruct']} | "
+        lines.append(f"| {r['criterion']} | {r['allocation']} | {r['round_to']} | "
+                     f"{r['reconstruct']} | "
                      f"{r['macs']:.1%} | {r['accuracy']:.2%} | {r['agreement']:.2%} | "
                      f"{r['sqnr_db']:.1f} dB{spread} | {r['seconds']:.1f}s |")
     for model, stats in speed.items():

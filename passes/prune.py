@@ -10,6 +10,9 @@ flattened blocks), and the matching input columns of every consumer
    ``thinet`` with calibration data and ``l1`` without) scores every channel of a group once,
    over all its producers, and the budget (:mod:`~onnxopt.analysis.budget`) shares a MACs or
    params target across groups as a knapsack (or uniformly), or removes ``ratio`` of each;
+   with calibration data the knapsack values each group's channels by the measured change
+   of the graph output when that group is thinned (``_prune_sensitivity.measured_scores``),
+   since per-layer scores do not compare across layers;
 2. *compensation*: every consumer of a pruned group is refitted by ridge least squares on
    calibration data so that its pre-activation output matches the unpruned model's
    (:mod:`~onnxopt.analysis.reconstruct`).
@@ -28,23 +31,24 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
+from onnxopt.passes._prune_sensitivity import measured_scores, refit_targets
 
 from onnxopt.analysis.budget import (
     ALLOCATORS,
     Limits,
     allocate_ratio,
+    allocate_uniform,
     group_savings,
     keep_every_tensor,
 )
-from onnxopt.analysis.capture import linear_view
 from onnxopt.analysis.channel_cost import COST_MODELS
 from onnxopt.analysis.channel_stats import collect_statistics
 from onnxopt.analysis.channel_surgery import remove_channels
-from onnxopt.analysis.channel_tie import IN0, OUT0, Role
+from onnxopt.analysis.channel_tie import Role
 from onnxopt.analysis.channels import ChannelAnalysis, ChannelGroup, analyse_channels
 from onnxopt.analysis.cost import ModelCost, model_cost
 from onnxopt.analysis.importance import CRITERIA, group_scores
-from onnxopt.analysis.reconstruct import RefitTarget, reconstruct
+from onnxopt.analysis.reconstruct import reconstruct
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, node_label
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
@@ -83,6 +87,10 @@ class PruneOptions:
         batch_size: Calibration batch size when the batch axis is dynamic.
         refit_aware: With reconstruction, ``thinet`` scores the output change that remains
             after the refit (else the raw change, as ThiNet does).
+        sensitivity: For a knapsack over a ``macs``/``params`` target, value a group's
+            channels by the measured change of the graph output (``measured_scores``)
+            instead of the criterion's per-layer scores (None: when calibration data is given).
+        probes: Kept widths measured per group by ``sensitivity`` (interpolated between).
     """
 
     ratio: float | None = None
@@ -100,6 +108,8 @@ class PruneOptions:
     positions: int = 16
     batch_size: int = 32
     refit_aware: bool = True
+    sensitivity: bool | None = None
+    probes: int = 3
 
     def __post_init__(self) -> None:
         given = [k for k in ("ratio", "macs", "params") if getattr(self, k) is not None]
@@ -165,27 +175,6 @@ def _candidates(analysis: ChannelAnalysis, exclude: tuple[str, ...],
     return found
 
 
-def _refit_targets(groups: list[ChannelGroup], keep: dict[int, np.ndarray]) -> list[RefitTarget]:
-    """Consumers of pruned groups, with the original output channels they keep."""
-    produced: dict[int, np.ndarray] = {}
-    for group in groups:
-        for tie in group.ties_with_role(Role.PRODUCER):
-            member = tie.member_at(OUT0)
-            if member is not None and group.index in keep:
-                produced[id(tie.node)] = np.flatnonzero(keep[group.index][member.channels])
-    targets: dict[int, RefitTarget] = {}
-    for group in groups:
-        if keep[group.index].all():
-            continue
-        for tie in group.ties_with_role(Role.CONSUMER):
-            view = linear_view(tie.node)
-            if id(tie.node) in targets or tie.member_at(IN0) is None or isinstance(view, str):
-                continue
-            kept = produced.get(id(tie.node), np.arange(view.weight.shape[0]))
-            targets[id(tie.node)] = RefitTarget(tie.node, kept)
-    return list(targets.values())
-
-
 def _plan_rows(groups: list[ChannelGroup], keep: dict[int, np.ndarray],
                savings: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
     rows = []
@@ -237,7 +226,7 @@ class Prune(Pass):
             result.stats["summary"] = ("plan only: " if opts.plan_only else "") + summary
             return result
         original = clone_model(model) if plan.refit else None
-        targets = _refit_targets(plan.groups, plan.keep) if plan.refit else []
+        targets = refit_targets(plan.groups, plan.keep) if plan.refit else []
         for group in pruned:
             remove_channels(model, group, np.flatnonzero(~plan.keep[group.index]).tolist())
         result.modified = True
@@ -288,8 +277,17 @@ class Prune(Pass):
             keep = allocate_ratio(scores, value, limits)
         else:
             cost = costs[kind].restrict([g.index for g in groups])
+            calibrated = rule.calibrated
+            if opts.allocation == "knapsack" and (
+                    has_data if opts.sensitivity is None else opts.sensitivity):
+                if not has_data:
+                    raise UserError("prune(sensitivity=true) needs calibration data")
+                context = allocate_uniform(scores, cost, value * costs[kind].total(), limits)
+                scores = measured_scores(model, ctx, opts, groups, scores, context, limits,
+                                          refit)
+                calibrated = True
             keep = ALLOCATORS[opts.allocation](scores, cost, value * costs[kind].total(), limits,
-                                               not rule.calibrated)
+                                               not calibrated)
             reached = cost.total(keep) / max(costs[kind].total(), 1.0)
             if reached > value + 1e-9:
                 result.refuse("budget", f"{kind} kept {reached:.1%} > target {value:.1%}: "

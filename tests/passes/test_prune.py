@@ -186,3 +186,30 @@ def test_digits_at_half_the_macs_keeps_accuracy(digits_model, digits_calib, digi
     assert stats["calib_agreement_after_reconstruction"] > stats[
         "calib_agreement_before_reconstruction"]
     assert "calib agreement" in report.format_table()
+
+
+def test_measured_damage_is_made_increasing_keeping_its_sum() -> None:
+    from onnxopt.passes._prune_sensitivity import _increasing, _probe_widths
+
+    from onnxopt.analysis.budget import Limits
+
+    values = np.array([0.0, 3.0, 1.0, 2.0, 5.0])
+    made = _increasing(values)
+    assert np.all(np.diff(made) >= 0) and np.isclose(made.sum(), values.sum())
+    np.testing.assert_allclose(made, [0.0, 2.0, 2.0, 2.0, 5.0])
+    assert _probe_widths(64, Limits(round_to=16), 3) == [48, 32, 16]
+    assert _probe_widths(32, Limits(round_to=16), 3) == [16]
+    assert _probe_widths(16, Limits(round_to=16), 3) == []
+
+
+def test_sensitivity_knapsack_is_valid_and_can_be_turned_off() -> None:
+    proto = residual_blocks(width=16)
+    for sensitivity in (True, False):
+        model, result = apply_pass(Prune(macs=0.5, round_to=4, sensitivity=sensitivity), proto,
+                                   _ctx(proto, samples=32))
+        assert result.modified and model_cost(infer_shapes(model)).macs <= 0.52 * model_cost(
+            infer_shapes(from_proto(proto))).macs
+        assert _outputs(model, proto)[0].shape == _outputs(proto, proto)[0].shape
+    with pytest.raises(UserError):
+        apply_pass(Prune(macs=0.5, criterion="l1", reconstruct=False, sensitivity=True), proto,
+                   PassContext())
