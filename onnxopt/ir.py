@@ -267,3 +267,29 @@ def subgraphs(node: ir.Node) -> list[ir.Graph]:
         elif attribute.type == ir.AttributeType.GRAPHS:
             graphs.extend(attribute.as_graphs())
     return graphs
+
+
+class FreshNames:
+    """Hands out names no value or node of a graph (subgraphs included) uses yet.
+
+    Collect once, then ask many times: cheaper than :func:`unique_name` in a loop.
+    """
+
+    def __init__(self, graph: ir.Graph, *, taken: Iterable[str] = ()) -> None:
+        self.taken: set[str] = {v.name for v in iter_values(graph) if v.name}
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            self.taken.update(v.name for v in node.outputs if v.name)
+            if node.name:
+                self.taken.add(node.name)
+            for sub in subgraphs(node):
+                self.taken.update(v.name for v in iter_values(sub) if v.name)
+        self.taken.update(taken)
+
+    def __call__(self, base: str) -> str:
+        """``base``, or ``base_<i>`` with the smallest free ``i``; the name is then taken."""
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name

@@ -39,7 +39,7 @@ from onnxopt.analysis.cuts import (
     stage_nodes,
 )
 from onnxopt.analysis.exits import ExitPlan, ExitPlanError, exit_capable, plan_exits
-from onnxopt.ir import clone_model, opset_version, remove_unused_initializers
+from onnxopt.ir import FreshNames, clone_model, opset_version, remove_unused_initializers
 from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 from onnxopt.runtime.bundle import head_nodes, reduce_node
 
@@ -132,22 +132,11 @@ class EarlyExit(Pass):
         return result
 
 
-class _Names:
+class _Names(FreshNames):
     """Fresh value and node names, unique across the model and its subgraphs."""
 
     def __init__(self, model: ir.Model) -> None:
-        self.taken = {v.name for v in model.graph.inputs} | set(model.graph.initializers)
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            self.taken.update(v.name for v in node.outputs)
-            self.taken.add(node.name)
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
+        super().__init__(model.graph)
 
     def prefix(self, base: str) -> str:
         """A fresh name that no taken name starts with (for a family of derived names)."""

@@ -46,14 +46,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.ir import (
+    FreshNames,
     add_initializer,
     const_array,
     is_constant,
-    iter_values,
     node_label,
     opset_version,
     replace_value,
-    subgraphs,
     used_only_by,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
@@ -167,7 +166,7 @@ class FoldBatchNormPass(Pass):
         opset = opset_version(model)
         result = PassResult(modified=False)
         folded = standalone = in_subgraphs = 0
-        names: set[str] | None = None  # every value name of the model, built on first fold
+        names: FreshNames | None = None  # every value name of the model, built on first fold
         for bn in list(ir.traversal.RecursiveGraphIterator(graph)):
             if bn.op_type != "BatchNormalization" or bn.domain not in _STANDARD_DOMAINS:
                 continue
@@ -184,7 +183,7 @@ class FoldBatchNormPass(Pass):
                 result.refuse(node_label(bn), match)
                 continue
             if names is None:
-                names = _model_names(graph)
+                names = FreshNames(graph)
             replaced = producer.inputs[kind.weight_index].const_value
             _apply(bn.graph, match, names)
             del match  # its views of the old weight must go before the mapping can
@@ -266,26 +265,7 @@ def _match(bn: ir.Node, producer: ir.Node, kind: _LinearProducer, opset: int) ->
                   beta - scale * mean)
 
 
-def _model_names(graph: ir.Graph) -> set[str]:
-    """Every value name in ``graph`` and all its subgraphs."""
-    names = {v.name for v in iter_values(graph) if v.name}
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        for sub in subgraphs(node):
-            names.update(v.name for v in iter_values(sub) if v.name)
-    return names
-
-
-def _fresh_name(names: set[str], base: str) -> str:
-    """``base`` or ``base_<i>``, whichever is free in ``names`` first; then taken."""
-    name, i = base, 0
-    while name in names:
-        i += 1
-        name = f"{base}_{i}"
-    names.add(name)
-    return name
-
-
-def _apply(graph: ir.Graph, m: _Match, names: set[str]) -> None:
+def _apply(graph: ir.Graph, m: _Match, names: FreshNames) -> None:
     """Write the folded weight and bias as initializers of ``graph`` and drop the BN node.
 
     ``graph`` is the graph (main or body) holding both nodes; ``names`` holds every value
@@ -304,11 +284,11 @@ def _apply(graph: ir.Graph, m: _Match, names: set[str]) -> None:
     new_bias = m.scale * m.bias + m.shift
     base = producer.name or w_old.name or "fused"
     producer.replace_input_with(m.kind.weight_index, add_initializer(
-        graph, _fresh_name(names, f"{base}.bn_weight"), new_weight.astype(dtype, copy=False)))
+        graph, names(f"{base}.bn_weight"), new_weight.astype(dtype, copy=False)))
     if len(producer.inputs) <= m.kind.bias_index:
         producer.resize_inputs(m.kind.bias_index + 1)
     producer.replace_input_with(m.kind.bias_index, add_initializer(
-        graph, _fresh_name(names, f"{base}.bn_bias"), new_bias.astype(dtype)))
+        graph, names(f"{base}.bn_bias"), new_bias.astype(dtype)))
     m.kind.finish(producer)
 
     y, z = bn.inputs[0], bn.outputs[0]

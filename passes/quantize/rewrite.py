@@ -32,10 +32,10 @@ from onnxopt.passes.quantize.scheme import (
 )
 
 from onnxopt.ir import (
+    FreshNames,
     attr,
     const_array,
     is_constant,
-    iter_values,
     remove_unused_initializers,
 )
 
@@ -86,16 +86,8 @@ class _Builder:
 
     def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
-        self.taken = {v.name for v in iter_values(graph) if v.name}
+        self.name = FreshNames(graph)
         self.counts: Counter = Counter()
-
-    def name(self, base: str) -> str:
-        candidate, i = base, 0
-        while candidate in self.taken:
-            i += 1
-            candidate = f"{base}_{i}"
-        self.taken.add(candidate)
-        return candidate
 
     def const(self, base: str, array: np.ndarray) -> ir.Value:
         name = self.name(base)
