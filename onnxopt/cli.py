@@ -8,7 +8,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from onnxopt.cli_common import EXIT_OK, EXIT_USER, EXIT_VALIDATION, OneLineParser, setup_logging
+from onnxopt.cli_common import (
+    EXIT_OK,
+    EXIT_VALIDATION,
+    OneLineParser,
+    output_beside,
+    run_reporting_user_errors,
+    setup_logging,
+)
 from onnxopt.errors import UserError
 
 logger = logging.getLogger("onnxopt")
@@ -73,29 +80,26 @@ def _info_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used as the console script)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if args_list[:1] == ["split"]:
-            from onnxopt.cli_split import split_main
+    if args_list[:1] == ["split"]:
+        from onnxopt.cli_split import split_main
 
-            return split_main(args_list[1:])
-        if args_list[:1] == ["info"]:
-            args = _info_parser().parse_args(args_list[1:])
-            setup_logging(args.verbose, quiet=False)
-            return _info(args)
-        args = _main_parser().parse_args(args_list)
-        setup_logging(args.verbose, args.quiet)
-        if args.list_passes:
-            print(_list_passes())
-            return EXIT_OK
-        if not args.model:
-            raise UserError("no model given; usage: onnxopt MODEL -p PIPELINE [-o OUT]")
-        return _optimize(args)
-    except UserError as exc:
-        print(f"onnxopt: error: {exc}", file=sys.stderr)
-        return EXIT_USER
-    except KeyboardInterrupt:
-        print("onnxopt: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return split_main(args_list[1:])
+    return run_reporting_user_errors("onnxopt", lambda: _dispatch(args_list))
+
+
+def _dispatch(args_list: list[str]) -> int:
+    if args_list[:1] == ["info"]:
+        args = _info_parser().parse_args(args_list[1:])
+        setup_logging(args.verbose, quiet=False)
+        return _info(args)
+    args = _main_parser().parse_args(args_list)
+    setup_logging(args.verbose, args.quiet)
+    if args.list_passes:
+        print(_list_passes())
+        return EXIT_OK
+    if not args.model:
+        raise UserError("no model given; usage: onnxopt MODEL -p PIPELINE [-o OUT]")
+    return _optimize(args)
 
 
 
@@ -115,12 +119,6 @@ def _list_passes() -> str:
     return "\n".join(lines)
 
 
-def _default_output(model: str) -> Path:
-    path = Path(model)
-    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
-    return path.with_name(stem + ".opt.onnx")
-
-
 def _optimize(args: argparse.Namespace) -> int:
     from onnxopt.api import optimize
     from onnxopt.data import parse_input_shapes
@@ -130,7 +128,7 @@ def _optimize(args: argparse.Namespace) -> int:
     passes = parse_pipeline(args.pipeline)
     if args.dry_run:
         passes = _plan_only(passes)
-    output = Path(args.output) if args.output else _default_output(args.model)
+    output = Path(args.output) if args.output else output_beside(args.model, ".opt.onnx")
     if not args.dry_run:
         _check_output(output)
     for name, value in (("--min-agreement", args.min_agreement),

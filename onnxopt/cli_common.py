@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from onnxopt.errors import UserError
 
@@ -28,3 +30,22 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+def run_reporting_user_errors(prog: str, body: Callable[[], int]) -> int:
+    """Run a subcommand: user errors become one stderr line and exit 2, Ctrl-C exit 130."""
+    try:
+        return body()
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def output_beside(model: str, suffix: str) -> Path:
+    """``dir/name.onnx`` -> ``dir/name<suffix>``: the default output next to the input."""
+    path = Path(model)
+    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
+    return path.with_name(stem + suffix)

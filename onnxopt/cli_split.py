@@ -12,7 +12,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from onnxopt.cli_common import EXIT_OK, EXIT_USER, OneLineParser, setup_logging
+from onnxopt.cli_common import (
+    EXIT_OK,
+    OneLineParser,
+    output_beside,
+    run_reporting_user_errors,
+    setup_logging,
+)
 from onnxopt.errors import UserError
 
 
@@ -50,16 +56,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def split_main(argv: Sequence[str] | None = None) -> int:
     """Run ``onnxopt split`` with the arguments after ``split``; returns the exit code."""
-    try:
+    def body() -> int:
         args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         setup_logging(args.verbose, args.quiet)
         return _split(args)
-    except UserError as exc:
-        print(f"onnxopt split: error: {exc}", file=sys.stderr)
-        return EXIT_USER
-    except KeyboardInterrupt:
-        print("onnxopt split: interrupted; nothing was written", file=sys.stderr)
-        return 130
+
+    return run_reporting_user_errors("onnxopt split", body)
 
 
 
@@ -76,7 +78,7 @@ def _split(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.target <= 1.0:
         raise UserError(f"--target must be in (0, 1], got {args.target}")
-    output = Path(args.output) if args.output else _default_output(args.model)
+    output = Path(args.output) if args.output else output_beside(args.model, ".bundle")
     model = load(args.model)
     if not args.no_check:
         check_model(model, args.model)
@@ -115,12 +117,6 @@ def _split(args: argparse.Namespace) -> int:
         print(report.format_table())
     print(f"wrote {output}")
     return EXIT_OK
-
-
-def _default_output(model: str) -> Path:
-    path = Path(model)
-    stem = path.name[:-5] if path.name.endswith(".onnx") else path.name
-    return path.with_name(stem + ".bundle")
 
 
 def _cut_table(points: Sequence) -> str:

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.analysis.bn import bn_affine
 from onnxopt.ir import (
     FreshNames,
     add_initializer,
@@ -260,9 +261,8 @@ def _match(bn: ir.Node, producer: ir.Node, kind: _LinearProducer, opset: int) ->
         producer, None if b_value is None else const_array(b_value).astype(np.float64), channels)
     if isinstance(bias, str):
         return bias
-    scale = gamma / np.sqrt(var + bn.attributes.get_float("epsilon", 1e-5))
-    return _Match(bn, producer, kind, weight, np.asarray(bias, np.float64), scale,
-                  beta - scale * mean)
+    scale, shift = bn_affine(gamma, beta, mean, var, bn.attributes.get_float("epsilon", 1e-5))
+    return _Match(bn, producer, kind, weight, np.asarray(bias, np.float64), scale, shift)
 
 
 def _apply(graph: ir.Graph, m: _Match, names: FreshNames) -> None:
