@@ -162,7 +162,11 @@ def attr(node: ir.Node, name: str, default=None):
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:
-    """A value name that no value in ``graph`` uses yet."""
+    """A value name that no value in ``graph`` uses yet.
+
+    Scans the graph on every call; to name many values, ask one
+    ``FreshNames(graph, values_only=True)`` instead (same names).
+    """
     taken = {v.name for v in iter_values(graph)}
     if base not in taken:
         return base
@@ -181,15 +185,38 @@ def iter_values(graph: ir.Graph) -> Iterator[ir.Value]:
         yield from node.outputs
 
 
-def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer with a unique name derived from ``base_name``."""
-    name = unique_name(graph, base_name)
+def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray, *,
+                    names: FreshNames | None = None) -> ir.Value:
+    """Register ``array`` as a new initializer with a unique name derived from ``base_name``.
+
+    Args:
+        graph: The graph that receives the initializer.
+        base_name: The name wanted; a ``_<i>`` suffix is added if it is taken.
+        array: The initializer's value.
+        names: Names already taken, at least every value name of ``graph``; the new name is
+            drawn from it and recorded in it. Without it :func:`unique_name` scans the whole
+            graph, which is costly when adding many initializers.
+
+    Returns:
+        The new initializer value.
+    """
+    name = unique_name(graph, base_name) if names is None else names(base_name)
     # ascontiguousarray alone turns a 0-d array into shape (1,); keep scalars scalar.
     tensor = ir.tensor(np.ascontiguousarray(array).reshape(np.shape(array)), name=name)
     value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
                      const_value=tensor)
     graph.register_initializer(value)
     return value
+
+
+def detach_node(node: ir.Node) -> None:
+    """Drop every read of ``node`` and of the nodes in its subgraphs (before removing it)."""
+    for i in range(len(node.inputs)):
+        node.replace_input_with(i, None)
+    for sub in subgraphs(node):
+        for inner in ir.traversal.RecursiveGraphIterator(sub):
+            for i in range(len(inner.inputs)):
+                inner.replace_input_with(i, None)
 
 
 def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> bool:
@@ -273,16 +300,24 @@ class FreshNames:
     """Hands out names no value or node of a graph (subgraphs included) uses yet.
 
     Collect once, then ask many times: cheaper than :func:`unique_name` in a loop.
+
+    Args:
+        graph: The graph whose names are taken.
+        taken: More names to treat as taken.
+        values_only: Take only the value names of ``graph`` itself (inputs, initializers and
+            node outputs), as :func:`unique_name` does: no node names, no subgraphs.
     """
 
-    def __init__(self, graph: ir.Graph, *, taken: Iterable[str] = ()) -> None:
+    def __init__(self, graph: ir.Graph, *, taken: Iterable[str] = (),
+                 values_only: bool = False) -> None:
         self.taken: set[str] = {v.name for v in iter_values(graph) if v.name}
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            self.taken.update(v.name for v in node.outputs if v.name)
-            if node.name:
-                self.taken.add(node.name)
-            for sub in subgraphs(node):
-                self.taken.update(v.name for v in iter_values(sub) if v.name)
+        if not values_only:
+            for node in ir.traversal.RecursiveGraphIterator(graph):
+                self.taken.update(v.name for v in node.outputs if v.name)
+                if node.name:
+                    self.taken.add(node.name)
+                for sub in subgraphs(node):
+                    self.taken.update(v.name for v in iter_values(sub) if v.name)
         self.taken.update(taken)
 
     def __call__(self, base: str) -> str:
@@ -293,3 +328,7 @@ class FreshNames:
             name = f"{base}_{i}"
         self.taken.add(name)
         return name
+
+    def release(self, name: str) -> None:
+        """Make ``name`` free again (the value that held it has left the graph)."""
+        self.taken.discard(name)

@@ -10,25 +10,13 @@ Each step is an identity of the computed function, so the pass is exact:
   runs inside If/Loop/Scan bodies, where a body output must come from a node of that body.
 * Dead nodes: a node none of whose outputs reaches a graph output is removed; a node with
   subgraphs is removed as a whole, together with the outer-scope reads of its bodies.
-* Constant folding: ``f(c1, ..., cn)`` with every input a true constant (initializer that is
-  not a graph input, or Constant output) becomes one new initializer holding ``f``'s value,
-  computed by onnxruntime on a one-node model (the ONNX reference evaluator if onnxruntime
-  cannot run it). ``Shape``/``Size`` of a graph input with a static declared shape fold too,
-  since onnxruntime enforces declared input dims. Not folded, and counted per reason in
-  ``fold_skipped``: custom domains, nodes with subgraphs, random ops, quantize/dequantize
-  (onnxruntime needs those patterns to pick integer kernels), results above
-  ``max_fold_elements``, non-numeric results and evaluation failures. A folded graph output
-  becomes a ``Constant`` node of the same name (a graph output must be produced by a node).
-  Models older than IR 4 are not folded (every initializer there must be a graph input, hence
-  overridable).
-* ``If(c)`` with a constant condition ``c`` is its taken branch: the branch's nodes and
-  initializers move into the main graph (renamed if a name is taken anywhere in the model)
-  and readers of the If outputs read the branch outputs. Folding and inlining alternate, so
-  a condition computed from folded shapes is resolved. This matters beyond tidiness:
-  onnxruntime inlines such an If itself when it loads the model, and then runs data-dependent
-  shape inference on the branch with constant inputs it never saw as constants before (an
-  exported ``Range`` fed a ``[1]`` tensor instead of a scalar is rejected at load time).
-  Inlining it here lets folding evaluate those nodes with the kernels instead.
+* Constant folding: a node whose inputs are all true constants becomes initializers holding
+  its value; ``Shape``/``Size`` of a graph input with a static declared shape fold too. What
+  is not folded is counted per reason in ``fold_skipped``. Models older than IR 4 are not
+  folded (every initializer there must be a graph input, hence overridable).
+* ``If(c)`` with a constant condition ``c`` is replaced by its taken branch. Folding and
+  inlining alternate, so a condition computed from folded shapes is resolved. Both steps,
+  and why inlining matters, are described in :mod:`onnxopt.passes._cleanup_fold`.
 * Unused initializers are dropped; a graph input nobody reads is dropped only when it is
   backed by an initializer of the same name (old-IR overridable weight), never a real input.
 * A final stable topological sort.
@@ -39,66 +27,28 @@ subgraphs they did not enter is reported as ``subgraphs_skipped``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
-from onnx import helper
 
 from onnxopt.ir import (
-    add_initializer,
     const_array,
+    detach_node,
     is_constant,
-    iter_values,
     node_label,
     opset_version,
     remove_unused_initializers,
     replace_value,
-    static_shape,
     subgraphs,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
-from onnxopt.validate import make_session
 
-logger = logging.getLogger(__name__)
+from ._cleanup_fold import fold_constants, inline_constant_ifs
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
-
-#: Op types that are never folded, with the reason counted in ``fold_skipped``.
-_NEVER_FOLD: dict[str, str] = {
-    "RandomNormal": "random",
-    "RandomUniform": "random",
-    "RandomNormalLike": "random",
-    "RandomUniformLike": "random",
-    "Multinomial": "random",
-    "Bernoulli": "random",
-    "Dropout": "random",  # only training-mode Dropout survives the bypass step
-    "QuantizeLinear": "quantization",
-    "DequantizeLinear": "quantization",
-    "DynamicQuantizeLinear": "quantization",
-}
-
-
-def _shape_of(shape: tuple[int, ...], node: ir.Node) -> np.ndarray:
-    start = node.attributes.get_int("start", 0)
-    end = node.attributes.get_int("end", None)
-    return np.array(shape[start:end], dtype=np.int64)
-
-
-def _size_of(shape: tuple[int, ...], node: ir.Node) -> np.ndarray:
-    return np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
-
-
-#: Ops whose value depends only on the (static) shape of their single input.
-_SHAPE_OPS: dict[str, Callable[[tuple[int, ...], ir.Node], np.ndarray]] = {
-    "Shape": _shape_of,
-    "Size": _size_of,
-}
 
 
 def _dropout_blocker(node: ir.Node, opset: int) -> str | None:
@@ -175,9 +125,9 @@ class CleanupPass(Pass):
             tried_folds: set[int] = set()
             tried_ifs: set[int] = set()
             while True:
-                stats["folded"] += _fold_constants(model, self.options.max_fold_elements,
-                                                   skipped, tried_folds)
-                inlined, moved = _inline_constant_ifs(model, result, tried_ifs)
+                stats["folded"] += fold_constants(model, self.options.max_fold_elements,
+                                                  skipped, tried_folds)
+                inlined, moved = inline_constant_ifs(model, result, tried_ifs)
                 if not inlined:
                     break
                 stats["ifs_inlined"] += inlined
@@ -238,22 +188,12 @@ def _bypass(node: ir.Node) -> str | None:
         x.type = y.type
     if x.shape is None:
         x.shape = y.shape
-    _detach(node)
+    detach_node(node)
     owner.remove(node)
     return None
 
 
 # -- dead nodes -------------------------------------------------------------------------------
-
-
-def _detach(node: ir.Node) -> None:
-    """Drop every read of ``node`` and of the nodes in its subgraphs (before removing it)."""
-    for i in range(len(node.inputs)):
-        node.replace_input_with(i, None)
-    for sub in subgraphs(node):
-        for inner in ir.traversal.RecursiveGraphIterator(sub):
-            for i in range(len(inner.inputs)):
-                inner.replace_input_with(i, None)
 
 
 def _is_dead(node: ir.Node) -> bool:
@@ -270,264 +210,11 @@ def _remove_dead_nodes(graph: ir.Graph) -> int:
         changed = False
         for node in reversed(list(graph)):
             if _is_dead(node):
-                _detach(node)
+                detach_node(node)
                 graph.remove(node)
                 removed += 1
                 changed = True
     return removed
-
-
-# -- constant folding -------------------------------------------------------------------------
-
-
-def _fold_constants(model: ir.Model, max_elements: int, skipped: dict[str, int],
-                    seen: set[int]) -> int:
-    """Fold main-graph nodes with constant inputs into initializers; returns how many.
-
-    ``seen`` holds the ids of nodes already tried (kept across calls, so a refusal is
-    counted once).
-    """
-    graph = model.graph
-    folded = 0
-    changed = True
-    while changed:
-        changed = False
-        for node in list(graph):
-            if id(node) in seen or node.op_type == "Constant":
-                continue
-            shape_input = _static_graph_input(node)
-            if shape_input is None and not all(
-                    v is None or is_constant(v) for v in node.inputs):
-                continue
-            seen.add(id(node))
-            reason = _fold_blocker(node, max_elements)
-            arrays = None
-            if reason is None:
-                if shape_input is not None:
-                    arrays = [_SHAPE_OPS[node.op_type](shape_input, node)]
-                else:
-                    arrays = _evaluate(model, node)
-                reason = _result_blocker(arrays, max_elements)
-            if reason is not None:
-                skipped[reason] = skipped.get(reason, 0) + 1
-                logger.debug("not folding %s: %s", node_label(node), reason)
-                continue
-            _replace_by_constants(graph, node, arrays)
-            folded += 1
-            changed = True
-    return folded
-
-
-def _static_graph_input(node: ir.Node) -> tuple[int, ...] | None:
-    """The static shape of a Shape/Size node's input when that input is a graph input."""
-    if node.op_type not in _SHAPE_OPS or node.domain not in _STANDARD_DOMAINS:
-        return None
-    if len(node.inputs) != 1 or node.inputs[0] is None or not node.inputs[0].is_graph_input():
-        return None
-    return static_shape(node.inputs[0])
-
-
-def _fold_blocker(node: ir.Node, max_elements: int) -> str | None:
-    """Why ``node`` must not be folded, judged before evaluating it."""
-    if node.domain not in _STANDARD_DOMAINS:
-        return "custom_domain"
-    if subgraphs(node):
-        return "subgraph"
-    if node.op_type in _NEVER_FOLD:
-        return _NEVER_FOLD[node.op_type]
-    if any(out.type is not None and not isinstance(out.type, ir.TensorType)
-           for out in node.outputs):
-        return "unsupported_type"
-    for out in node.outputs:
-        shape = static_shape(out)
-        if shape is not None and int(np.prod(shape, dtype=np.int64)) > max_elements:
-            return "too_large"
-    return None
-
-
-def _result_blocker(arrays: list[np.ndarray] | None, max_elements: int) -> str | None:
-    if arrays is None:
-        return "failed"
-    for array in arrays:
-        if array is None:
-            continue
-        if array.dtype.kind in "OSUV":
-            return "unsupported_type"
-        if array.size > max_elements:
-            return "too_large"
-    return None
-
-
-def _evaluate(model: ir.Model, node: ir.Node) -> list[np.ndarray] | None:
-    """Run ``node`` alone on its constant inputs; None if no evaluator can."""
-    feeds: dict[str, np.ndarray] = {}
-    inputs: list[onnx.ValueInfoProto] = []
-    input_names: list[str] = []
-    for i, value in enumerate(node.inputs):
-        array = const_array(value)
-        if array is None:
-            input_names.append("")
-            continue
-        name = f"in{i}"
-        input_names.append(name)
-        feeds[name] = array
-        inputs.append(helper.make_tensor_value_info(
-            name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
-    # An unnamed output slot is one the op must not compute: keep it unnamed.
-    output_names = [f"out{i}" if value.name else "" for i, value in enumerate(node.outputs)]
-    proto = ir.serde.serialize_node(node)
-    del proto.input[:]
-    proto.input.extend(input_names)
-    del proto.output[:]
-    proto.output.extend(output_names)
-    outputs = [onnx.ValueInfoProto(name=name) for name in output_names if name]
-    tiny = helper.make_model(
-        helper.make_graph([proto], "fold", inputs, outputs),
-        opset_imports=[helper.make_opsetid("", opset_version(model))],
-        ir_version=model.ir_version,
-    )
-    values: list[np.ndarray] | None = None
-    try:
-        session = make_session(tiny, threads=1,
-                               graph_optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        values = session.run(None, feeds)
-    except Exception as error:  # unsupported by onnxruntime: try the reference evaluator
-        logger.debug("onnxruntime cannot fold %s (%s)", node_label(node), error)
-        try:
-            from onnx.reference import ReferenceEvaluator
-
-            values = list(ReferenceEvaluator(tiny).run(None, feeds))
-        except Exception as error2:
-            logger.debug("reference evaluator cannot fold %s (%s)", node_label(node), error2)
-            return None
-    # Sequences, maps and optionals come back as lists, dicts or None: not initializers.
-    named = iter(np.asarray(v) if isinstance(v, np.ndarray | np.generic)
-                 else np.empty(0, dtype=object) for v in values)
-    return [next(named) if name else None for name in output_names]
-
-
-def _replace_by_constants(graph: ir.Graph, node: ir.Node,
-                          arrays: list[np.ndarray | None]) -> None:
-    """Swap ``node`` for one initializer per used output (keeping the output names).
-
-    A graph output becomes the output of a new ``Constant`` node instead, which takes over
-    its name and its place in the output list.
-    """
-    olds = list(node.outputs)
-    for old, array in zip(olds, arrays, strict=True):
-        if array is not None and old.is_graph_output():
-            constant = ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.tensor(array))])
-            graph.insert_before(node, constant)
-            replaced = replace_value(graph, old, constant.outputs[0])
-            assert replaced, "a new Constant output is neither a graph input nor an output"
-    _detach(node)
-    graph.remove(node)
-    for old, array in zip(olds, arrays, strict=True):
-        if array is None or not old.uses():
-            continue
-        new = add_initializer(graph, old.name or "folded", array)
-        old.replace_all_uses_with(new)
-
-
-# -- If with a constant condition ---------------------------------------------------------------
-
-
-def _inline_constant_ifs(model: ir.Model, result: PassResult,
-                         tried: set[int]) -> tuple[int, list[ir.Node]]:
-    """Replace main-graph If nodes whose condition is constant by their taken branch.
-
-    Returns how many were inlined and the nodes moved into the main graph. An If that
-    cannot be inlined is refused once (its id goes into ``tried``).
-    """
-    graph = model.graph
-    inlined = 0
-    moved: list[ir.Node] = []
-    for node in list(graph):
-        if (node.op_type != "If" or node.domain not in _STANDARD_DOMAINS or id(node) in tried
-                or not node.inputs or not is_constant(node.inputs[0])):
-            continue
-        cond = const_array(node.inputs[0])
-        if cond is None or cond.size != 1:
-            continue
-        tried.add(id(node))
-        attribute = node.attributes.get("then_branch" if bool(cond.reshape(-1)[0])
-                                        else "else_branch")
-        branch = attribute.as_graph() if attribute is not None else None
-        reason = "it has no such branch" if branch is None else _inline_blocker(node, branch)
-        if reason is not None:
-            result.refuse(node_label(node), f"If with a constant condition kept: {reason}")
-            continue
-        moved.extend(_inline_branch(model, node, branch))
-        inlined += 1
-    return inlined, moved
-
-
-def _inline_blocker(node: ir.Node, branch: ir.Graph) -> str | None:
-    """Why ``branch`` cannot replace ``node`` in the main graph, or None."""
-    if branch.inputs or len(branch.outputs) != len(node.outputs):
-        return "its branch does not match its outputs"
-    taken: set[int] = set()
-    for out, inner in zip(node.outputs, branch.outputs, strict=True):
-        if not out.is_graph_output():
-            continue
-        producer = inner.producer()
-        if producer is None or producer.graph is not branch or id(inner) in taken:
-            return ("a graph output would come straight from an outer value, an initializer "
-                    "or a second output")
-        taken.add(id(inner))
-    return None
-
-
-def _model_names(model: ir.Model, skip: ir.Node) -> set[str]:
-    """Every value name of ``model`` outside the subgraphs of ``skip``."""
-    names: set[str] = set()
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
-        names.update(v.name for v in iter_values(graph) if v.name)
-        for node in graph:
-            if node is not skip:
-                graphs.extend(subgraphs(node))
-    return names
-
-
-def _inline_branch(model: ir.Model, node: ir.Node, branch: ir.Graph) -> list[ir.Node]:
-    """Move ``branch`` into the main graph in place of ``node``; returns the moved nodes."""
-    graph = model.graph
-    taken = _model_names(model, node)
-
-    def fresh(value: ir.Value) -> None:
-        if value.name and value.name in taken:
-            base, i = value.name, 1
-            while f"{base}_{i}" in taken:
-                i += 1
-            value.name = f"{base}_{i}"
-        if value.name:
-            taken.add(value.name)
-
-    for value in list(branch.initializers.values()):
-        branch.initializers.pop(value.name)
-        fresh(value)
-        graph.register_initializer(value)
-    nodes = list(branch)
-    for inner in nodes:
-        branch.remove(inner)
-        for value in inner.outputs:
-            fresh(value)
-    graph.insert_before(node, nodes)
-    inner_outputs = list(branch.outputs)
-    branch.outputs.clear()
-    for out, inner in zip(node.outputs, inner_outputs, strict=True):
-        if inner.type is None:
-            inner.type = out.type
-        if out.is_graph_output():
-            replaced = replace_value(graph, out, inner)
-            assert replaced, "checked by _inline_blocker"
-        else:
-            out.replace_all_uses_with(inner)
-    _detach(node)
-    graph.remove(node)
-    return nodes
 
 
 # -- inputs, initializers, order --------------------------------------------------------------

@@ -284,11 +284,11 @@ def _apply(graph: ir.Graph, m: _Match, names: FreshNames) -> None:
     new_bias = m.scale * m.bias + m.shift
     base = producer.name or w_old.name or "fused"
     producer.replace_input_with(m.kind.weight_index, add_initializer(
-        graph, names(f"{base}.bn_weight"), new_weight.astype(dtype, copy=False)))
+        graph, f"{base}.bn_weight", new_weight.astype(dtype, copy=False), names=names))
     if len(producer.inputs) <= m.kind.bias_index:
         producer.resize_inputs(m.kind.bias_index + 1)
     producer.replace_input_with(m.kind.bias_index, add_initializer(
-        graph, names(f"{base}.bn_bias"), new_bias.astype(dtype)))
+        graph, f"{base}.bn_bias", new_bias.astype(dtype), names=names))
     m.kind.finish(producer)
 
     y, z = bn.inputs[0], bn.outputs[0]

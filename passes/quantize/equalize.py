@@ -25,7 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.ir import add_initializer, attr, const_array, is_constant, node_label, static_shape
+from onnxopt.ir import (
+    FreshNames,
+    add_initializer,
+    attr,
+    const_array,
+    is_constant,
+    node_label,
+    static_shape,
+)
 from onnxopt.pass_base import PassResult
 
 logger = logging.getLogger(__name__)
@@ -191,12 +199,13 @@ def equalize(graph: ir.Graph, result: PassResult, max_sweeps: int = 20,
         if change < tolerance:
             logger.debug("equalization converged after %d sweeps", sweep + 1)
             break
+    names = FreshNames(graph, values_only=True)  # only initializers are added below
     for k, n in nodes.items():
         dtype = const_array(n.inputs[1]).dtype  # type: ignore[union-attr]
         base = n.name or n.inputs[1].name or "linear"
         n.replace_input_with(1, add_initializer(graph, f"{base}.eq_weight",
-                                                weights[k].astype(dtype)))
+                                                weights[k].astype(dtype), names=names))
         if biases[k] is not None:
             n.replace_input_with(2, add_initializer(graph, f"{base}.eq_bias",
-                                                    biases[k].astype(dtype)))
+                                                    biases[k].astype(dtype), names=names))
     return len(usable)
