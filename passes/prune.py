@@ -85,8 +85,10 @@ class PruneOptions:
         max_samples: Calibration samples used for scoring and refitting.
         positions: Output locations sampled per sample and Conv.
         batch_size: Calibration batch size when the batch axis is dynamic.
-        refit_aware: With reconstruction, ``thinet`` scores the output change that remains
-            after the refit (else the raw change, as ThiNet does).
+        refit_aware: With reconstruction, score what the refit leaves: ``thinet`` the output
+            change that remains after it (else the raw change, as ThiNet does), ``l1``/``l2``
+            (and ``bn`` without normalizations) the compensated consumer weights after each
+            removal (iterative magnitude pruning; else the original weights).
         sensitivity: For a knapsack over a ``macs``/``params`` target, value a group's
             channels by the measured change of the graph output (``measured_scores``)
             instead of the criterion's per-layer scores (None: when calibration data is given).
@@ -264,9 +266,10 @@ class Prune(Pass):
         groups = _candidates(analysis, opts.exclude, result)
         aware = refit and opts.refit_aware
         stats = None
-        if rule.needs and groups:
+        needs = rule.needs | (rule.refit_needs if aware else frozenset())
+        if needs and groups:
             stats = collect_statistics(
-                model, groups, ctx.calib, rule.needs | (rule.refit_needs if aware else set()),
+                model, groups, ctx.calib, needs,
                 batch_size=opts.batch_size, limit=opts.max_samples, positions=opts.positions,
                 input_shapes=ctx.input_shapes, seed=ctx.seed, show_progress=ctx.progress)
         scores = group_scores(groups, criterion, stats, ctx.seed, opts.ridge if aware else None)

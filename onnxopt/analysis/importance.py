@@ -7,7 +7,11 @@ Scores are normalised per layer so the budget can compare channels of different 
 - ``l1`` / ``l2`` (Li et al.): per weighted layer of the group (each producer's filters, each
   consumer's input columns) the norm of the channel's slice divided by that layer's mean;
   summed over the layers (Torch-Pruning's group importance with a sum), so a channel is worth
-  as many layers as its cost is counted over.
+  as many layers as its cost is counted over. When the consumers will be refitted (the
+  pass's ``reconstruct``), the consumers' columns are re-read after every removal from the
+  refit's compensated weights (:mod:`~onnxopt.analysis.compensation`): iterative magnitude
+  pruning with the closed-form refit in place of retraining, so of two channels that carry
+  the same signal one is kept and inherits the other's weight.
 - ``bn`` (network slimming): ``|gamma|`` of every normalization in the group, each divided by
   its mean, summed, scaled to the layer count. Without one (``fold-bn`` ran first): ``l2``.
 - ``apoz`` (Hu et al.): ``1 - APoZ``, the fraction of nonzero values the channel's consumers
@@ -22,7 +26,8 @@ Scores are normalised per layer so the budget can compare channels of different 
   turn: the relative output error its removal adds, comparable across groups as it is.
   When the consumers will be refitted (the pass's ``reconstruct``), the greedy measures the
   change that *remains after* the refit instead (:func:`refit_order`, block elimination of
-  Optimal Brain Surgeon on each consumer's least-squares problem): a channel that the others
+  Optimal Brain Surgeon on each consumer's least-squares problem, in
+  :mod:`~onnxopt.analysis.compensation`): a channel that the others
   can stand in for is then cheap, however large its own contribution.
 - ``random``: uniform scores scaled to the layer count, the baseline.
 
@@ -42,6 +47,7 @@ import numpy as np
 from onnxopt.analysis.channel_groups import ChannelGroup, Member
 from onnxopt.analysis.channel_stats import CalibStatistics, ConsumerSystem
 from onnxopt.analysis.channel_tie import Port, Role
+from onnxopt.analysis.compensation import Compensation, eliminate
 from onnxopt.ir import const_array
 
 logger = logging.getLogger(__name__)
@@ -129,11 +135,13 @@ def _layer_weights(group: ChannelGroup) -> list[Member]:
 
 
 def _l1(group: ChannelGroup, inputs: ScoringInputs) -> np.ndarray:
-    return _weight_norms(group, _layer_weights(group), 1)
+    scores = _compensated_norms(group, inputs, 1)
+    return _weight_norms(group, _layer_weights(group), 1) if scores is None else scores
 
 
 def _l2(group: ChannelGroup, inputs: ScoringInputs) -> np.ndarray:
-    return _weight_norms(group, _layer_weights(group), 2)
+    scores = _compensated_norms(group, inputs, 2)
+    return _weight_norms(group, _layer_weights(group), 2) if scores is None else scores
 
 
 def _bn(group: ChannelGroup, inputs: ScoringInputs) -> np.ndarray:
@@ -183,51 +191,43 @@ def refit_order(size: int, systems: Sequence[ConsumerSystem],
                 ridge: float) -> tuple[np.ndarray, np.ndarray]:
     """Greedy removal order when the consumers are refitted after every removal.
 
-    Block elimination of Optimal Brain Surgeon on each consumer's least-squares problem:
-    with ``P = (H + lam I)^-1`` and ``W`` the current optimal weights, removing the columns
-    ``b`` of a channel (and refitting the rest) raises the error by
-    ``sum_o W[o, b] P_bb^-1 W[o, b]'``; then ``W -= W[:, b] P_bb^-1 P[b]`` and
-    ``P -= P[:, b] P_bb^-1 P[b]``. Increases are summed over consumers, each divided by its
-    output energy, like :func:`thinet_order`.
+    Each step removes the channel whose removal (and refit) raises the consumers' error the
+    least (:meth:`~onnxopt.analysis.compensation.Compensation.error_increase`, each
+    consumer's increase divided by its output energy, like :func:`thinet_order`).
 
     Returns:
         ``(order, increase)`` as :func:`thinet_order` returns them.
     """
-    states = []
-    for system in systems:
-        channels, columns = system.columns
-        inputs = columns.size
-        lam = ridge * float(np.trace(system.moment[:inputs, :inputs])) / max(inputs, 1)
-        regulariser = np.zeros(len(system.moment))
-        regulariser[:inputs] = max(lam, 1e-12)
-        inverse = np.linalg.inv(system.moment + np.diag(regulariser))
-        states.append((inverse, system.weight.copy(), channels, columns, system.energy))
-    removed = np.zeros(size, dtype=bool)
-    order = np.empty(size, dtype=np.int64)
-    increase = np.empty(size)
-    for step in range(size):
-        delta = np.zeros(size)
-        for inverse, weight, channels, columns, energy in states:
-            alive = ~removed[channels]
-            if not alive.any():
-                continue
-            idx = columns[alive]
-            blocks = inverse[idx[:, :, None], idx[:, None, :]]
-            rows = weight[:, idx].transpose(1, 2, 0)
-            delta[channels[alive]] += np.sum(rows * np.linalg.solve(blocks, rows),
-                                             axis=(1, 2)) / energy
-        delta[removed] = np.inf
-        pick = int(np.argmin(delta))
-        order[step], increase[step] = pick, delta[pick]
-        removed[pick] = True
-        for inverse, weight, channels, columns, _ in states:
-            hit = np.flatnonzero(channels == pick)
-            if hit.size and step < size - 1:
-                b = columns[hit[0]]
-                solved = np.linalg.solve(inverse[np.ix_(b, b)], inverse[b])
-                weight -= weight[:, b] @ solved
-                inverse -= inverse[:, b] @ solved
-    return order, increase
+    return eliminate(Compensation(size, systems, ridge), Compensation.error_increase)
+
+
+def _compensated_norms(group: ChannelGroup, inputs: ScoringInputs,
+                       power: int) -> np.ndarray | None:
+    """``l1``/``l2`` when the consumers will be refitted: iterative magnitude pruning.
+
+    The producers' filter norms are fixed; the consumers' input columns are re-read after
+    every removal from the refit's compensated weights, so a channel that takes over a
+    removed one's work gains weight. A channel's score is the running maximum of its summed
+    normalised norms at its turn (None: no least-squares systems for the group).
+    """
+    stats = inputs.stats
+    systems = None if stats is None else stats.systems.get(group.index)
+    if not systems or inputs.refit_ridge is None:
+        return None
+    ties = group.ties_with_role(Role.PRODUCER)
+    producers = [m for m in (t.member_at(WEIGHT) for t in ties) if m is not None]
+    fixed = _weight_norms(group, producers, power) if producers else np.zeros(group.size)
+    order, costs = eliminate(Compensation(group.size, systems, inputs.refit_ridge),
+                             lambda state: fixed + state.column_norms(power))
+    return _ordered_scores(order, costs)
+
+
+def _ordered_scores(order: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """Scores that keep a greedy removal ``order``: the running maximum of the costs at each
+    channel's turn, ties (e.g. dead channels at 0) broken by the step."""
+    scores = np.empty(len(order))
+    scores[order] = np.maximum.accumulate(np.maximum(costs, 0.0))
+    return scores + 1e-9 * np.argsort(order) / max(len(order), 1)
 
 
 def _thinet(group: ChannelGroup, inputs: ScoringInputs) -> np.ndarray:
@@ -240,10 +240,7 @@ def _thinet(group: ChannelGroup, inputs: ScoringInputs) -> np.ndarray:
         order, increase = thinet_order(gram)
     else:
         return _l2(group, inputs)
-    scores = np.empty(group.size)
-    scores[order] = np.maximum.accumulate(np.maximum(increase, 0.0))
-    # ties (e.g. dead channels at 0) are broken by the step, so the greedy order is kept
-    return scores + 1e-9 * np.argsort(order) / max(group.size, 1)
+    return _ordered_scores(order, increase)
 
 
 def _random(group: ChannelGroup, inputs: ScoringInputs) -> np.ndarray:
@@ -252,9 +249,12 @@ def _random(group: ChannelGroup, inputs: ScoringInputs) -> np.ndarray:
 
 
 CRITERIA: dict[str, Criterion] = {
-    "l1": Criterion(_l1, description="L1 norm of the filters and input columns"),
-    "l2": Criterion(_l2, description="L2 norm of the filters and input columns"),
-    "bn": Criterion(_bn, description="|gamma| of the group's normalizations (else l2)"),
+    "l1": Criterion(_l1, refit_needs=frozenset({"systems"}),
+                    description="L1 norm of the filters and input columns"),
+    "l2": Criterion(_l2, refit_needs=frozenset({"systems"}),
+                    description="L2 norm of the filters and input columns"),
+    "bn": Criterion(_bn, refit_needs=frozenset({"systems"}),
+                    description="|gamma| of the group's normalizations (else l2)"),
     "apoz": Criterion(_apoz, frozenset({"apoz"}),
                       description="1 - average percentage of zeros read by the consumers"),
     "thinet": Criterion(_thinet, frozenset({"gram"}), frozenset({"systems"}), True,
