@@ -113,7 +113,7 @@ def _output_errors(model: ir.Model, probes: list[ir.Model], ctx: PassContext,
 def measured_scores(model: ir.Model, ctx: PassContext, opts: PruneOptions,
                      groups: list[ChannelGroup], scores: dict[int, np.ndarray],
                      context: dict[int, np.ndarray], limits: Limits,
-                     refit: bool) -> dict[int, np.ndarray]:
+                     refit: bool) -> tuple[dict[int, np.ndarray], float]:
     """Scores whose sums measure the change of the graph output, comparable across groups.
 
     Per-layer scores order a group's channels but say nothing across groups: a layer's own
@@ -126,8 +126,11 @@ def measured_scores(model: ir.Model, ctx: PassContext, opts: PruneOptions,
     ``E(r) - E(0)``, interpolated linearly between probes (the last slope beyond them) and
     made increasing, scores the channel removed ``i``-th by ``E(i + 1) - E(i)``: a chunk's
     score is its measured damage, and the knapsack adds the damages of groups.
+
+    Returns:
+        ``(scores, error)``: the measured scores and ``E`` of ``context`` itself.
     """
-    base = _output_errors(model, [pruned_copy(model, ctx, opts, context, refit)], ctx, opts)[0]
+    base = measured_error(model, ctx, opts, context, refit)
     measured = dict(scores)
     for group in progress(groups, enabled=ctx.progress, desc="prune: measuring groups",
                           unit="group"):
@@ -158,4 +161,12 @@ def measured_scores(model: ir.Model, ctx: PassContext, opts: PruneOptions,
         values[order] = increase + tie * np.arange(size)
         measured[group.index] = values
         logger.debug("group %d: damage %s at %s removed", group.index, damage, removed)
-    return measured
+    return measured, base
+
+
+def measured_error(model: ir.Model, ctx: PassContext, opts: PruneOptions,
+                   keep: dict[int, np.ndarray], refit: bool) -> float:
+    """``|y_pruned - y|^2 / |y|^2`` of the first graph output on calibration data once the
+    channels ``keep`` drops are removed (and the consumers refitted)."""
+    return float(_output_errors(model, [pruned_copy(model, ctx, opts, keep, refit)], ctx,
+                                opts)[0])

@@ -12,7 +12,10 @@ flattened blocks), and the matching input columns of every consumer
    params target across groups as a knapsack (or uniformly), or removes ``ratio`` of each;
    with calibration data the knapsack values each group's channels by the measured change
    of the graph output when that group is thinned (``_prune_sensitivity.measured_scores``),
-   since per-layer scores do not compare across layers;
+   since per-layer scores do not compare across layers; the knapsack plan is then measured
+   against the uniform plan it started from, and the uniform one is kept (and the refusal
+   reported) when it changes the output less, so the default never does worse than uniform
+   on calibration data;
 2. *compensation*: every consumer of a pruned group is refitted by ridge least squares on
    calibration data so that its pre-activation output matches the unpruned model's
    (:mod:`~onnxopt.analysis.reconstruct`).
@@ -31,7 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
-from onnxopt.passes._prune_sensitivity import measured_scores, refit_targets
+from onnxopt.passes._prune_sensitivity import measured_error, measured_scores, refit_targets
 
 from onnxopt.analysis.budget import (
     ALLOCATORS,
@@ -144,6 +147,7 @@ class _Plan:
     refit: bool
     kind: str
     value: float
+    allocation: str
     groups: list[ChannelGroup]
     keep: dict[int, np.ndarray]
     rows: list[dict[str, Any]]
@@ -220,9 +224,9 @@ class Prune(Pass):
         plan = self._plan(model, ctx, result)
         before = model_cost(model)
         summary = self._summary(plan, opts, before)
-        result.stats = {"criterion": plan.criterion, "allocation": opts.allocation,
+        result.stats.update({"criterion": plan.criterion, "allocation": plan.allocation,
                         "budget": f"{plan.kind}={plan.value:g}", "reconstruct": plan.refit,
-                        "groups": plan.rows, "plan_text": format_plan(plan.rows)}
+                        "groups": plan.rows, "plan_text": format_plan(plan.rows)})
         pruned = [g for g in plan.groups if not plan.keep[g.index].all()]
         if opts.plan_only or not pruned:
             result.stats["summary"] = ("plan only: " if opts.plan_only else "") + summary
@@ -276,28 +280,48 @@ class Prune(Pass):
         limits = Limits(opts.min_channels, opts.round_to)
         costs = {k: build(analysis) for k, build in COST_MODELS.items()}
         kind, value = opts.budget()
+        allocation = "ratio" if kind == "ratio" else opts.allocation
         if kind == "ratio":
             keep = allocate_ratio(scores, value, limits)
+            keep = {g.index: keep_every_tensor(g, keep[g.index], scores[g.index])
+                    for g in groups}
         else:
             cost = costs[kind].restrict([g.index for g in groups])
             calibrated = rule.calibrated
+            uniform = None
             if opts.allocation == "knapsack" and (
                     has_data if opts.sensitivity is None else opts.sensitivity):
                 if not has_data:
                     raise UserError("prune(sensitivity=true) needs calibration data")
                 context = allocate_uniform(scores, cost, value * costs[kind].total(), limits)
-                scores = measured_scores(model, ctx, opts, groups, scores, context, limits,
-                                          refit)
+                uniform = {g.index: keep_every_tensor(g, context[g.index], scores[g.index])
+                           for g in groups}
+                scores, error = measured_scores(model, ctx, opts, groups, scores, context,
+                                                limits, refit)
+                if any(not np.array_equal(uniform[i], context[i]) for i in uniform):
+                    error = measured_error(model, ctx, opts, uniform, refit)
+                uniform_error = error
                 calibrated = True
             keep = ALLOCATORS[opts.allocation](scores, cost, value * costs[kind].total(), limits,
                                                not calibrated)
+            keep = {g.index: keep_every_tensor(g, keep[g.index], scores[g.index])
+                    for g in groups}
+            if uniform is not None:
+                knapsack_error = measured_error(model, ctx, opts, keep, refit)
+                result.stats["allocation_check"] = {"knapsack_error": knapsack_error,
+                                                    "uniform_error": uniform_error}
+                if uniform_error < knapsack_error:
+                    keep, allocation = uniform, "uniform"
+                    result.refuse("allocation", (
+                        f"knapsack plan changes the output more than the uniform one on "
+                        f"calibration data (relative error {knapsack_error:.3g} vs "
+                        f"{uniform_error:.3g}): uniform kept"))
             reached = cost.total(keep) / max(costs[kind].total(), 1.0)
             if reached > value + 1e-9:
                 result.refuse("budget", f"{kind} kept {reached:.1%} > target {value:.1%}: "
                               f"the limits allow no more")
-        keep = {g.index: keep_every_tensor(g, keep[g.index], scores[g.index]) for g in groups}
         savings = {k: group_savings(c.restrict(list(keep)), keep) for k, c in costs.items()}
-        return _Plan(criterion, refit, kind, value, groups, keep,
+        return _Plan(criterion, refit, kind, value, allocation, groups, keep,
                      _plan_rows(groups, keep, savings), savings)
 
     @staticmethod
@@ -306,7 +330,7 @@ class Prune(Pass):
         total = sum(r["total"] for r in plan.rows)
         macs = before.macs - sum(plan.savings["macs"].values())
         params = before.params - sum(plan.savings["params"].values())
-        how = "" if plan.kind == "ratio" else f", {opts.allocation}"
+        how = "" if plan.kind == "ratio" else f", {plan.allocation}"
         return (f"{plan.kind}={plan.value:g} by {plan.criterion}{how}: {len(plan.rows)} groups, "
                 f"channels {total} -> {kept}, MACs {100 * macs / max(before.macs, 1):.1f}%, "
                 f"params {100 * params / max(before.params, 1):.1f}%")

@@ -173,3 +173,53 @@ def test_refit_aware_thinet_removes_a_duplicate_first() -> None:
     assert order[0] in (0, 4)  # free after the refit, though the largest contribution
     gram_order, _ = thinet_order(np.einsum("sc,sd->cd", x * weight[0, :5], x * weight[0, :5]))
     assert gram_order[0] not in (0, 4)  # without the refit it looks the most important
+
+
+def test_compensated_l1_keeps_one_of_two_channels_that_carry_the_same_signal() -> None:
+    from onnxopt.analysis.compensation import Compensation, eliminate
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((400, 2))
+    x = np.concatenate([x, x[:, :1]], axis=1)  # channel 2 carries channel 0's signal
+    weight = np.array([[0.5, 0.9, 0.5, 0.0]])  # [M, b]: channels 0 and 2 look the weakest
+    system = _system(x, weight, 1)
+    target = x @ weight[0, :3]
+    plain = np.argsort(np.abs(weight[0, :3]), kind="stable")
+    assert set(plain[:2].tolist()) == {0, 2}  # uncompensated l1 drops the shared signal
+
+    order, norms = eliminate(Compensation(3, [system], 1e-9),
+                             lambda state: state.column_norms(1))
+    assert order[0] in (0, 2) and order[1] == 1  # the twin inherits the weight: 1.0 > 0.9
+    assert norms[1] == pytest.approx(0.9 / 0.95, rel=1e-3)  # 0.9 / mean(0.9, 1.0)
+
+    def refit_error(kept: int) -> float:
+        beta = np.linalg.lstsq(x[:, [kept]], target, rcond=None)[0]
+        return float(np.sum((x[:, [kept]] @ beta - target) ** 2))
+
+    assert refit_error(int(order[2])) < refit_error(1)  # keeping the twin loses less
+
+
+def test_l1_with_refit_scores_the_compensated_weights_on_a_real_model() -> None:
+    from onnxopt.analysis.compensation import Compensation, eliminate
+
+    model = from_proto(residual_blocks())
+    groups = _prunable(model)
+    stats = _stats(model, groups, {"systems"})
+    assert stats.systems
+    plain = group_scores(groups, "l1", stats)  # no refit: the original weights
+    refit = group_scores(groups, "l1", stats, refit_ridge=1e-2)
+    assert any(not np.array_equal(np.argsort(plain[g]), np.argsort(refit[g])) for g in plain)
+    for group in groups:
+        if group.index not in stats.systems:
+            np.testing.assert_array_equal(refit[group.index], plain[group.index])
+            continue
+        state = Compensation(group.size, stats.systems[group.index], 1e-2)
+        producers = [t.member_at(WEIGHT) for t in group.ties_with_role(Role.PRODUCER)]
+        first = np.zeros(group.size)
+        for member in producers:  # the producers' part does not change with the refit
+            rows = np.moveaxis(const_array(member.node.inputs[1]), member.axis, 0)
+            norms = np.zeros(group.size)
+            np.add.at(norms, member.channels, np.abs(rows.reshape(len(rows), -1)).sum(1))
+            first += norms / norms.mean()
+        order, _ = eliminate(state, lambda s, fixed=first: fixed + s.column_norms(1))
+        assert np.argsort(refit[group.index], kind="stable").tolist() == order.tolist()

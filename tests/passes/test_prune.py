@@ -213,3 +213,50 @@ def test_sensitivity_knapsack_is_valid_and_can_be_turned_off() -> None:
     with pytest.raises(UserError):
         apply_pass(Prune(macs=0.5, criterion="l1", reconstruct=False, sensitivity=True), proto,
                    PassContext())
+
+
+def test_knapsack_plan_is_checked_against_the_uniform_plan(monkeypatch) -> None:
+    import onnxopt.passes.prune as prune_module
+
+    from onnxopt.analysis.budget import Limits, allocate_uniform
+    from onnxopt.analysis.channel_cost import COST_MODELS
+
+    proto = residual_blocks(width=16)
+    ctx = _ctx(proto, samples=32)
+    model, result = apply_pass(Prune(macs=0.5, round_to=4), proto, ctx)
+    check = result.stats["allocation_check"]
+    chosen = "uniform" if any(r.where == "allocation" for r in result.refusals) else "knapsack"
+    assert result.stats["allocation"] == chosen
+    assert check[f"{chosen}_error"] <= min(check.values())
+
+    measured = prune_module.measured_scores
+
+    def misleading(model_, ctx_, opts, groups, scores, context, limits, refit):
+        # the widest group looks free to remove: the knapsack empties it
+        values, error = measured(model_, ctx_, opts, groups, scores, context, limits, refit)
+        widest = max(groups, key=lambda g: g.size).index
+        values = {g: v * (1e-9 if g == widest else 1e3) for g, v in values.items()}
+        return values, error
+
+    monkeypatch.setattr(prune_module, "measured_scores", misleading)
+    work = from_proto(proto)
+    model, result = apply_pass(Prune(macs=0.5, round_to=4), proto, ctx)
+    check = result.stats["allocation_check"]
+    assert check["knapsack_error"] > check["uniform_error"]
+    assert result.stats["allocation"] == "uniform" and "uniform kept" in " ".join(
+        r.reason for r in result.refusals if r.where == "allocation")
+    # what was written is the uniform plan, and it changes the output by the error measured
+    analysis = analyse_channels(work)
+    planned = {r["group"] for r in result.stats["groups"]}
+    groups = [g for g in analysis.groups if g.index in planned]
+    cost = COST_MODELS["macs"](analysis)
+    scores = {g.index: np.ones(g.size) for g in groups}
+    widths = {g: int(k.sum()) for g, k in allocate_uniform(
+        scores, cost.restrict(list(scores)), 0.5 * cost.total(), Limits(round_to=4)).items()}
+    assert {r["group"]: r["kept"] for r in result.stats["groups"]} == widths
+    specs = input_specs(work)
+    feeds = {"input": np.concatenate([b["input"] for b, _ in ctx.calib.batches(specs)])}
+    reference = run_model(proto, feeds)[0].astype(np.float64)
+    got = run_model(model, feeds)[0]
+    relative = float(np.sum((got - reference) ** 2) / np.sum(reference ** 2))
+    assert relative == pytest.approx(check["uniform_error"], rel=0.05)
