@@ -7,12 +7,19 @@ Usage, from the repository root::
 Three parts, all measured in this one run:
 
 1. Accuracy on the bundled digits classifier after ``fold-bn,prune(macs=M, ...)`` with no
-   retraining: every criterion (thinet, l1, l2, apoz, bn, random) with and without the
-   least-squares reconstruction, and knapsack against uniform allocation (at round_to=16 and
-   at round_to=1, where uniform can reach the same MACs). Top-1 accuracy on
-   the 512 evaluation samples, top-1 agreement with the original and the SQNR of the logits
-   against the original's (finer than top-1, where one sample is 0.2 points); ``random`` is
-   averaged over ``--seeds`` seeds (with the spread of its SQNR).
+   retraining, in three tables:
+
+   - *criteria*: every criterion at the same widths (``allocation=uniform, round_to=1``, so
+     only which channels go differs), with and without the least-squares reconstruction;
+   - *the default*: every criterion with the default allocation (knapsack valued by measured
+     sensitivity, checked against uniform) at the default ``round_to=16``;
+   - *allocation*: knapsack against uniform at ``round_to=16`` (where uniform cannot get
+     close to the target), at ``round_to=1``, and with the knapsack aimed at the MACs uniform
+     reached (matched MACs); the calibration errors of both plans that the pass compared.
+
+   Top-1 accuracy on the 512 evaluation samples, top-1 agreement with the original and the
+   SQNR of the logits against the original's (finer than top-1, where one sample is 0.2
+   points); ``random`` is averaged over ``--seeds`` seeds (with the range of its SQNR).
 2. Latency of the pruned digits model (the default ``round_to=16``, and ``round_to=1``)
    against the unpruned one (``fold-bn``) and the original at batch 32, 2 intra-op threads,
    warmed up and interleaved in adjacent pairs (``latency.measure``): only ratios are results.
@@ -60,37 +67,57 @@ def _logits(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
 
 
 def _prune(base: onnx.ModelProto, spec: str, calib: str | None,
-           seed: int = 0) -> tuple[onnx.ModelProto, float]:
+           seed: int = 0) -> tuple[onnx.ModelProto, float, dict]:
+    """The pruned model, the seconds it took and the last pass's stats."""
     start = time.perf_counter()
     model, report = onnxopt.optimize(base, spec, calib=calib, validate=False, seed=seed)
     failures = [r for r in report.records if r.failed]
     if failures:
         raise RuntimeError(f"{spec}: {failures[0].message}")
-    return to_proto(model), time.perf_counter() - start
+    return to_proto(model), time.perf_counter() - start, report.records[-1].stats
+
+
+TABLES = {
+    "criteria": "every criterion at the same widths (uniform allocation, round_to=1)",
+    "default": "every criterion with the default allocation (knapsack, round_to=16)",
+    "allocation": "knapsack against uniform (thinet, reconstruction)",
+}
+
+
+def _runs(macs: float) -> list[dict]:
+    """The rows of part 1; ``macs=None`` marks the matched-MACs knapsack (set when run)."""
+    runs = [{"table": "criteria", "criterion": c, "allocation": "uniform", "round_to": 1,
+             "refit": r, "macs": macs} for r in (True, False) for c in CRITERIA]
+    runs += [{"table": "default", "criterion": c, "allocation": "knapsack", "round_to": 16,
+              "refit": True, "macs": macs} for c in ("thinet", "l1", "apoz", "random")]
+    runs += [{"table": "allocation", "criterion": "thinet", "allocation": a, "round_to": r,
+              "refit": True, "macs": macs} for r in (16, 1) for a in ("knapsack", "uniform")]
+    runs.append({"table": "allocation", "criterion": "thinet", "allocation": "knapsack",
+                 "round_to": 1, "refit": True, "macs": None})
+    return runs
 
 
 def accuracy_table(macs: float, seeds: int) -> list[dict]:
-    """Part 1: one row per (criterion, allocation, reconstruction)."""
+    """Part 1: one row per run of :func:`_runs`."""
     data = np.load(DIGITS_EVAL)
     inputs, labels = data["input"], data["labels"]
-    folded, _ = _prune(onnx.load(DIGITS_MODEL), "fold-bn", None)
+    folded, _, _ = _prune(onnx.load(DIGITS_MODEL), "fold-bn", None)
     logits = _logits(onnx.load(DIGITS_MODEL), inputs)
     reference = logits.argmax(1)
-    rows = [{"criterion": "(original)", "allocation": "", "round_to": "", "reconstruct": "",
-             "accuracy": float(np.mean(reference == labels)), "agreement": 1.0,
-             "sqnr_db": float("inf"), "sqnr_spread": 0.0, "macs": 1.0, "seconds": 0.0}]
+    rows = [{"table": t, "criterion": "(original)", "allocation": "", "round_to": "",
+             "reconstruct": "", "target": "", "accuracy": float(np.mean(reference == labels)),
+             "agreement": 1.0, "sqnr_db": float("inf"), "sqnr_spread": 0.0, "macs": 1.0,
+             "seconds": 0.0, "plan": ""} for t in TABLES]
     full = _macs(folded)
-    runs = [(c, "knapsack", r, 16) for c in CRITERIA for r in (True, False)]
-    runs += [(c, "uniform", r, 16) for c in ("thinet", "l1") for r in (True, False)]
-    # round_to=16 leaves uniform few widths (it lands well under the target): also compare
-    # the two allocations at any width, where both reach about the same MACs
-    runs += [("thinet", a, True, 1) for a in ("knapsack", "uniform")]
-    for criterion, allocation, refit, round_to in runs:
-        accs, agrees, sqnrs, macs_kept, times = [], [], [], [], []
-        for seed in range(seeds if criterion == "random" else 1):
-            spec = (f"prune(macs={macs:g},criterion={criterion},allocation={allocation},"
-                    f"reconstruct={str(refit).lower()},round_to={round_to})")
-            pruned, seconds = _prune(folded, spec, str(DIGITS_CALIB), seed)
+    uniform_reached = macs
+    for run in _runs(macs):
+        target = run["macs"] if run["macs"] is not None else uniform_reached
+        accs, agrees, sqnrs, macs_kept, times, plans = [], [], [], [], [], []
+        for seed in range(seeds if run["criterion"] == "random" else 1):
+            spec = (f"prune(macs={target:.4g},criterion={run['criterion']},"
+                    f"allocation={run['allocation']},reconstruct={str(run['refit']).lower()},"
+                    f"round_to={run['round_to']})")
+            pruned, seconds, stats = _prune(folded, spec, str(DIGITS_CALIB), seed)
             macs_kept.append(_macs(pruned) / full)
             got = _logits(pruned, inputs)
             top = got.argmax(1)
@@ -98,15 +125,30 @@ def accuracy_table(macs: float, seeds: int) -> list[dict]:
             accs.append(float(np.mean(top == labels)))
             agrees.append(float(np.mean(top == reference)))
             times.append(seconds)
-        rows.append({"criterion": criterion, "allocation": allocation, "round_to": round_to,
-                     "reconstruct": "yes" if refit else "no", "accuracy": float(np.mean(accs)),
+            plans.append(_plan_note(stats))
+        if run["table"] == "allocation" and run["allocation"] == "uniform":
+            uniform_reached = float(np.mean(macs_kept))
+        rows.append({"table": run["table"], "criterion": run["criterion"],
+                     "allocation": run["allocation"], "round_to": run["round_to"],
+                     "reconstruct": "yes" if run["refit"] else "no",
+                     "target": f"{target:.1%}", "accuracy": float(np.mean(accs)),
                      "agreement": float(np.mean(agrees)), "sqnr_db": float(np.mean(sqnrs)),
                      "sqnr_spread": float(np.ptp(sqnrs)), "macs": float(np.mean(macs_kept)),
-                     "seconds": float(np.mean(times))})
-        _log(f"  {criterion:<7} {allocation:<8} round_to={round_to:<2} refit={refit!s:<5} "
+                     "seconds": float(np.mean(times)), "plan": plans[0]})
+        _log(f"  {run['table']:<10} {run['criterion']:<7} {run['allocation']:<8} "
+             f"round_to={run['round_to']:<2} refit={run['refit']!s:<5} target {target:.3f} "
              f"acc {rows[-1]['accuracy']:.2%}  agree {rows[-1]['agreement']:.2%}  "
-             f"sqnr {rows[-1]['sqnr_db']:.2f} dB")
+             f"sqnr {rows[-1]['sqnr_db']:.2f} dB  macs {rows[-1]['macs']:.3f}")
     return rows
+
+
+def _plan_note(stats: dict) -> str:
+    """Which allocation the pass kept, with the calibration errors it compared."""
+    check = stats.get("allocation_check")
+    if not check:
+        return ""
+    return (f"{stats['allocation']} kept (calib error knapsack {check['knapsack_error']:.2e}, "
+            f"uniform {check['uniform_error']:.2e})")
 
 
 def _macs(model: onnx.ModelProto) -> int:
@@ -127,21 +169,27 @@ def latency_ratios(models: dict[str, onnx.ModelProto], baseline: str, feed: np.n
 
 
 def _markdown(rows: list[dict], speed: dict[str, dict[str, dict]], macs: float) -> str:
-    lines = [f"prune at {macs:.0%} MACs on digits (no retraining; eval 512 samples)", "",
-             "| criterion | allocation | round_to | reconstruct | MACs kept | top-1 | agreement "
-             "| logit SQNR | time |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        spread = f" (range {r['sqnr_spread']:.1f})" if r["sqnr_spread"] else ""
-        lines.append(f"| {r['criterion']} | {r['allocation']} | {r['round_to']} | "
-                     f"{r['reconstruct']} | "
-                     f"{r['macs']:.1%} | {r['accuracy']:.2%} | {r['agreement']:.2%} | "
-                     f"{r['sqnr_db']:.1f} dB{spread} | {r['seconds']:.1f}s |")
+    lines = []
+    for table, title in TABLES.items():
+        lines += [f"prune at {macs:.0%} MACs on digits: {title} (no retraining; eval 512 "
+                  f"samples)", "",
+                  "| criterion | allocation | round_to | reconstruct | target | MACs kept | top-1 "
+                  "| agreement | logit SQNR | time | plan |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["table"] == table):
+            spread = f" (range {r['sqnr_spread']:.1f})" if r["sqnr_spread"] else ""
+            lines.append(f"| {r['criterion']} | {r['allocation']} | {r['round_to']} | "
+                         f"{r['reconstruct']} | {r['target']} | {r['macs']:.1%} | "
+                         f"{r['accuracy']:.2%} | {r['agreement']:.2%} | "
+                         f"{r['sqnr_db']:.1f} dB{spread} | {r['seconds']:.1f}s | {r['plan']} |")
+        lines.append("")
     for model, stats in speed.items():
-        lines += ["", f"latency on {model}, batch 32, 2 threads (ratio of time; <1 is faster)",
+        lines += [f"latency on {model}, batch 32, 2 threads (ratio of time; <1 is faster)",
                   "", "| model | time ratio | speed-up | IQR of ratio |", "|---|---|---|---|"]
         for label, s in stats.items():
             lines.append(f"| {label} | {s['ratio']:.3f} | {1 / s['ratio']:.2f}x | "
                          f"{s['ratio_q1']:.3f}-{s['ratio_q3']:.3f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -157,17 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = [] if args.skip_accuracy else accuracy_table(args.macs, args.seeds)
     _log("latency: digits")
     original = onnx.load(DIGITS_MODEL)
-    folded, _ = _prune(original, "fold-bn", None)
-    pruned, _ = _prune(folded, f"prune(macs={args.macs:g})", str(DIGITS_CALIB))
-    any_width, _ = _prune(folded, f"prune(macs={args.macs:g},round_to=1)", str(DIGITS_CALIB))
+    folded, _, _ = _prune(original, "fold-bn", None)
+    pruned, _, _ = _prune(folded, f"prune(macs={args.macs:g})", str(DIGITS_CALIB))
+    any_width, _, _ = _prune(folded, f"prune(macs={args.macs:g},round_to=1)",
+                             str(DIGITS_CALIB))
     feed = np.load(DIGITS_EVAL)["input"][:32]
     speed = {"digits": latency_ratios({"fold-bn (baseline)": folded, "original": original,
                                        f"pruned {args.macs:.0%} MACs": pruned,
                                        f"pruned {args.macs:.0%} MACs, round_to=1": any_width},
                                       "fold-bn (baseline)", feed, args.rounds)}
     _log("latency: residual_blocks width 64, 64x64")
-    big, _ = _prune(residual_blocks(**SCALED), "fold-bn", None)
-    big_pruned, _ = _prune(big, f"prune(macs={args.macs:g},criterion=l1)", None)
+    big, _, _ = _prune(residual_blocks(**SCALED), "fold-bn", None)
+    big_pruned, _, _ = _prune(big, f"prune(macs={args.macs:g},criterion=l1)", None)
     feed = np.random.default_rng(0).standard_normal((32, 3, 64, 64)).astype(np.float32)
     speed["residual_blocks w64 s64"] = latency_ratios(
         {"fold-bn (baseline)": big, f"pruned {args.macs:.0%} MACs": big_pruned},
