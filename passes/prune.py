@@ -225,8 +225,8 @@ class Prune(Pass):
         before = model_cost(model)
         summary = self._summary(plan, opts, before)
         result.stats.update({"criterion": plan.criterion, "allocation": plan.allocation,
-                        "budget": f"{plan.kind}={plan.value:g}", "reconstruct": plan.refit,
-                        "groups": plan.rows, "plan_text": format_plan(plan.rows)})
+                             "budget": f"{plan.kind}={plan.value:g}", "reconstruct": plan.refit,
+                             "groups": plan.rows, "plan_text": format_plan(plan.rows)})
         pruned = [g for g in plan.groups if not plan.keep[g.index].all()]
         if opts.plan_only or not pruned:
             result.stats["summary"] = ("plan only: " if opts.plan_only else "") + summary
@@ -281,14 +281,12 @@ class Prune(Pass):
         costs = {k: build(analysis) for k, build in COST_MODELS.items()}
         kind, value = opts.budget()
         allocation = "ratio" if kind == "ratio" else opts.allocation
+        uniform = None
         if kind == "ratio":
             keep = allocate_ratio(scores, value, limits)
-            keep = {g.index: keep_every_tensor(g, keep[g.index], scores[g.index])
-                    for g in groups}
         else:
             cost = costs[kind].restrict([g.index for g in groups])
             calibrated = rule.calibrated
-            uniform = None
             if opts.allocation == "knapsack" and (
                     has_data if opts.sensitivity is None else opts.sensitivity):
                 if not has_data:
@@ -296,26 +294,25 @@ class Prune(Pass):
                 context = allocate_uniform(scores, cost, value * costs[kind].total(), limits)
                 uniform = {g.index: keep_every_tensor(g, context[g.index], scores[g.index])
                            for g in groups}
-                scores, error = measured_scores(model, ctx, opts, groups, scores, context,
-                                                limits, refit)
+                scores, uniform_error = measured_scores(model, ctx, opts, groups, scores,
+                                                        context, limits, refit)
                 if any(not np.array_equal(uniform[i], context[i]) for i in uniform):
-                    error = measured_error(model, ctx, opts, uniform, refit)
-                uniform_error = error
+                    uniform_error = measured_error(model, ctx, opts, uniform, refit)
                 calibrated = True
             keep = ALLOCATORS[opts.allocation](scores, cost, value * costs[kind].total(), limits,
                                                not calibrated)
-            keep = {g.index: keep_every_tensor(g, keep[g.index], scores[g.index])
-                    for g in groups}
-            if uniform is not None:
-                knapsack_error = measured_error(model, ctx, opts, keep, refit)
-                result.stats["allocation_check"] = {"knapsack_error": knapsack_error,
-                                                    "uniform_error": uniform_error}
-                if uniform_error < knapsack_error:
-                    keep, allocation = uniform, "uniform"
-                    result.refuse("allocation", (
-                        f"knapsack plan changes the output more than the uniform one on "
-                        f"calibration data (relative error {knapsack_error:.3g} vs "
-                        f"{uniform_error:.3g}): uniform kept"))
+        keep = {g.index: keep_every_tensor(g, keep[g.index], scores[g.index]) for g in groups}
+        if uniform is not None:
+            knapsack_error = measured_error(model, ctx, opts, keep, refit)
+            result.stats["allocation_check"] = {"knapsack_error": knapsack_error,
+                                                "uniform_error": uniform_error}
+            if uniform_error < knapsack_error:
+                keep, allocation = uniform, "uniform"
+                result.refuse("allocation", (
+                    f"knapsack plan changes the output more than the uniform one on "
+                    f"calibration data (relative error {knapsack_error:.3g} vs "
+                    f"{uniform_error:.3g}): uniform kept"))
+        if kind != "ratio":
             reached = cost.total(keep) / max(costs[kind].total(), 1.0)
             if reached > value + 1e-9:
                 result.refuse("budget", f"{kind} kept {reached:.1%} > target {value:.1%}: "

@@ -65,7 +65,7 @@ class Compensation:
 
     def error_increase(self) -> np.ndarray:
         """Per channel, the refitted consumers' error increase (each relative to its output
-        energy, summed) if it were removed next; ``inf`` for removed channels."""
+        energy, summed) if it were removed next (meaningless for removed channels)."""
         delta = np.zeros(self.size)
         for c in self._consumers:
             alive = ~self.removed[c.channels]
@@ -76,7 +76,6 @@ class Compensation:
             rows = c.weight[:, idx].transpose(1, 2, 0)
             delta[c.channels[alive]] += np.sum(rows * np.linalg.solve(blocks, rows),
                                                axis=(1, 2)) / c.energy
-        delta[self.removed] = np.inf
         return delta
 
     def column_norms(self, power: int) -> np.ndarray:
