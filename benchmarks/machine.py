@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,20 +12,15 @@ import onnx
 import onnxruntime as ort
 
 import onnxopt
+from onnxopt.cpu import VNNI_FLAGS, cpu_flags
 
 
 def machine_info() -> dict[str, Any]:
     """CPU model, int8 VNNI support, cores and library versions for the report header."""
-    cpu, flags = platform.processor() or "unknown", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        match = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        cpu = match.group(1).strip() if match else cpu
-        match = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        flags = set(match.group(1).split()) if match else set()
-    except OSError:
-        pass
-    vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    info = cpu_flags()
+    cpu, flags = (info[0], info[1]) if info else ("", frozenset())
+    cpu = cpu or platform.processor() or "unknown"
+    vnni = sorted(flags & VNNI_FLAGS)
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

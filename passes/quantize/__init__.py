@@ -31,6 +31,7 @@ from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
 
 from onnxopt.analysis.activations import TensorStats
 from onnxopt.analysis.cost import infer_shapes
+from onnxopt.cpu import int8_pairs_saturate
 from onnxopt.ir import clone_model, node_label, opset_version
 from onnxopt.model_io import serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
@@ -47,13 +48,21 @@ class QuantizeOptions:
         percentile: Percentile for ``method=percentile``.
         per_channel: Per-output-channel weight scales (False: one scale per weight).
         activations: ``uint8`` (asymmetric) or ``int8`` (symmetric).
-        reduce_range: 7-bit weights, for CPUs without VNNI.
+        reduce_range: 7-bit weights (``|q| <= 63``), so that onnxruntime's u8*s8 kernels on
+            x86 without VNNI cannot saturate (:mod:`onnxopt.cpu`). None: 7-bit when the CPU
+            running the pass is such a CPU, 8-bit otherwise; the pass validates on this CPU,
+            so give ``reduce_range=true`` when building for a non-VNNI x86 target elsewhere.
         equalize: Cross-layer equalization before calibration.
         bias_correction: Correct each layer's expected output shift after quantization.
         target: Accuracy-aware fallback target (agreement, or accuracy relative to float
             when the calibration data has labels); None turns the fallback off.
         exclude_nodes: Node names that stay float (``;``-separated on the command line).
-            Their weights stay float, so onnxruntime cannot fuse them. A weightless op
+            Their weights stay float in the graph; but a recent onnxruntime (seen with 1.32,
+            its ``WeightBiasQuantization`` transformer) quantizes a float Conv/Gemm weight
+            itself (per tensor) when the node reads a DequantizeLinear and feeds a
+            QuantizeLinear, so such a node, between quantized neighbours, still runs in int8.
+            The fallback's scores are measured with onnxruntime, so they include this. A
+            weightless op
             (Add, Concat, pooling) between quantized neighbours still reads dequantized
             inputs and feeds a QuantizeLinear, and onnxruntime may fuse it anyway; exclude
             the neighbours too to keep a whole region float.
@@ -70,7 +79,7 @@ class QuantizeOptions:
     percentile: float = 99.999
     per_channel: bool = True
     activations: Literal["uint8", "int8"] = "uint8"
-    reduce_range: bool = False
+    reduce_range: bool | None = None
     equalize: bool = False
     bias_correction: bool = False
     target: float | None = None
@@ -136,6 +145,10 @@ class QuantizePass(Pass):
             return result
         result.modified = True
         stats.update(_summary(plan, rewritten))
+        stats["reduce_range"] = build.reduce_range
+        if o.reduce_range is None and build.reduce_range:
+            stats["summary"] = ("7-bit weights (reduce_range): this x86 CPU has no VNNI, so "
+                                "8-bit u8*s8 products would saturate in onnxruntime")
         stats["kept_float"] = [node_label(n) for i, n in enumerate(float_model.graph)
                                if i in keep_float]
         stats["bias_corrections"] = build.last_corrections
@@ -163,6 +176,8 @@ class _Builder:
         self.float_model = float_model
         self.opset = opset
         self.per_channel = per_channel
+        self.reduce_range = (int8_pairs_saturate() if self.o.reduce_range is None
+                             else self.o.reduce_range)
         self.stats: dict[str, TensorStats] = {}
         self.excl = {"exclude_nodes": set(self.o.exclude_nodes),
                      "exclude_ops": set(self.o.exclude_ops)}
@@ -191,7 +206,7 @@ class _Builder:
         params, _ = group_params(plan, self.stats, method=o.method, percentile=o.percentile,
                                  activation_type=o.activations)
         rewritten = apply_plan(model.graph, plan, params, activation_type=o.activations,
-                               per_channel=self.per_channel, reduce_range=o.reduce_range,
+                               per_channel=self.per_channel, reduce_range=self.reduce_range,
                                add_bias=o.bias_correction)
         if o.bias_correction:
             self.last_corrections = correct_biases(
