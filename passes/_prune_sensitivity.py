@@ -22,7 +22,7 @@ from onnxopt.analysis.channel_surgery import remove_channels
 from onnxopt.analysis.channel_tie import IN0, OUT0, Role
 from onnxopt.analysis.channels import ChannelGroup, analyse_channels
 from onnxopt.analysis.reconstruct import RefitTarget, reconstruct
-from onnxopt.ir import clone_model
+from onnxopt.ir import clone_model, subgraphs
 from onnxopt.pass_base import PassContext
 from onnxopt.progress import progress
 
@@ -75,17 +75,62 @@ def _probe_widths(size: int, limits: Limits, probes: int) -> list[int]:
                   reverse=True)
 
 
+def _downstream(model: ir.Model, group: ChannelGroup) -> set[str] | None:
+    """Names of the nodes whose computation changes when ``group``'s width does: its
+    producers and every node below them (None: the graph has subgraphs or unnamed nodes)."""
+    changed: set[int] = {id(t.node) for t in group.ties_with_role(Role.PRODUCER)}
+    names: set[str] = set()
+    for node in model.graph:
+        if subgraphs(node) or not node.name:
+            return None
+        if id(node) in changed or any(
+                v is not None and v.producer() is not None and id(v.producer()) in changed
+                for v in node.inputs):
+            changed.add(id(node))
+            names.add(node.name)
+    return names
+
+
+def _reuse_refits(probe: ir.Model, targets: list[RefitTarget], reuse: ir.Model,
+                  changed: set[str]) -> list[RefitTarget]:
+    """Write ``reuse``'s refitted weights into the targets above the change; the rest."""
+    by_name = {node.name: node for node in reuse.graph}
+    remaining = []
+    for target in targets:
+        source = by_name.get(target.node.name)
+        mine, theirs = linear_view(target.node), None if source is None else linear_view(source)
+        if (target.node.name in changed or isinstance(mine, str) or isinstance(theirs, str)
+                or theirs is None or mine.weight.shape != theirs.weight.shape
+                or (theirs.bias is not None and not mine.fits_bias)):
+            remaining.append(target)
+        else:
+            mine.write(probe.graph, theirs.weight, theirs.bias)
+    return remaining
+
+
 def pruned_copy(model: ir.Model, ctx: PassContext, opts: PruneOptions,
-                 keep: dict[int, np.ndarray], refit: bool) -> ir.Model:
-    """A copy of ``model`` with the channels ``keep`` drops removed (and refitted)."""
+                 keep: dict[int, np.ndarray], refit: bool,
+                 reuse: tuple[ir.Model, int] | None = None) -> ir.Model:
+    """A copy of ``model`` with the channels ``keep`` drops removed (and refitted).
+
+    ``reuse=(refitted, index)``: ``refitted`` is the same plan but for group ``index``,
+    already refitted; the consumers above that group's change take its weights instead of
+    being refitted again (they see the same inputs and keep the same channels).
+    """
     probe = clone_model(model)
     twins = [g for g in analyse_channels(probe).groups if g.index in keep]
     if any(g.size != len(keep[g.index]) for g in twins):  # the analysis is deterministic
         raise RuntimeError("channel groups of a copy differ from the model's")
     targets = refit_targets(twins, keep) if refit else []
+    changed = None
+    if reuse is not None and targets:
+        twin = next((g for g in twins if g.index == reuse[1]), None)
+        changed = None if twin is None else _downstream(probe, twin)
     for twin in twins:
         if not keep[twin.index].all():
             remove_channels(probe, twin, np.flatnonzero(~keep[twin.index]).tolist())
+    if changed is not None:
+        targets = _reuse_refits(probe, targets, reuse[0], changed)
     if targets:
         reconstruct(model, probe, targets, ctx.calib, ridge=opts.ridge, positions=opts.positions,
                     batch_size=opts.batch_size, limit=opts.max_samples,
@@ -130,7 +175,8 @@ def measured_scores(model: ir.Model, ctx: PassContext, opts: PruneOptions,
     Returns:
         ``(scores, error)``: the measured scores and ``E`` of ``context`` itself.
     """
-    base = measured_error(model, ctx, opts, context, refit)
+    operating = pruned_copy(model, ctx, opts, context, refit)
+    base = float(_output_errors(model, [operating], ctx, opts)[0])
     measured = dict(scores)
     for group in progress(groups, enabled=ctx.progress, desc="prune: measuring groups",
                           unit="group"):
@@ -146,7 +192,8 @@ def measured_scores(model: ir.Model, ctx: PassContext, opts: PruneOptions,
             keep[order[:size - width]] = False
             probe_keep = dict(context)
             probe_keep[group.index] = keep_every_tensor(group, keep, scores[group.index])
-            probes.append(pruned_copy(model, ctx, opts, probe_keep, refit))
+            probes.append(pruned_copy(model, ctx, opts, probe_keep, refit,
+                                      (operating, group.index)))
         errors = dict(zip(widths, _output_errors(model, probes, ctx, opts), strict=True))
         errors[current] = base
         removed = np.array([size - w for w in sorted(errors, reverse=True)], dtype=np.float64)

@@ -260,3 +260,48 @@ def test_knapsack_plan_is_checked_against_the_uniform_plan(monkeypatch) -> None:
     got = run_model(model, feeds)[0]
     relative = float(np.sum((got - reference) ** 2) / np.sum(reference ** 2))
     assert relative == pytest.approx(check["uniform_error"], rel=0.05)
+
+
+def test_probe_reuses_the_refits_above_the_probed_group() -> None:
+    from onnxopt.passes._prune_sensitivity import _downstream, pruned_copy, refit_targets
+    from onnxopt.passes.prune import PruneOptions
+
+    from onnxopt.analysis.capture import linear_view
+
+    proto = residual_blocks(width=16)
+    ctx = _ctx(proto, samples=32)
+    model = infer_shapes(from_proto(proto))
+    groups = [g for g in analyse_channels(model).groups if g.size >= 8 and not g.frozen]
+    half = {g.index: np.arange(g.size) < g.size // 2 for g in groups}
+    opts = PruneOptions(macs=0.5)
+    operating = pruned_copy(model, ctx, opts, half, refit=True)
+    last = groups[-1]  # the probed group: back to full width
+    probe_keep = {**half, last.index: np.ones(last.size, dtype=bool)}
+    reused = pruned_copy(model, ctx, opts, probe_keep, True, (operating, last.index))
+    fresh = pruned_copy(model, ctx, opts, probe_keep, refit=True)
+    changed = _downstream(model, last)
+    names = [t.node.name for t in refit_targets(groups, probe_keep)]
+    above = [n for n in names if n not in changed]
+    below = [n for n in names if n in changed]
+    assert above and below
+
+    def weights(m, name):
+        return linear_view(next(n for n in m.graph if n.name == name)).weight
+
+    for name in above:  # taken from the operating point, not refitted again
+        np.testing.assert_array_equal(weights(reused, name), weights(operating, name))
+    for name in below:  # refitted for the probe's widths
+        assert weights(reused, name).shape == weights(fresh, name).shape
+        assert not np.array_equal(weights(reused, name), weights(operating, name))
+    feeds = random_feeds(proto, batch=8, seed=3)
+    reference = run_model(proto, feeds)[0]
+    errors = [float(np.sum((run_model(m, feeds)[0] - reference) ** 2)) for m in (reused, fresh)]
+    assert errors[0] == pytest.approx(errors[1], rel=0.2)
+    # a graph with an unnamed node: nothing is reused, the copy is the fresh one
+    for node in model.graph:
+        node.name = ""
+        break
+    assert _downstream(model, last) is None
+    plain = pruned_copy(model, ctx, opts, probe_keep, True, (operating, last.index))
+    for got, want in zip(run_model(plain, feeds), run_model(fresh, feeds), strict=True):
+        np.testing.assert_array_equal(got, want)
