@@ -17,8 +17,7 @@ from onnxopt.cpu import VNNI_FLAGS, cpu_flags
 
 def machine_info() -> dict[str, Any]:
     """CPU model, int8 VNNI support, cores and library versions for the report header."""
-    info = cpu_flags()
-    cpu, flags = (info[0], info[1]) if info else ("", frozenset())
+    cpu, flags = cpu_flags() or ("", frozenset())
     cpu = cpu or platform.processor() or "unknown"
     vnni = sorted(flags & VNNI_FLAGS)
     try:

@@ -98,9 +98,10 @@ def _reuse_refits(probe: ir.Model, targets: list[RefitTarget], reuse: ir.Model,
     remaining = []
     for target in targets:
         source = by_name.get(target.node.name)
-        mine, theirs = linear_view(target.node), None if source is None else linear_view(source)
+        mine = linear_view(target.node)
+        theirs = "not in the refitted copy" if source is None else linear_view(source)
         if (target.node.name in changed or isinstance(mine, str) or isinstance(theirs, str)
-                or theirs is None or mine.weight.shape != theirs.weight.shape
+                or mine.weight.shape != theirs.weight.shape
                 or (theirs.bias is not None and not mine.fits_bias)):
             remaining.append(target)
         else:

@@ -62,10 +62,9 @@ class QuantizeOptions:
             itself (per tensor) when the node reads a DequantizeLinear and feeds a
             QuantizeLinear, so such a node, between quantized neighbours, still runs in int8.
             The fallback's scores are measured with onnxruntime, so they include this. A
-            weightless op
-            (Add, Concat, pooling) between quantized neighbours still reads dequantized
-            inputs and feeds a QuantizeLinear, and onnxruntime may fuse it anyway; exclude
-            the neighbours too to keep a whole region float.
+            weightless op (Add, Concat, pooling) between quantized neighbours still reads
+            dequantized inputs and feeds a QuantizeLinear, and onnxruntime may fuse it
+            anyway; exclude the neighbours too to keep a whole region float.
         exclude_ops: Op types that stay float (same caveat).
         calib_samples: Cap on calibration samples (None = all).
         batch_size: Calibration batch size when the batch axis is dynamic.
