@@ -19,6 +19,8 @@ from testmodels.structures import (
 _HERE = Path(__file__).resolve().parent
 DIGITS_MODEL = _HERE / "digits_resnet.onnx"
 """Trained digits classifier: "input" [N, 1, 32, 32] -> "logits" [N, 10]."""
+DIGITS_VGG = _HERE / "digits_vgg.onnx"
+"""Trained VGG-style digits classifier (Flatten -> Gemm head), same input, output and data."""
 DIGITS_CALIB = _HERE / "digits_calib.npz"
 """256 calibration samples: "input" float32 [256, 1, 32, 32], "labels" int64 [256]."""
 DIGITS_EVAL = _HERE / "digits_eval.npz"
@@ -28,6 +30,7 @@ __all__ = [
     "DIGITS_CALIB",
     "DIGITS_EVAL",
     "DIGITS_MODEL",
+    "DIGITS_VGG",
     "STRUCTURES",
     "GraphBuilder",
     "bottleneck_blocks",

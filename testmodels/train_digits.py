@@ -1,13 +1,14 @@
-"""Trains the bundled digits ResNet and writes it (BN kept) with calibration and evaluation data.
+"""Trains the bundled digits classifiers and writes them (BN kept) with calibration and eval data.
 
 Needs the optional ``train`` extra (torch and scikit-learn): ``pip install -e .[train]``. This is
 the only module of the project that imports torch. Run from the repository root with
 
-    python -m testmodels.train_digits
+    python -m testmodels.train_digits               # the ResNet and the two data files
+    python -m testmodels.train_digits --arch vgg    # the VGG-style model (same data splits)
 
 It loads scikit-learn's bundled 8x8 digits (1797 images, no download), scales them to [0, 1],
 upsamples them 4x by nearest neighbour to 1x32x32, splits them (stratified, fixed seed) into
-training data, 256 calibration and 512 evaluation samples, trains a small ResNet on CPU, writes
+training data, 256 calibration and 512 evaluation samples, trains the network on CPU, writes
 the ONNX graph by hand from the trained parameters and BN running statistics (so BatchNormalization
 stays a separate node for the passes to fold), checks onnxruntime against torch and prints the
 evaluation accuracy.
@@ -95,6 +96,38 @@ class DigitsResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+VGG_STAGES = ((32, 32), (64, 64), (64,))
+"""Conv widths per VGG stage; a 2x2 MaxPool ends each stage (32 -> 16 -> 8 -> 4 pixels)."""
+VGG_HIDDEN = 128
+
+
+class DigitsVGG(nn.Module):
+    """VGG-style: Conv3x3+BN+Relu stages with MaxPool, Flatten (64*4*4), FC 128, Relu, Dropout, FC.
+
+    The plain, fully connected-headed shape that APoZ was proposed on (Hu et al. found the most
+    zeros in VGG-16's conv5 and fc layers); here it is wider than digits needs.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 1
+        for widths in VGG_STAGES:
+            for width in widths:
+                layers += [nn.Conv2d(cin, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                           nn.ReLU()]
+                cin = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.fc1 = nn.Linear(cin * 4 * 4, VGG_HIDDEN)
+        self.dropout = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(VGG_HIDDEN, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.features(x), 1)
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+
 def random_shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Shifts each image by up to MAX_SHIFT pixels in each axis, filling with zeros."""
     n, _, h, w = x.shape
@@ -105,7 +138,7 @@ def random_shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train(
-    model: DigitsResNet, images: np.ndarray, labels: np.ndarray, epochs: int, seed: int
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, epochs: int, seed: int
 ) -> None:
     """Adam with a one-cycle learning rate, cross-entropy, random-shift augmentation."""
     generator = torch.Generator().manual_seed(seed)
@@ -166,23 +199,52 @@ def to_onnx(model: DigitsResNet) -> onnx.ModelProto:
     return onnx_model
 
 
+def _gemm(g: GraphBuilder, x: str, fc: nn.Linear, output: str | None = None) -> str:
+    return g.gemm(x, fc.out_features, weight=_np(fc.weight), bias=_np(fc.bias), output=output)
+
+
+def vgg_to_onnx(model: DigitsVGG) -> onnx.ModelProto:
+    """Writes the eval-mode VGG as Conv/BatchNormalization/Relu/MaxPool/Flatten/Gemm."""
+    g = GraphBuilder(size=32, in_channels=1)
+    x = g.input
+    layers = list(model.features)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Conv2d):
+            x = g.relu(_conv_bn(g, x, layer, layers[i + 1]))
+        elif isinstance(layer, nn.MaxPool2d):
+            x = g.pool(x, "MaxPool", 2, 2)
+    x = g.relu(_gemm(g, g.flatten(x), model.fc1))
+    onnx_model = g.build(_gemm(g, x, model.fc2, output="logits"), "digits_vgg")
+    onnx.checker.check_model(onnx_model, full_check=True)
+    return onnx_model
+
+
+ARCHS = {"resnet": (DigitsResNet, to_onnx), "vgg": (DigitsVGG, vgg_to_onnx)}
+"""--arch -> (torch module, exporter); the model is written to digits_<arch>.onnx."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Trains, exports, verifies and writes the model and data files."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--arch", choices=ARCHS, default="resnet",
+        help="resnet: the bundled classifier, with the data files; vgg: the VGG-style model only",
+    )
     args = parser.parse_args(argv)
+    module, export = ARCHS[args.arch]
 
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     splits = digits_splits(args.seed)
-    model = DigitsResNet()
+    model = module()
     start = time.perf_counter()
     train(model, *splits["train"], epochs=args.epochs, seed=args.seed)
     print(f"trained on {len(splits['train'][1])} samples in {time.perf_counter() - start:.0f} s")
 
-    onnx_model = to_onnx(model)
+    onnx_model = export(model)
     session = ort.InferenceSession(
         onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]
     )
@@ -199,8 +261,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{name}: {len(labels)} samples, onnxruntime top-1 {accuracy:.4f}, "
             f"max |ort - torch| {diff:.1e}"
         )
-        np.savez_compressed(args.out_dir / f"digits_{name}.npz", input=images, labels=labels)
-    onnx.save(onnx_model, args.out_dir / "digits_resnet.onnx")
+        if args.arch == "resnet":
+            np.savez_compressed(args.out_dir / f"digits_{name}.npz", input=images, labels=labels)
+    onnx.save(onnx_model, args.out_dir / f"digits_{args.arch}.onnx")
     params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {params}; wrote {args.out_dir}")
 
