@@ -25,6 +25,11 @@ def digits_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_vgg() -> Path:
+    return TESTMODELS / "digits_vgg.onnx"
+
+
+@pytest.fixture(scope="session")
 def digits_calib() -> Path:
     return TESTMODELS / "digits_calib.npz"
 

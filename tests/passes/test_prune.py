@@ -10,7 +10,7 @@ from onnxopt.passes.prune import Prune
 from onnxopt.analysis.channel_tie import Role
 from onnxopt.analysis.channels import analyse_channels
 from onnxopt.analysis.cost import infer_shapes, model_cost
-from onnxopt.data import input_specs, random_source
+from onnxopt.data import from_npz, input_specs, random_source
 from onnxopt.errors import PipelineError, UserError
 from onnxopt.ir import attr, from_proto, to_proto
 from onnxopt.pass_base import PassContext
@@ -186,6 +186,54 @@ def test_digits_at_half_the_macs_keeps_accuracy(digits_model, digits_calib, digi
     assert stats["calib_agreement_after_reconstruction"] > stats[
         "calib_agreement_before_reconstruction"]
     assert "calib agreement" in report.format_table()
+
+
+def test_trained_flatten_gemm_head_at_half_the_macs_keeps_accuracy(
+    digits_vgg, digits_calib, digits_eval
+) -> None:
+    from onnxopt.api import optimize
+
+    model, report = optimize(str(digits_vgg), "fold-bn,prune(macs=0.5)", calib=str(digits_calib),
+                             eval=str(digits_eval))
+    record = report.records[-1]
+    assert record.status == "kept" and record.after.macs <= 0.5 * report.original.macs
+    assert report.original_accuracy - record.vs_original.accuracy <= 0.01
+    # the last conv lost channels, so the Gemm after Flatten lost their 4x4 blocks of columns
+    groups = {g["tensor"]: g for g in record.stats["groups"]}
+    kept = groups["conv4:1"]["kept"]
+    assert kept < groups["conv4:1"]["total"]
+    fc1 = next(n for n in model.graph if n.op_type == "Gemm")
+    assert fc1.inputs[1].const_value.numpy().shape[1] == kept * 4 * 4
+
+
+def _dead_units(model_path, calib_path) -> np.ndarray:
+    """The hidden fc units of the VGG that are zero on every calibration sample."""
+    proto = onnx.load(model_path)
+    hidden = next(n for n in proto.graph.node if n.op_type == "Relu" and n.input[0].startswith(
+        "gemm"))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(hidden.output[0], 1, None))
+    feeds = {"input": np.load(calib_path)["input"]}
+    return np.flatnonzero(np.all(run_model(proto, feeds)[-1] == 0, axis=0))
+
+
+def test_apoz_prunes_dead_units_first_and_random_does_not(digits_vgg, digits_calib) -> None:
+    """On a trained fc layer with dead units, APoZ removes exactly those: nothing changes."""
+    dead = _dead_units(digits_vgg, digits_calib)
+    assert len(dead) >= 32  # the model has them (39 of 128 when it was trained)
+    proto = onnx.load(digits_vgg)
+    feeds = {"input": np.load(digits_calib)["input"]}
+    reference = run_model(proto, feeds)[0]
+    ctx = PassContext(calib=from_npz(digits_calib))
+    results = {}
+    for criterion in ("apoz", "random"):
+        options = {"ratio": 0.25, "criterion": criterion, "round_to": 1, "exclude": ("conv*",),
+                   "reconstruct": False}
+        model, result = apply_pass(Prune(**options), proto, ctx)
+        groups = {g["tensor"]: g for g in result.stats["groups"] if g["kept"] < g["total"]}
+        assert list(groups) == ["gemm0:1"] and groups["gemm0:1"]["kept"] == 96
+        results[criterion] = np.abs(run_model(model, feeds)[0] - reference).max()
+    assert results["apoz"] < 1e-5 * np.abs(reference).max()
+    assert results["random"] > 1e-2 * np.abs(reference).max()
 
 
 def test_measured_damage_is_made_increasing_keeping_its_sum() -> None:
