@@ -146,6 +146,35 @@ class FeedSource:
         if produced == 0:
             raise DataError(f"{self.description}: no samples")
 
+    def holdout(self, every: int) -> tuple[FeedSource, FeedSource]:
+        """``(rest, held)``: every ``every``-th sample (0, every, 2 every, ...) is held out.
+
+        Interleaved, so both parts cover the whole source (no ordering bias). A source of
+        verbatim runs (``rebatch=False``) keeps its runs whole: it returns itself twice.
+        """
+        if not self.rebatch or every < 2:
+            return self, self
+
+        def part(held: bool) -> Callable[[], Iterator[Chunk]]:
+            def chunks() -> Iterator[Chunk]:
+                start = 0
+                for feeds, labels in self.chunks():
+                    n = sample_count(feeds)
+                    mask = (np.arange(start, start + n) % every == 0) == held
+                    start += n
+                    if mask.any():
+                        yield ({k: v[mask] if isinstance(v, np.ndarray) and v.ndim else v
+                                for k, v in feeds.items()},
+                               None if labels is None else labels[mask])
+            return chunks
+
+        n = self.num_samples
+        held = None if n is None else (n + every - 1) // every
+        return (FeedSource(part(False), f"{self.description} (fit part)",
+                           None if n is None else n - held, self.representative),
+                FeedSource(part(True), f"{self.description} (held-out part)", held,
+                           self.representative))
+
     def count(self, specs: list[InputSpec]) -> int:
         """Number of samples (iterates the data once if not known)."""
         if self.num_samples is None:

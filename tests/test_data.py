@@ -22,6 +22,20 @@ def _samples(source, model, batch=8):
             for f, lab in source.batches(specs, batch)]
 
 
+class _Reader:
+    """A CalibrationDataReader of three runs of two samples."""
+
+    def __init__(self):
+        self.i = 0
+
+    def get_next(self):
+        self.i += 1
+        return None if self.i > 3 else {"input": np.ones((2, 3, 16, 16), np.float32)}
+
+    def rewind(self):
+        self.i = 0
+
+
 def test_npz_with_labels(tmp_path, model):
     path = tmp_path / "d.npz"
     np.savez(path, input=np.ones((20, 3, 16, 16), np.float32), labels=np.arange(20))
@@ -49,18 +63,7 @@ def test_random_and_its_warning(model, caplog):
 
 
 def test_calibration_data_reader_protocol(model):
-    class Reader:
-        def __init__(self):
-            self.i = 0
-
-        def get_next(self):
-            self.i += 1
-            return None if self.i > 3 else {"input": np.ones((2, 3, 16, 16), np.float32)}
-
-        def rewind(self):
-            self.i = 0
-
-    source = open_feeds(Reader(), model)
+    source = open_feeds(_Reader(), model)
     # each get_next() is one run, as onnxruntime's quantization tool treats it
     assert _samples(source, model, batch=4) == [(2, None)] * 3
     assert _samples(source, model, batch=4) == [(2, None)] * 3  # rewound
@@ -84,6 +87,26 @@ def test_wrong_dtype_and_nan_and_empty(tmp_path, model):
         list(open_feeds({"input": nan}, model).batches(specs))
     with pytest.raises(DataError, match="no samples"):
         list(open_feeds([], model).batches(specs))
+
+
+def test_holdout_interleaves_disjoint_parts_with_their_labels(tmp_path, model):
+    path = tmp_path / "d.npz"
+    images = np.arange(10, dtype=np.float32)[:, None, None, None] * np.ones((1, 3, 16, 16))
+    np.savez(path, input=images.astype(np.float32), labels=np.arange(10))
+    source = open_feeds(path, model)
+    rest, held = source.holdout(4)
+    assert (rest.num_samples, held.num_samples) == (7, 3)
+    specs = input_specs(model)
+    for part, want in ((rest, [1, 2, 3, 5, 6, 7, 9]), (held, [0, 4, 8])):
+        feeds, labels = zip(*part.batches(specs, 4), strict=True)
+        ids = np.concatenate([f["input"][:, 0, 0, 0] for f in feeds]).astype(int).tolist()
+        assert ids == want and np.concatenate(labels).tolist() == want
+    assert source.holdout(1) == (source, source)
+
+
+def test_holdout_keeps_verbatim_runs_whole(model):
+    source = open_feeds(_Reader(), model)
+    assert source.holdout(4) == (source, source)
 
 
 def test_limit_and_fixed_batch():
