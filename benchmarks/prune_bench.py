@@ -6,8 +6,9 @@ Usage, from the repository root::
 
 Three parts, all measured in this one run:
 
-1. Accuracy on the bundled digits classifier after ``fold-bn,prune(macs=M, ...)`` with no
-   retraining, in three tables:
+1. Accuracy on the bundled digits classifiers after ``fold-bn,prune(macs=M, ...)`` with no
+   retraining, in three tables on the ResNet (``digits``) and the first two on the VGG-style
+   model (``digits_vgg``, whose hidden fc layer has dead units, the case APoZ was made for):
 
    - *criteria*: every criterion at the same widths (``allocation=uniform, round_to=1``, so
      only which channels go differs), with and without the least-squares reconstruction;
@@ -47,7 +48,13 @@ import onnx  # noqa: E402
 import onnxopt  # noqa: E402
 from onnxopt.analysis.cost import infer_shapes, model_cost  # noqa: E402
 from onnxopt.ir import from_proto, to_proto  # noqa: E402
-from testmodels import DIGITS_CALIB, DIGITS_EVAL, DIGITS_MODEL, residual_blocks  # noqa: E402
+from testmodels import (  # noqa: E402
+    DIGITS_CALIB,
+    DIGITS_EVAL,
+    DIGITS_MODEL,
+    DIGITS_VGG,
+    residual_blocks,
+)
 
 CRITERIA = ("thinet", "l1", "l2", "apoz", "bn", "random")
 SCALED = {"width": 64, "size": 64}
@@ -84,8 +91,13 @@ TABLES = {
 }
 
 
-def _runs(macs: float) -> list[dict]:
-    """The rows of part 1; ``macs=None`` marks the matched-MACs knapsack (set when run)."""
+MODELS = {"digits": (DIGITS_MODEL, tuple(TABLES)),
+          "digits_vgg": (DIGITS_VGG, ("criteria", "default"))}
+"""Model name -> (path, the tables of part 1 run on it)."""
+
+
+def _runs(macs: float, tables: tuple[str, ...]) -> list[dict]:
+    """The rows of part 1 in ``tables``; ``macs=None`` marks the matched-MACs knapsack."""
     runs = [{"table": "criteria", "criterion": c, "allocation": "uniform", "round_to": 1,
              "refit": r, "macs": macs} for r in (True, False) for c in CRITERIA]
     runs += [{"table": "default", "criterion": c, "allocation": "knapsack", "round_to": 16,
@@ -94,23 +106,24 @@ def _runs(macs: float) -> list[dict]:
               "refit": True, "macs": macs} for r in (16, 1) for a in ("knapsack", "uniform")]
     runs.append({"table": "allocation", "criterion": "thinet", "allocation": "knapsack",
                  "round_to": 1, "refit": True, "macs": None})
-    return runs
+    return [run for run in runs if run["table"] in tables]
 
 
-def accuracy_table(macs: float, seeds: int) -> list[dict]:
-    """Part 1: one row per run of :func:`_runs`."""
+def accuracy_table(macs: float, seeds: int, name: str) -> list[dict]:
+    """Part 1 on the model ``name`` of :data:`MODELS`: one row per run of :func:`_runs`."""
+    path, tables = MODELS[name]
     data = np.load(DIGITS_EVAL)
     inputs, labels = data["input"], data["labels"]
-    folded, _, _ = _prune(onnx.load(DIGITS_MODEL), "fold-bn", None)
-    logits = _logits(onnx.load(DIGITS_MODEL), inputs)
+    folded, _, _ = _prune(onnx.load(path), "fold-bn", None)
+    logits = _logits(onnx.load(path), inputs)
     reference = logits.argmax(1)
-    rows = [{"table": t, "criterion": "(original)", "allocation": "", "round_to": "",
+    rows = [{"model": name, "table": t, "criterion": "(original)", "allocation": "", "round_to": "",
              "reconstruct": "", "target": "", "accuracy": float(np.mean(reference == labels)),
              "agreement": 1.0, "sqnr_db": float("inf"), "sqnr_spread": 0.0, "macs": 1.0,
-             "seconds": 0.0, "plan": ""} for t in TABLES]
+             "seconds": 0.0, "plan": ""} for t in tables]
     full = _macs(folded)
     uniform_reached = macs
-    for run in _runs(macs):
+    for run in _runs(macs, tables):
         target = run["macs"] if run["macs"] is not None else uniform_reached
         accs, agrees, sqnrs, macs_kept, times, plans = [], [], [], [], [], []
         for seed in range(seeds if run["criterion"] == "random" else 1):
@@ -128,14 +141,14 @@ def accuracy_table(macs: float, seeds: int) -> list[dict]:
             plans.append(_plan_note(stats))
         if run["table"] == "allocation" and run["allocation"] == "uniform":
             uniform_reached = float(np.mean(macs_kept))
-        rows.append({"table": run["table"], "criterion": run["criterion"],
+        rows.append({"model": name, "table": run["table"], "criterion": run["criterion"],
                      "allocation": run["allocation"], "round_to": run["round_to"],
                      "reconstruct": "yes" if run["refit"] else "no",
                      "target": f"{target:.1%}", "accuracy": float(np.mean(accs)),
                      "agreement": float(np.mean(agrees)), "sqnr_db": float(np.mean(sqnrs)),
                      "sqnr_spread": float(np.ptp(sqnrs)), "macs": float(np.mean(macs_kept)),
                      "seconds": float(np.mean(times)), "plan": plans[0]})
-        _log(f"  {run['table']:<10} {run['criterion']:<7} {run['allocation']:<8} "
+        _log(f"  {name:<10} {run['table']:<10} {run['criterion']:<7} {run['allocation']:<8} "
              f"round_to={run['round_to']:<2} refit={run['refit']!s:<5} target {target:.3f} "
              f"acc {rows[-1]['accuracy']:.2%}  agree {rows[-1]['agreement']:.2%}  "
              f"sqnr {rows[-1]['sqnr_db']:.2f} dB  macs {rows[-1]['macs']:.3f}")
@@ -170,13 +183,13 @@ def latency_ratios(models: dict[str, onnx.ModelProto], baseline: str, feed: np.n
 
 def _markdown(rows: list[dict], speed: dict[str, dict[str, dict]], macs: float) -> str:
     lines = []
-    for table, title in TABLES.items():
-        lines += [f"prune at {macs:.0%} MACs on digits: {title} (no retraining; eval 512 "
-                  f"samples)", "",
+    for model, table in dict.fromkeys((r["model"], r["table"]) for r in rows):
+        lines += [f"prune at {macs:.0%} MACs on {model}: {TABLES[table]} (no retraining; eval "
+                  f"512 samples)", "",
                   "| criterion | allocation | round_to | reconstruct | target | MACs kept | top-1 "
                   "| agreement | logit SQNR | time | plan |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["table"] == table):
+        for r in (r for r in rows if (r["model"], r["table"]) == (model, table)):
             spread = f" (range {r['sqnr_spread']:.1f})" if r["sqnr_spread"] else ""
             lines.append(f"| {r['criterion']} | {r['allocation']} | {r['round_to']} | "
                          f"{r['reconstruct']} | {r['target']} | {r['macs']:.1%} | "
@@ -202,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
-    rows = [] if args.skip_accuracy else accuracy_table(args.macs, args.seeds)
+    rows = [] if args.skip_accuracy else [
+        row for name in MODELS for row in accuracy_table(args.macs, args.seeds, name)]
     _log("latency: digits")
     original = onnx.load(DIGITS_MODEL)
     folded, _, _ = _prune(original, "fold-bn", None)
