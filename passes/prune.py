@@ -311,7 +311,7 @@ class Prune(Pass):
                 keep, allocation = uniform, "uniform"
                 result.refuse("allocation", (
                     f"knapsack plan changes the output more than the uniform one on "
-                    f"held-out calibration samples (relative error {knapsack_error:.3g} vs "
+                    f"calibration data (relative error {knapsack_error:.3g} vs "
                     f"{uniform_error:.3g}): uniform kept"))
         if kind != "ratio":
             reached = cost.total(keep) / max(costs[kind].total(), 1.0)
