@@ -177,6 +177,10 @@ def _conv_bn(g: GraphBuilder, x: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> st
     return g.bn(y, [_np(t) for t in stats], epsilon=bn.eps)
 
 
+def _gemm(g: GraphBuilder, x: str, fc: nn.Linear, output: str | None = None) -> str:
+    return g.gemm(x, fc.out_features, weight=_np(fc.weight), bias=_np(fc.bias), output=output)
+
+
 def to_onnx(model: DigitsResNet) -> onnx.ModelProto:
     """Writes the eval-mode network as Conv/BatchNormalization/Relu/Add/GAP/Flatten/Gemm."""
     g = GraphBuilder(size=32, in_channels=1)
@@ -187,20 +191,7 @@ def to_onnx(model: DigitsResNet) -> onnx.ModelProto:
         shortcut = x if block.shortcut is None else _conv_bn(g, x, *block.shortcut)
         x = g.relu(g.add(y, shortcut))
     x = g.flatten(g.global_avg_pool(x))
-    logits = g.gemm(
-        x,
-        model.fc.out_features,
-        weight=_np(model.fc.weight),
-        bias=_np(model.fc.bias),
-        output="logits",
-    )
-    onnx_model = g.build(logits, "digits_resnet")
-    onnx.checker.check_model(onnx_model, full_check=True)
-    return onnx_model
-
-
-def _gemm(g: GraphBuilder, x: str, fc: nn.Linear, output: str | None = None) -> str:
-    return g.gemm(x, fc.out_features, weight=_np(fc.weight), bias=_np(fc.bias), output=output)
+    return g.build(_gemm(g, x, model.fc, output="logits"), "digits_resnet")
 
 
 def vgg_to_onnx(model: DigitsVGG) -> onnx.ModelProto:
@@ -214,9 +205,7 @@ def vgg_to_onnx(model: DigitsVGG) -> onnx.ModelProto:
         elif isinstance(layer, nn.MaxPool2d):
             x = g.pool(x, "MaxPool", 2, 2)
     x = g.relu(_gemm(g, g.flatten(x), model.fc1))
-    onnx_model = g.build(_gemm(g, x, model.fc2, output="logits"), "digits_vgg")
-    onnx.checker.check_model(onnx_model, full_check=True)
-    return onnx_model
+    return g.build(_gemm(g, x, model.fc2, output="logits"), "digits_vgg")
 
 
 ARCHS = {"resnet": (DigitsResNet, to_onnx), "vgg": (DigitsVGG, vgg_to_onnx)}
@@ -245,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"trained on {len(splits['train'][1])} samples in {time.perf_counter() - start:.0f} s")
 
     onnx_model = export(model)
+    onnx.checker.check_model(onnx_model, full_check=True)
     session = ort.InferenceSession(
         onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]
     )
