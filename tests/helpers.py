@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt.data import input_specs
+from onnxopt.feeds import FeedSource
 from onnxopt.ir import from_proto, to_proto
 from onnxopt.pass_base import Pass, PassContext, PassResult
 from onnxopt.validate import compare_outputs, run_model
@@ -27,6 +29,13 @@ def random_feeds(model: onnx.ModelProto | ir.Model, batch: int = 2, seed: int = 
                 for d in inp.type.tensor_type.shape.dim]
         feeds[inp.name] = rng.standard_normal(dims).astype(np.float32)
     return feeds
+
+
+def all_feeds(source: FeedSource, model: onnx.ModelProto | ir.Model) -> dict[str, np.ndarray]:
+    """Every sample of ``source`` as one feed dict, as the model's inputs accept it."""
+    work = from_proto(model) if isinstance(model, onnx.ModelProto) else model
+    batches = [feeds for feeds, _ in source.batches(input_specs(work))]
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
 
 
 def apply_pass(pass_: Pass, model: onnx.ModelProto | ir.Model,

@@ -24,7 +24,7 @@ from testmodels.structures import (
     inverted_residual,
     residual_blocks,
 )
-from tests.helpers import apply_pass, random_feeds
+from tests.helpers import all_feeds, apply_pass, random_feeds
 
 
 def _ctx(proto: onnx.ModelProto, samples: int = 16) -> PassContext:
@@ -212,7 +212,8 @@ def _dead_units(model_path, calib_path) -> np.ndarray:
     proto = onnx.load(model_path)
     hidden = next(n for n in proto.graph.node if n.op_type == "Relu" and n.input[0].startswith(
         "gemm"))
-    proto.graph.output.append(onnx.helper.make_tensor_value_info(hidden.output[0], 1, None))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info(
+        hidden.output[0], onnx.TensorProto.FLOAT, None))
     feeds = {"input": np.load(calib_path)["input"]}
     return np.flatnonzero(np.all(run_model(proto, feeds)[-1] == 0, axis=0))
 
@@ -305,8 +306,7 @@ def test_knapsack_plan_is_checked_against_the_uniform_plan(monkeypatch) -> None:
     widths = {g: int(k.sum()) for g, k in allocate_uniform(
         scores, cost.restrict(list(scores)), 0.5 * cost.total(), Limits(round_to=4)).items()}
     assert {r["group"]: r["kept"] for r in result.stats["groups"]} == widths
-    specs = input_specs(work)
-    feeds = {"input": np.concatenate([b["input"] for b, _ in ctx.calib.batches(specs)])}
+    feeds = all_feeds(ctx.calib, work)
     reference = run_model(proto, feeds)[0].astype(np.float64)
     got = run_model(model, feeds)[0]
     relative = float(np.sum((got - reference) ** 2) / np.sum(reference ** 2))
@@ -327,13 +327,12 @@ def test_measured_error_is_taken_on_held_out_samples() -> None:
     proto = flatten_gemm_head(width=8)
     model = infer_shapes(from_proto(proto))
     opts = PruneOptions(macs=0.5)
+    flat = next(g for g in analyse_channels(model).groups if g.size == 16 and any(
+        t.node.op_type == "Gemm" for t in g.ties_with_role(Role.CONSUMER)))
+    keep = {flat.index: np.arange(16) < 8}
     errors = {}
     for samples in (64, HOLDOUT_MIN - 1):
         ctx = _ctx(proto, samples=samples)
-        groups = analyse_channels(model).groups
-        flat = next(g for g in groups if any(t.node.op_type == "Gemm" for t in g.ties_with_role(
-            Role.CONSUMER)) and g.size == 16)
-        keep = {flat.index: np.arange(16) < 8}
         in_sample = _output_errors(model, [pruned_copy(model, ctx, opts, keep, True)], ctx,
                                    opts)[0]
         errors[samples] = (in_sample, measured_error(model, ctx, opts, keep, True))

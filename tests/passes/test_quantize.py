@@ -14,12 +14,12 @@ from onnxopt.passes.quantize.equalize import equalize
 
 import onnxopt
 from onnxopt.analysis.cost import infer_shapes
-from onnxopt.data import input_specs, open_feeds
+from onnxopt.data import open_feeds
 from onnxopt.ir import clone_model, from_proto
 from onnxopt.pass_base import PassContext, PassResult, get_pass
 from onnxopt.validate import make_session, run_model
 from testmodels import STRUCTURES, conv_chain, residual_blocks
-from tests.helpers import random_feeds
+from tests.helpers import all_feeds, random_feeds
 
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul"}
 
@@ -390,9 +390,7 @@ def test_accuracy_fallback_keeps_the_most_sensitive_nodes_float(tmp_path: Path) 
         assert _producer_op(node.inputs[1]) != "DequantizeLinear"
     # onnxruntime may quantize a float weight between quantized neighbours itself; what it
     # runs is what the fallback measured: the written model reaches the target on the data
-    work = from_proto(proto)
-    batches = open_feeds("random:32", work).batches(input_specs(work))
-    feeds = {"input": np.concatenate([b["input"] for b, _ in batches])}
+    feeds = all_feeds(open_feeds("random:32", from_proto(proto)), proto)
     ref, got = run_model(proto, feeds)[0], run_model(model, feeds)[0]
     assert float(np.mean(ref.argmax(1) == got.argmax(1))) == pytest.approx(trace["scores"][-1])
     ops = _ort_ops(model, tmp_path)
