@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -183,6 +184,22 @@ def iter_values(graph: ir.Graph) -> Iterator[ir.Value]:
     yield from graph.initializers.values()
     for node in graph:
         yield from node.outputs
+
+
+def unmatched(graph: ir.Graph, wanted: Iterable[str], *, patterns: bool = False,
+              values: bool = False) -> list[str]:
+    """Those of ``wanted`` that name no node of ``graph`` (nor, with ``values``, no value).
+
+    For options that name parts of the model (a pass's exclude lists), so that a misspelt
+    name is an error instead of an option that silently does nothing. With ``patterns`` the
+    entries are fnmatch patterns, else exact names.
+    """
+    names = {node.name for node in graph if node.name}
+    if values:
+        names |= {v.name for v in iter_values(graph) if v.name}
+    if not patterns:
+        return [w for w in wanted if w not in names]
+    return [w for w in wanted if not any(fnmatch.fnmatchcase(n, w) for n in names)]
 
 
 def add_initializer(graph: ir.Graph, base_name: str, array: np.ndarray, *,

@@ -54,7 +54,7 @@ from onnxopt.analysis.cost import ModelCost, model_cost
 from onnxopt.analysis.importance import CRITERIA, group_scores
 from onnxopt.analysis.reconstruct import reconstruct
 from onnxopt.errors import UserError
-from onnxopt.ir import clone_model, node_label
+from onnxopt.ir import clone_model, node_label, unmatched
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ class PruneOptions:
             time and pad other widths up to the block or fall back to slower kernels, so
             the MACs saved would not all be time saved. 16 suits both; 1 allows any width
             (finer budgets for narrow models).
-        exclude: Node or tensor names (fnmatch patterns) whose channels are never removed.
+        exclude: Node or tensor names (fnmatch patterns) whose channels are never removed;
+            a pattern that matches no node or tensor of the model is an error.
         plan_only: Report the plan without rewriting (``--dry-run``).
         ridge: Relative ridge of the refit, toward the pruned weights.
         max_samples: Calibration samples used for scoring and refitting.
@@ -267,6 +268,10 @@ class Prune(Pass):
         if (rule.needs or refit) and not has_data:
             what = f"criterion={criterion}" if rule.needs else "reconstruct=true"
             raise UserError(f"prune({what}) needs calibration data; give --calib DATA")
+        missing = unmatched(model.graph, opts.exclude, patterns=True, values=True)
+        if missing:
+            raise UserError(f"prune(exclude=...): {', '.join(map(repr, missing))} matches no "
+                            "node or tensor name of the model")
         analysis = analyse_channels(model)
         groups = _candidates(analysis, opts.exclude, result)
         aware = refit and opts.refit_aware

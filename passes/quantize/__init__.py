@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
+import onnx
 import onnx_ir as ir
 from onnxopt.passes.quantize.bias_correction import correct_biases
 from onnxopt.passes.quantize.calibration import calibrate, group_params
@@ -32,7 +33,8 @@ from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
 from onnxopt.analysis.activations import TensorStats
 from onnxopt.analysis.cost import infer_shapes
 from onnxopt.cpu import int8_pairs_saturate
-from onnxopt.ir import clone_model, node_label, opset_version
+from onnxopt.errors import UserError
+from onnxopt.ir import clone_model, node_label, opset_version, unmatched
 from onnxopt.model_io import serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 
@@ -65,7 +67,9 @@ class QuantizeOptions:
             weightless op (Add, Concat, pooling) between quantized neighbours still reads
             dequantized inputs and feeds a QuantizeLinear, and onnxruntime may fuse it
             anyway; exclude the neighbours too to keep a whole region float.
-        exclude_ops: Op types that stay float (same caveat).
+        exclude_ops: Op types that stay float (same caveat). A name in ``exclude_nodes``
+            that is no node of the model, or an op type that is neither an ONNX op nor
+            in the model, is an error (a misspelling would otherwise do nothing).
         calib_samples: Cap on calibration samples (None = all).
         batch_size: Calibration batch size when the batch axis is dynamic.
         bins: Histogram bins per tensor.
@@ -92,6 +96,19 @@ class QuantizeOptions:
     sqnr_samples: int = 128
 
 
+def _check_exclusions(graph: ir.Graph, o: QuantizeOptions) -> None:
+    """A misspelt ``exclude_nodes`` name or ``exclude_ops`` type is an error, not a no-op."""
+    missing = unmatched(graph, o.exclude_nodes)
+    if missing:
+        raise UserError(f"quantize(exclude_nodes=...): {', '.join(map(repr, missing))} names "
+                        "no node of the model")
+    present = {node.op_type for node in graph}
+    unknown = [op for op in o.exclude_ops if op not in present and not onnx.defs.has(op)]
+    if unknown:
+        raise UserError(f"quantize(exclude_ops=...): {', '.join(map(repr, unknown))} is no "
+                        "ONNX op type and no op of the model")
+
+
 @register_pass
 class QuantizePass(Pass):
     """Inserts int8 Q/DQ pairs from calibration statistics so onnxruntime runs integer kernels."""
@@ -107,6 +124,7 @@ class QuantizePass(Pass):
         """Quantize ``model`` in place."""
         o: QuantizeOptions = self.options
         result = PassResult(modified=False, exact=False)
+        _check_exclusions(model.graph, o)
         if ctx.calib is None:
             result.refuse("model", "no calibration data")
             return result

@@ -139,6 +139,8 @@ def test_refusals_and_user_errors() -> None:
                                      exclude=(first_conv,)), proto)
     assert result.modified
     assert model.graph.node(first_conv).outputs[0].shape[1] == 8  # untouched
+    with pytest.raises(UserError, match="'cnov\\*' matches no node or tensor name"):
+        apply_pass(Prune(ratio=0.5, criterion="l1", exclude=(first_conv, "cnov*")), proto)
     with pytest.raises(UserError, match="needs calibration data"):
         apply_pass(Prune(criterion="thinet"), proto)
     with pytest.raises(UserError, match="needs calibration data"):

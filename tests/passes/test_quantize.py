@@ -15,6 +15,7 @@ from onnxopt.passes.quantize.equalize import equalize
 import onnxopt
 from onnxopt.analysis.cost import infer_shapes
 from onnxopt.data import open_feeds
+from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, from_proto
 from onnxopt.pass_base import PassContext, PassResult, get_pass
 from onnxopt.validate import make_session, run_model
@@ -244,6 +245,18 @@ def test_excluded_nodes_and_ops_stay_float(tmp_path: Path) -> None:
     assert "Add" not in record.stats["quantized_ops"]
     feeds = random_feeds(proto, batch=4)
     assert _sqnr(run_model(proto, feeds)[0], run_model(model, feeds)[0]) > 20.0
+
+
+def test_misspelt_exclusions_are_user_errors() -> None:
+    proto = residual_blocks()
+    with pytest.raises(UserError, match="'cnov2' names no node"):
+        onnxopt.optimize(proto, "quantize(exclude_nodes=conv2;cnov2)", calib="random:8",
+                         validate=False)
+    with pytest.raises(UserError, match="'add' is no ONNX op type"):
+        onnxopt.optimize(proto, "quantize(exclude_ops=add)", calib="random:8", validate=False)
+    # An ONNX op type the model does not use is fine: one spec can serve many models.
+    _, record = _quantize(proto, "quantize(exclude_ops=LSTM)", calib="random:8")
+    assert not any(r.reason.startswith("excluded") for r in record.refusals)
 
 
 def test_int8_activations_and_reduce_range(tmp_path: Path) -> None:
