@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 
 import onnxopt
-from onnxopt.analysis.cost import infer_shapes, model_cost
+from onnxopt.cost import infer_shapes, model_cost
 from onnxopt.model_io import file_size
 
 

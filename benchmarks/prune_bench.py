@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 import onnxopt  # noqa: E402
-from onnxopt.analysis.cost import infer_shapes, model_cost  # noqa: E402
+from onnxopt.cost import infer_shapes, model_cost  # noqa: E402
 from onnxopt.ir import from_proto, to_proto  # noqa: E402
 from testmodels import (  # noqa: E402
     DIGITS_CALIB,

@@ -160,7 +160,7 @@ def _lazy_source(samples: int, size: int) -> FeedSource:
 
 def memory_child(samples: int) -> None:
     """In a fresh process: peak RSS growth (MiB) of calibrating the scaled model."""
-    from onnxopt.analysis.activations import collect_activation_stats
+    from onnxopt.activations import collect_activation_stats
     from onnxopt.ir import from_proto
 
     model = from_proto(residual_blocks(**SCALED))

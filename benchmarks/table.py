@@ -140,7 +140,7 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"onnxruntime validation on the eval data, save) or of the peer tool, each in a fresh "
         f"process (forked from a server that only imported the libraries); peak RSS above the "
         f"RSS before the call, measured by {mem}",
-        "- MACs per sample from `onnxopt.analysis.cost` (Q/DQ nodes count as elementwise; "
+        "- MACs per sample from `onnxopt.cost` (Q/DQ nodes count as elementwise; "
         "with control flow only the main graph is counted, and a pass's own expected MACs on "
         "calibration data are shown); size = bytes on disk; agree = top-1 agreement with the "
         "original on the eval data; SQNR = output signal-to-noise ratio against the "

@@ -80,10 +80,12 @@ def _info_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used as the console script)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["split"]:
-        from onnxopt.cli_split import split_main
+    if args_list and args_list[0] not in ("info",) and not args_list[0].startswith("-"):
+        from onnxopt.pass_base import registered_commands
 
-        return split_main(args_list[1:])
+        command = registered_commands().get(args_list[0])
+        if command is not None:
+            return command(args_list[1:])
     return run_reporting_user_errors("onnxopt", lambda: _dispatch(args_list))
 
 
@@ -210,7 +212,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from onnxopt.analysis.cost import infer_shapes, model_cost
+    from onnxopt.cost import infer_shapes, model_cost
     from onnxopt.model_io import file_size, load
     from onnxopt.report import _bytes, _num
 
@@ -235,7 +237,7 @@ def _info(args: argparse.Namespace) -> int:
             if macs:
                 print(f"  {name:<40} {macs:>14,}  {100 * macs / max(cost.macs, 1):5.1f}%")
     if args.groups:
-        from onnxopt.analysis.channels import format_groups
+        from onnxopt.channels import format_groups
 
         print(format_groups(model))
     return EXIT_OK

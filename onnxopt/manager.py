@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt.analysis.cost import infer_shapes, model_cost
+from onnxopt.cost import infer_shapes, model_cost
 from onnxopt.data import FeedSource, input_specs, sample_count
 from onnxopt.errors import DataError, ModelError, UserError
 from onnxopt.ir import call_without_weights, clone_model, release_mapped_weights

@@ -142,6 +142,8 @@ def _field_default(f: dataclasses.Field) -> Any:
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
+#: Subcommands a pass family adds to the ``onnxopt`` command line (``split``).
+_COMMANDS: dict[str, Callable[[list[str]], int]] = {}
 _catalog_loaded = False
 
 P = TypeVar("P", bound=type[Pass])
@@ -171,6 +173,24 @@ def _load_catalog() -> None:
             entry.load()
         except Exception:  # a broken plug-in must not break the built-in passes
             logger.exception("could not load pass plug-in %s", entry.name)
+
+
+def register_command(name: str, main: Callable[[list[str]], int]) -> None:
+    """Add ``onnxopt NAME ...``: ``main`` gets the arguments after NAME, returns the exit code.
+
+    A pass family that owns a whole workflow (``onnxopt split`` writes early-exit bundles)
+    registers its command here, so the engine's CLI dispatches to it without importing it.
+    """
+    existing = _COMMANDS.get(name)
+    if existing is not None and existing is not main:
+        raise ValueError(f"command {name!r} is already registered")
+    _COMMANDS[name] = main
+
+
+def registered_commands() -> dict[str, Callable[[list[str]], int]]:
+    """The subcommands pass families added, by name."""
+    _load_catalog()
+    return dict(_COMMANDS)
 
 
 def get_pass(name: str) -> type[Pass]:

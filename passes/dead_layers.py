@@ -25,11 +25,11 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.analysis.channel_mappings import reshape_dims, slice_bounds
-from onnxopt.analysis.channel_tie import dims_of, rank_of
-from onnxopt.analysis.channel_values import ChannelConstants, channel_constants, is_zero_constant
-from onnxopt.analysis.channels import ChannelAnalysis, analyse_channels
-from onnxopt.analysis.cost import model_cost
+from onnxopt.channels import ChannelAnalysis, analyse_channels
+from onnxopt.channels.mappings import reshape_dims, slice_bounds
+from onnxopt.channels.tie import dims_of, rank_of
+from onnxopt.channels.values import ChannelConstants, channel_constants, is_zero_constant
+from onnxopt.cost import model_cost
 from onnxopt.ir import attr, const_array, node_label, remove_unused_initializers, replace_value
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 
@@ -181,7 +181,7 @@ def remove_dead_nodes(graph: ir.Graph) -> int:
 
 
 @register_pass
-class DeadLayers(Pass):
+class DeadLayersPass(Pass):
     """Bypass ops and residual branches that change nothing; remove unreachable nodes."""
 
     name = "dead-layers"

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.analysis.bn import bn_affine
+from onnxopt.bn import bn_affine
 from onnxopt.ir import (
     FreshNames,
     add_initializer,

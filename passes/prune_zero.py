@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.analysis.channel_surgery import remove_channels
-from onnxopt.analysis.channel_tie import IN0, Role
-from onnxopt.analysis.channel_values import ChannelConstants, channel_constants
-from onnxopt.analysis.channels import ChannelAnalysis, ChannelGroup, Member, analyse_channels
-from onnxopt.analysis.cost import model_cost
+from onnxopt.channels import ChannelAnalysis, ChannelGroup, Member, analyse_channels
+from onnxopt.channels.surgery import remove_channels
+from onnxopt.channels.tie import IN0, Role
+from onnxopt.channels.values import ChannelConstants, channel_constants
+from onnxopt.cost import model_cost
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class PruneZeroOptions:
 
 
 @register_pass
-class PruneZero(Pass):
+class PruneZeroPass(Pass):
     """Remove provably zero (and exactly foldable constant) channels across channel groups."""
 
     name = "prune-zero"

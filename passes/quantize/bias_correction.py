@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 from onnxopt.passes.quantize.rewrite import BiasSite
 
-from onnxopt.analysis.activations import collect_activation_stats
+from onnxopt.activations import collect_activation_stats
 from onnxopt.data import FeedSource
 from onnxopt.ir import opset_version
 from onnxopt.validate import make_session

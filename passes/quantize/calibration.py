@@ -1,7 +1,7 @@
 """Calibration: statistics of the planned tensors and one set of parameters per tensor group.
 
 Each tensor's clipping range comes from its own statistics with the chosen method
-(:data:`onnxopt.analysis.ranges.RANGE_METHODS`); a group of tensors that must share
+(:data:`onnxopt.passes.quantize.ranges.RANGE_METHODS`); a group of tensors that must share
 parameters (data movement, Concat) takes the union of its members' ranges, so no member is
 clipped harder than its method asked for. With int8 activations a range that is never negative
 stays one-sided (zero point -128) and any other range is made symmetric.
@@ -14,10 +14,10 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 from onnxopt.passes.quantize.placement import Plan
+from onnxopt.passes.quantize.ranges import select_range
 from onnxopt.passes.quantize.scheme import QuantParams, activation_params
 
-from onnxopt.analysis.activations import TensorStats, collect_activation_stats
-from onnxopt.analysis.ranges import select_range
+from onnxopt.activations import TensorStats, collect_activation_stats
 from onnxopt.data import FeedSource
 
 logger = logging.getLogger(__name__)

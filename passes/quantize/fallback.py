@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.analysis.activations import stream_tensors
+from onnxopt.activations import stream_tensors
 from onnxopt.data import FeedSource
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnxopt.passes.dead_layers import DeadLayers
+from onnxopt.passes.dead_layers import DeadLayersPass
 
 from onnxopt.pass_base import get_pass
 from testmodels import zeroed
@@ -14,9 +14,9 @@ from tests.helpers import apply_pass, assert_same_outputs, op_counts, random_fee
 
 
 def _check(original: onnx.ModelProto):
-    model, result = apply_pass(DeadLayers(), original)
+    model, result = apply_pass(DeadLayersPass(), original)
     assert_same_outputs(original, model, random_feeds(original))
-    _, again = apply_pass(DeadLayers(), model)
+    _, again = apply_pass(DeadLayersPass(), model)
     assert not again.modified
     return model, result
 
@@ -81,4 +81,4 @@ def test_broadcasting_zero_add_is_kept() -> None:
 
 
 def test_registered() -> None:
-    assert get_pass("dead-layers") is DeadLayers
+    assert get_pass("dead-layers") is DeadLayersPass

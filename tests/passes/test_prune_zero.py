@@ -8,11 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
-from onnxopt.passes.prune_zero import PruneZero
+from onnxopt.passes.prune_zero import PruneZeroPass
 
-from onnxopt.analysis.channel_tie import Role
-from onnxopt.analysis.channels import analyse_channels
-from onnxopt.analysis.cost import infer_shapes, model_cost
+from onnxopt.channels import analyse_channels
+from onnxopt.channels.tie import Role
+from onnxopt.cost import infer_shapes, model_cost
 from onnxopt.ir import from_proto, to_proto
 from onnxopt.pass_base import PassContext, get_pass
 from onnxopt.validate import run_model
@@ -74,7 +74,7 @@ def legal_zero_channels(proto: onnx.ModelProto) -> dict[int, set[int]]:
 @pytest.mark.parametrize("name", sorted(STRUCTURES))
 def test_removes_legal_zero_channels_exactly(name: str, aligned: bool) -> None:
     original = zeroed.zero_channels(STRUCTURES[name](), aligned=aligned)
-    model, result = apply_pass(PruneZero(), original)
+    model, result = apply_pass(PruneZeroPass(), original)
     assert_same_outputs(original, model, random_feeds(original), rtol=1e-4)
     legal = legal_zero_channels(original)
     removed = {g["group"]: set(g["removed"]) for g in result.stats["groups"]}
@@ -93,14 +93,14 @@ def test_removes_legal_zero_channels_exactly(name: str, aligned: bool) -> None:
     assert result.stats["macs_saved"] == cost_before.macs - cost_after.macs > 0
     assert result.stats["params_saved"] == cost_before.params - cost_after.params > 0
     assert sum(g["macs_saved"] for g in result.stats["groups"]) == result.stats["macs_saved"]
-    again, second = apply_pass(PruneZero(), model)
+    again, second = apply_pass(PruneZeroPass(), model)
     assert not second.modified
     assert _weights(again) == after
 
 
 def test_conv_chain_loses_exactly_the_zeroed_filters() -> None:
     chosen = zeroed.zeroed_filters(conv_chain())
-    model, result = apply_pass(PruneZero(), zeroed.zero_channels(conv_chain()))
+    model, result = apply_pass(PruneZeroPass(), zeroed.zero_channels(conv_chain()))
     shapes, full = _weights(model), _weights(conv_chain())
     for conv, channels in chosen.items():
         assert shapes[f"{conv}.weight"][0] == full[f"{conv}.weight"][0] - len(channels)
@@ -109,7 +109,7 @@ def test_conv_chain_loses_exactly_the_zeroed_filters() -> None:
 
 def test_flatten_head_loses_whole_feature_blocks() -> None:
     original = zeroed.zero_channels(flatten_gemm_head())
-    model, _ = apply_pass(PruneZero(), original)
+    model, _ = apply_pass(PruneZeroPass(), original)
     removed = len(zeroed.zeroed_filters(flatten_gemm_head())["conv1"])
     assert _weights(model)["gemm0.weight"][1] == (16 - removed) * 16
 
@@ -123,7 +123,7 @@ def test_flatten_head_loses_whole_feature_blocks() -> None:
 def test_frozen_groups_are_left_alone_with_the_reason(name: str, reason: str,
                                                       producer: str) -> None:
     original = zeroed.zero_channels(zeroed.REFUSED[name]())
-    model, result = apply_pass(PruneZero(), original)
+    model, result = apply_pass(PruneZeroPass(), original)
     assert any(reason in r.reason for r in result.refusals), result.refusals
     filters = _weights(model)[f"{producer}.weight"][0]  # its input channels may still go
     assert filters == _weights(original)[f"{producer}.weight"][0]
@@ -133,20 +133,20 @@ def test_frozen_groups_are_left_alone_with_the_reason(name: str, reason: str,
 
 def test_constant_channels_are_folded_only_where_exact() -> None:
     original, counts = zeroed.constant_channels()
-    model, result = apply_pass(PruneZero(), original)
+    model, result = apply_pass(PruneZeroPass(), original)
     assert_same_outputs(original, model, random_feeds(original))
     shapes = _weights(model)
     assert shapes["conv0.weight"][0] == 8 - counts["conv_fold"]  # into an unpadded 1x1 conv
     assert shapes["conv2.weight"][0] == 8  # read by a padded 3x3 conv: kept
     assert shapes["gemm0.weight"][1] == 8 - counts["gemm_fold"]  # into the Gemm head
     assert result.stats["folded_channels"] == counts["conv_fold"] + counts["gemm_fold"]
-    _, plain = apply_pass(PruneZero(fold_constants=False), original)
+    _, plain = apply_pass(PruneZeroPass(fold_constants=False), original)
     assert not plain.modified
 
 
 def test_split_slice_transpose_matmul_and_reshape_are_rewritten() -> None:
     original = zeroed.zero_channels(zeroed.index_mappings())
-    model, result = apply_pass(PruneZero(), original)
+    model, result = apply_pass(PruneZeroPass(), original)
     assert_same_outputs(original, model, random_feeds(original))
     proto = to_proto(model)
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
@@ -158,11 +158,11 @@ def test_split_slice_transpose_matmul_and_reshape_are_rewritten() -> None:
 
 
 def test_registered_and_uses_context_cache() -> None:
-    assert get_pass("prune-zero") is PruneZero
+    assert get_pass("prune-zero") is PruneZeroPass
     ctx = PassContext()
     model = from_proto(zeroed.zero_channels(conv_chain()))
     ctx.analyses["channels"] = analyse_channels(from_proto(conv_chain()))  # another model
-    result = PruneZero().run(model, ctx)
+    result = PruneZeroPass().run(model, ctx)
     assert result.modified and "channels" not in ctx.analyses
 
 
@@ -172,7 +172,7 @@ def test_registered_and_uses_context_cache() -> None:
 def test_any_zeroing_is_removed_exactly(name: str, seed: int, fraction: float,
                                         aligned: bool) -> None:
     original = zeroed.zero_channels(STRUCTURES[name](seed=seed), fraction, seed, aligned)
-    model, result = apply_pass(PruneZero(), original)
+    model, result = apply_pass(PruneZeroPass(), original)
     # se_block's expand conv always has a bias, so a random zeroing may leave nothing legal
     assert result.modified or name == "se_block"
     assert_same_outputs(original, model, random_feeds(original, seed=seed))
@@ -180,7 +180,7 @@ def test_any_zeroing_is_removed_exactly(name: str, seed: int, fraction: float,
 
 def test_transposed_conv_resize_reductions_and_matmul_head() -> None:
     original = zeroed.zero_channels(zeroed.assorted_ops())
-    model, result = apply_pass(PruneZero(), original)
+    model, result = apply_pass(PruneZeroPass(), original)
     assert_same_outputs(original, model, random_feeds(original))
     shapes = _weights(model)
     removed_in = len(zeroed.zeroed_filters(zeroed.assorted_ops())["conv0"])

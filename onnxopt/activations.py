@@ -1,0 +1,306 @@
+"""Streaming activation statistics over calibration feeds, computed in onnxruntime.
+
+Statistics are gathered in onnxruntime: the wanted intermediate tensors are made extra graph
+outputs of a copy of the model, the copy runs batch by batch, and every batch is folded into
+fixed-size per-tensor accumulators and then dropped, so memory depends on the batch size and
+the number of tensors, never on the number of samples.
+
+Per tensor (:class:`TensorStats`): exact running min/max; a histogram of ``bins`` bins over
+``[lo, lo + bins * width)`` (:class:`StreamingHistogram`); optionally per-channel sums and
+zero counts (mean activation, APoZ) and the mean over the batch axis (the "mean sample").
+
+Histogram algebra: bins never move, they only merge. When a batch falls outside the covered
+range the width doubles and adjacent bin pairs merge, extending the range up
+(``lo`` fixed) or down (``lo -= bins * width``) until the batch fits. Old bin edges are a subset
+of the new ones, so no count is ever re-interpolated: the streamed histogram equals a one-shot
+histogram of all the values over its final bin edges.
+
+Clipping ranges are chosen from these statistics by :mod:`onnxopt.passes.quantize.ranges`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.data import FeedSource, input_specs
+from onnxopt.ir import clone_model
+from onnxopt.progress import progress
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BINS = 2048
+
+
+class StreamingHistogram:
+    """A fixed number of equal-width bins whose width only ever doubles (see module docstring).
+
+    Args:
+        bins: Number of bins (even).
+    """
+
+    def __init__(self, bins: int = DEFAULT_BINS) -> None:
+        if bins < 2 or bins % 2:
+            raise ValueError(f"bins must be an even number >= 2, got {bins}")
+        self.bins = bins
+        self.counts: np.ndarray | None = None
+        self.lo = 0.0
+        self.width = 0.0
+
+    @property
+    def hi(self) -> float:
+        """Upper end of the covered range."""
+        return self.lo + self.bins * self.width
+
+    @property
+    def total(self) -> int:
+        """Number of values counted."""
+        return 0 if self.counts is None else int(self.counts.sum())
+
+    def edges(self) -> np.ndarray:
+        """The ``bins + 1`` bin edges."""
+        return self.lo + self.width * np.arange(self.bins + 1, dtype=np.float64)
+
+    def centers(self) -> np.ndarray:
+        """The bin centres."""
+        return self.lo + self.width * (np.arange(self.bins, dtype=np.float64) + 0.5)
+
+    def update(self, values: np.ndarray, vmin: float | None = None,
+               vmax: float | None = None) -> None:
+        """Count finite ``values`` (``vmin``/``vmax`` may be passed if already known)."""
+        if values.size == 0:
+            return
+        vmin = float(values.min()) if vmin is None else vmin
+        vmax = float(values.max()) if vmax is None else vmax
+        if self.counts is None:
+            lo, hi = min(vmin, 0.0), max(vmax, 0.0)
+            span = hi - lo
+            if span <= 0.0:
+                span = 1e-6
+            self.counts = np.zeros(self.bins, np.int64)
+            self.lo = lo
+            # A hair wider than the data so vmax lands inside the last bin.
+            self.width = span * (1.0 + 1e-6) / self.bins
+        while vmax >= self.hi:
+            self._double(upward=True)
+        while vmin < self.lo:
+            self._double(upward=False)
+        # float32 is exact enough for a bin index (relative error ~1e-7 of 2048 bins).
+        scaled = (values.astype(np.float32, copy=False) - np.float32(self.lo)) * np.float32(
+            1.0 / self.width)
+        index = np.clip(scaled, 0, self.bins - 1).astype(np.intp)
+        self.counts += np.bincount(index.ravel(), minlength=self.bins)
+
+    def _double(self, upward: bool) -> None:
+        assert self.counts is not None
+        merged = self.counts.reshape(-1, 2).sum(axis=1)
+        counts = np.zeros_like(self.counts)
+        half = self.bins // 2
+        if upward:
+            counts[:half] = merged
+        else:
+            counts[half:] = merged
+            self.lo -= self.bins * self.width
+        self.counts = counts
+        self.width *= 2.0
+
+
+class TensorStats:
+    """Running statistics of one tensor over all calibration batches.
+
+    Args:
+        name: Tensor name.
+        bins: Histogram bins (0 for no histogram).
+        channel_stats: Keep per-channel sums and zero counts (axis ``channel_axis``).
+        mean_sample: Keep the sum over the batch axis (the mean sample).
+        channel_axis: Channel axis for ``channel_stats``.
+    """
+
+    def __init__(self, name: str, bins: int = DEFAULT_BINS, channel_stats: bool = False,
+                 mean_sample: bool = False, channel_axis: int = 1) -> None:
+        self.name = name
+        self.min = math.inf
+        self.max = -math.inf
+        self.samples = 0
+        self.values = 0
+        self.histogram = StreamingHistogram(bins) if bins else None
+        self.channel_axis = channel_axis
+        self._keep_channels = channel_stats
+        self._keep_mean = mean_sample
+        self._channel_sum: np.ndarray | None = None
+        self._channel_zeros: np.ndarray | None = None
+        self._channel_count = 0
+        self._sample_sum: np.ndarray | None = None
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold one batch (first axis = samples) into the statistics."""
+        array = np.asarray(array)
+        if not np.issubdtype(array.dtype, np.floating):
+            return
+        flat = array.reshape(-1)
+        vmin, vmax = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 0.0)
+        if not (math.isfinite(vmin) and math.isfinite(vmax)):
+            flat = flat[np.isfinite(flat)]
+            vmin, vmax = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 0.0)
+        if flat.size:
+            self.min = min(self.min, vmin)
+            self.max = max(self.max, vmax)
+            if self.histogram is not None:
+                self.histogram.update(flat, vmin, vmax)
+        self.values += flat.size
+        self.samples += array.shape[0] if array.ndim else 1
+        if self._keep_channels and array.ndim > self.channel_axis:
+            axes = tuple(i for i in range(array.ndim) if i != self.channel_axis)
+            sums = array.sum(axis=axes, dtype=np.float64)
+            zeros = (array == 0).sum(axis=axes)
+            if self._channel_sum is None or self._channel_zeros is None:
+                self._channel_sum = np.zeros_like(sums)
+                self._channel_zeros = np.zeros(sums.shape, np.int64)
+            self._channel_sum += sums
+            self._channel_zeros += zeros
+            self._channel_count += array.size // max(array.shape[self.channel_axis], 1)
+        if self._keep_mean and array.ndim:
+            total = array.sum(axis=0, dtype=np.float64)
+            if self._sample_sum is None:
+                self._sample_sum = np.zeros_like(total)
+            self._sample_sum += total
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        """Mean per channel, or None if not kept."""
+        if self._channel_sum is None or not self._channel_count:
+            return None
+        return self._channel_sum / self._channel_count
+
+    @property
+    def zero_fraction(self) -> np.ndarray | None:
+        """Fraction of exact zeros per channel (APoZ), or None if not kept."""
+        if self._channel_zeros is None or not self._channel_count:
+            return None
+        return self._channel_zeros / self._channel_count
+
+    @property
+    def mean_sample(self) -> np.ndarray | None:
+        """Mean over the batch axis (one sample's shape), or None if not kept."""
+        if self._sample_sum is None or not self.samples:
+            return None
+        return self._sample_sum / self.samples
+
+
+# -- running models with intermediate outputs -------------------------------------------------
+
+
+def expose_tensors(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of ``model`` in which every tensor in ``names`` is also a graph output.
+
+    Graph inputs among ``names`` are left alone (they are read from the feeds).
+
+    Raises:
+        KeyError: A name is not a node output or graph input of the main graph.
+    """
+    from onnxopt.cost import infer_shapes
+
+    copy = clone_model(model)
+    graph = copy.graph
+    produced = {v.name: v for node in graph for v in node.outputs if v.name}
+    inputs = {v.name for v in graph.inputs}
+    outputs = {v.name for v in graph.outputs}
+    missing = [n for n in names if n not in produced and n not in inputs]
+    if missing:
+        raise KeyError(f"no tensor named {missing[0]!r} in the main graph")
+    wanted = [produced[n] for n in dict.fromkeys(names) if n in produced and n not in outputs]
+    if any(v.type is None for v in wanted):
+        copy = infer_shapes(copy)
+        graph = copy.graph
+        produced = {v.name: v for node in graph for v in node.outputs if v.name}
+        wanted = [produced[v.name] for v in wanted]
+    for value in wanted:
+        if value.type is None:
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+        graph.outputs.append(value)
+    return copy
+
+
+def stream_tensors(
+    models: Sequence[ir.Model],
+    names: Sequence[Sequence[str]],
+    source: FeedSource,
+    *,
+    batch_size: int = 32,
+    limit: int | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    show_progress: bool = False,
+    desc: str = "calibrating",
+    threads: int = 0,
+) -> Iterator[tuple[list[dict[str, np.ndarray]], np.ndarray | None]]:
+    """Run each model on the same batches and yield the requested tensors of each.
+
+    Args:
+        models: Models sharing their graph inputs (e.g. a float model and its quantized copy).
+        names: For each model, the tensors to return per batch.
+        source: The feeds; batches are cut from it by :meth:`FeedSource.batches`.
+        batch_size: Batch size when the batch axis is dynamic.
+        limit: Stop after this many samples.
+        input_shapes: Concrete shapes for dynamic inputs.
+        show_progress: Whether a progress bar may be shown.
+        desc: Progress bar label.
+        threads: onnxruntime intra-op threads (0 = default).
+
+    Yields:
+        ``([tensors of model 0, tensors of model 1, ...], labels or None)`` per batch.
+    """
+    from onnxopt.validate import make_session
+
+    sessions = []
+    for model, wanted in zip(models, names, strict=True):
+        session = make_session(expose_tensors(model, wanted), threads=threads)
+        sessions.append((session, [i.name for i in session.get_inputs()], list(wanted)))
+    specs = input_specs(models[0], input_shapes)
+    total = None
+    count = source.num_samples if limit is None else min(limit, source.num_samples or limit)
+    if count:
+        total = -(-count // batch_size)
+    batches = source.batches(specs, batch_size, limit)
+    for feeds, labels in progress(batches, enabled=show_progress, desc=desc, total=total):
+        results = []
+        for session, input_names, wanted in sessions:
+            run_names = [n for n in wanted if n not in feeds]
+            # An empty name list would make onnxruntime return every output.
+            arrays = session.run(run_names, {k: feeds[k] for k in input_names}) \
+                if run_names else []
+            got = dict(zip(run_names, arrays, strict=True))
+            results.append({n: feeds[n] if n in feeds else got[n] for n in wanted})
+        yield results, labels
+
+
+def collect_activation_stats(
+    model: ir.Model,
+    source: FeedSource,
+    names: Sequence[str],
+    *,
+    bins: int = DEFAULT_BINS,
+    channel_stats: bool = False,
+    mean_sample: bool = False,
+    batch_size: int = 32,
+    limit: int | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    show_progress: bool = False,
+    threads: int = 0,
+) -> dict[str, TensorStats]:
+    """Statistics of the tensors ``names`` of ``model`` over the calibration feeds.
+
+    Returns:
+        Tensor name -> :class:`TensorStats`.
+    """
+    stats = {n: TensorStats(n, bins, channel_stats, mean_sample) for n in names}
+    for (tensors,), _ in stream_tensors([model], [list(stats)], source, batch_size=batch_size,
+                                        limit=limit, input_shapes=input_shapes,
+                                        show_progress=show_progress, threads=threads):
+        for name, array in tensors.items():
+            stats[name].update(array)
+    logger.debug("collected statistics of %d tensors", len(stats))
+    return stats

@@ -1,1 +1,0 @@
-"""Analyses over a model: cost, channel dependency groups, activation statistics."""

@@ -1,0 +1,182 @@
+"""Channel ties of the weighted ops: Conv, ConvTranspose, Gemm and MatMul.
+
+These are where groups begin and end. A weighted op with a constant weight has two ties:
+
+- its output channels are a *producer* tie with the weight's filter axis and the bias
+  (Conv ``W[o]``, ConvTranspose ``W[:, o]``, Gemm ``B'[:, o]``, MatMul ``B[:, o]``);
+- its input channels are a *consumer* tie with the weight's input axis (Conv ``W[:, c]``,
+  ConvTranspose ``W[c]``, Gemm ``B'[c, :]``, MatMul ``B[c, :]``).
+
+A depthwise convolution (``group == C_in``, ``C_out = m * C_in``) is neither: output
+channel ``o`` only reads input channel ``o // m``, so input and output are one pass-through
+tie. Other grouped convolutions tie channels in blocks of unequal meaning and freeze.
+
+A consumer is *foldable* when an input channel that is a spatially constant ``k`` can be
+dropped exactly by adding ``k * sum(W[:, c])`` to the bias: Conv without padding (every
+window sees the constant everywhere) and Gemm. Padded convs see zeros at the border, so a
+nonzero constant channel there is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxopt.channels.tie import (
+    IN0,
+    OUT0,
+    NodeTie,
+    Port,
+    Role,
+    TieEntry,
+    frozen,
+    identity,
+    rank_of,
+    size_of,
+)
+from onnxopt.ir import attr, const_array
+
+WEIGHT = Port(False, 1)
+BIAS = Port(False, 2)
+
+
+def _bias(node: ir.Node, index: np.ndarray, axis: int = 0) -> tuple[TieEntry, ...]:
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        return (TieEntry(BIAS, axis, index),)
+    return ()
+
+
+def unpadded(node: ir.Node) -> bool:
+    """Whether a Conv never reads outside its input (no explicit or automatic padding)."""
+    auto_pad = attr(node, "auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":
+        return True
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        kernel = attr(node, "kernel_shape") or []
+        return bool(kernel) and all(k == 1 for k in kernel)
+    return not any(attr(node, "pads", None) or [])
+
+
+def _conv_like(node: ir.Node, port: Port, axis: int, transpose: bool) -> NodeTie:
+    if port not in (IN0, OUT0):
+        return frozen(node, port, axis, f"{node.op_type} weight is computed at run time")
+    if axis != 1:
+        return frozen(node, port, axis, f"{node.op_type} mixes axis {axis}")
+    weight = const_array(node.inputs[1])
+    if weight is None:
+        return frozen(node, port, axis, f"{node.op_type} weight is computed at run time")
+    group = int(attr(node, "group", 1))
+    out_axis, in_axis = (1, 0) if transpose else (0, 1)
+    cin = weight.shape[0] if transpose else weight.shape[1] * group
+    cout = weight.shape[1] * group if transpose else weight.shape[0]
+    if group == 1:
+        if port.output:
+            idx = np.arange(cout)
+            entries = (TieEntry(OUT0, 1, idx), TieEntry(WEIGHT, out_axis, idx), *_bias(node, idx))
+            return NodeTie(node, Role.PRODUCER, entries)
+        idx = np.arange(cin)
+        entries = (TieEntry(IN0, 1, idx), TieEntry(WEIGHT, in_axis, idx))
+        return NodeTie(node, Role.CONSUMER, entries,
+                       foldable=not transpose and unpadded(node))
+    if group == cin and cout % cin == 0:
+        out_idx = np.arange(cout) // (cout // cin)
+        w_idx = np.arange(cin) if transpose else out_idx
+        entries = (TieEntry(IN0, 1, np.arange(cin)), TieEntry(OUT0, 1, out_idx),
+                   TieEntry(WEIGHT, 0, w_idx), *_bias(node, out_idx))
+        return NodeTie(node, Role.THROUGH, entries)
+    return frozen(node, port, axis,
+                  f"grouped {node.op_type} (group={group}) ties channels in blocks")
+
+
+def conv_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
+    """Conv: filters (producer), input channels (consumer), or depthwise pass-through."""
+    return _conv_like(node, port, axis, transpose=False)
+
+
+def conv_transpose_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
+    """ConvTranspose: like Conv with the weight's first two axes swapped."""
+    return _conv_like(node, port, axis, transpose=True)
+
+
+def gemm_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
+    """Gemm ``alpha * A' B' + beta * C``: columns of B' (producer) or rows of B' (consumer)."""
+    weight = const_array(node.inputs[1])
+    if weight is None or weight.ndim != 2:
+        return frozen(node, port, axis, "Gemm weight is computed at run time")
+    trans_b = bool(attr(node, "transB", 0))
+    k_axis, n_axis = (1, 0) if trans_b else (0, 1)
+    feature = 0 if attr(node, "transA", 0) else 1
+    if port == OUT0 and axis == 1:
+        n = weight.shape[n_axis]
+        idx = np.arange(n)
+        entries = [TieEntry(OUT0, 1, idx), TieEntry(WEIGHT, n_axis, idx)]
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        c_rank = rank_of(c)
+        if c is not None and c_rank and size_of(c, c_rank - 1) == n and n != 1:
+            entries.append(TieEntry(BIAS, c_rank - 1, idx))
+        return NodeTie(node, Role.PRODUCER, tuple(entries))
+    if port == IN0 and axis == feature:
+        idx = np.arange(weight.shape[k_axis])
+        has_c = len(node.inputs) > 2 and node.inputs[2] is not None
+        foldable = float(attr(node, "beta", 1.0)) != 0.0 or not has_c
+        entries = (TieEntry(IN0, feature, idx), TieEntry(WEIGHT, k_axis, idx))
+        return NodeTie(node, Role.CONSUMER, entries, foldable=foldable)
+    return frozen(node, port, axis, "Gemm row axis")
+
+
+def matmul_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
+    """MatMul with a constant 2-D right operand; leading axes of A pass through."""
+    weight = const_array(node.inputs[1])
+    ra, ro = rank_of(node.inputs[0]), rank_of(node.outputs[0])
+    if weight is None or weight.ndim != 2 or port not in (IN0, OUT0):
+        return frozen(node, port, axis, "MatMul of run-time operands mixes channels")
+    if ra is None or ro is None or ra < 2:
+        return frozen(node, port, axis, "MatMul operand rank is unknown")
+    last = ro - 1 if port.output else ra - 1
+    if axis == last and port.output:
+        idx = np.arange(weight.shape[1])
+        return NodeTie(node, Role.PRODUCER, (TieEntry(OUT0, axis, idx), TieEntry(WEIGHT, 1, idx)))
+    if axis == last:
+        idx = np.arange(weight.shape[0])
+        return NodeTie(node, Role.CONSUMER, (TieEntry(IN0, axis, idx), TieEntry(WEIGHT, 0, idx)))
+    shift = ro - ra
+    in_axis = axis - shift if port.output else axis
+    if in_axis < 0:
+        return frozen(node, port, axis, "MatMul broadcast axis")
+    return identity(node, [(IN0, in_axis), (OUT0, in_axis + shift)])
+
+
+def _weighted_seeds(node: ir.Node) -> list[tuple[Port, int]]:
+    return [(OUT0, 1), (IN0, 1)]
+
+
+def _gemm_seeds(node: ir.Node) -> list[tuple[Port, int]]:
+    return [(OUT0, 1), (IN0, 0 if attr(node, "transA", 0) else 1)]
+
+
+def _matmul_seeds(node: ir.Node) -> list[tuple[Port, int]]:
+    weight = const_array(node.inputs[1])
+    ra, ro = rank_of(node.inputs[0]), rank_of(node.outputs[0])
+    if weight is None or weight.ndim != 2 or not ra or not ro:
+        return []
+    return [(OUT0, ro - 1), (IN0, ra - 1)]
+
+
+LINEAR_RULES: dict[str, Callable[[ir.Node, Port, int], NodeTie]] = {
+    "Conv": conv_tie,
+    "ConvTranspose": conv_transpose_tie,
+    "Gemm": gemm_tie,
+    "MatMul": matmul_tie,
+}
+"""Op type -> tie rule for weighted ops."""
+
+SEEDS: dict[str, Callable[[ir.Node], list[tuple[Port, int]]]] = {
+    "Conv": _weighted_seeds,
+    "ConvTranspose": _weighted_seeds,
+    "Gemm": _gemm_seeds,
+    "MatMul": _matmul_seeds,
+}
+"""Op type -> the (port, axis) pairs where channel groups start: outputs and inputs of weights."""

@@ -1,0 +1,239 @@
+"""The ``cleanup`` pass: exact graph hygiene before and after the real rewrites.
+
+Each step is an identity of the computed function, so the pass is exact:
+
+* ``Identity(x) = x`` and inference-mode ``Dropout(x) = x`` (ratio is irrelevant when the
+  mask output is unused and ``training_mode`` is absent or constant false): readers of the
+  output read ``x`` instead. When the output is a graph output, ``x`` takes over its name
+  (``onnxopt.ir.replace_value``); when that is impossible (``x`` is a graph input, an
+  initializer or already an output) the node stays and a refusal is recorded. This step also
+  runs inside If/Loop/Scan bodies, where a body output must come from a node of that body.
+* Dead nodes: a node none of whose outputs reaches a graph output is removed; a node with
+  subgraphs is removed as a whole, together with the outer-scope reads of its bodies.
+* Constant folding: a node whose inputs are all true constants becomes initializers holding
+  its value; ``Shape``/``Size`` of a graph input with a static declared shape fold too. What
+  is not folded is counted per reason in ``fold_skipped``. Models older than IR 4 are not
+  folded (every initializer there must be a graph input, hence overridable).
+* ``If(c)`` with a constant condition ``c`` is replaced by its taken branch. Folding and
+  inlining alternate, so a condition computed from folded shapes is resolved. Both steps,
+  and why inlining matters, are described in :mod:`onnxopt.passes.cleanup.folding`.
+* Unused initializers are dropped; a graph input nobody reads is dropped only when it is
+  backed by an initializer of the same name (old-IR overridable weight), never a real input.
+* A final stable topological sort.
+
+Dead-node removal, folding and If inlining work on the main graph only; the number of
+subgraphs they did not enter is reported as ``subgraphs_skipped``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from onnxopt.passes.cleanup.folding import fold_constants, inline_constant_ifs
+
+from onnxopt.ir import (
+    const_array,
+    detach_node,
+    is_constant,
+    node_label,
+    opset_version,
+    remove_unused_initializers,
+    replace_value,
+    subgraphs,
+)
+from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
+
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def _dropout_blocker(node: ir.Node, opset: int) -> str | None:
+    """Why this Dropout is not an identity in inference, or None if it is."""
+    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+        return "its mask output is used"
+    if opset < 7 and node.attributes.get_int("is_test", 0) != 1:
+        return "is_test is not 1 (training form, opset < 7)"
+    training = node.inputs[2] if len(node.inputs) > 2 else None
+    if training is not None:
+        flag = const_array(training) if is_constant(training) else None
+        if flag is None:
+            return "training_mode is not a constant"
+        if bool(np.asarray(flag).any()):
+            return "training_mode is true"
+    return None
+
+
+#: Single-input pass-through ops: op type -> (stats key, check returning a refusal reason).
+_BYPASS: dict[str, tuple[str, Callable[[ir.Node, int], str | None]]] = {
+    "Identity": ("identities", lambda node, opset: None),
+    "Dropout": ("dropouts", _dropout_blocker),
+}
+
+
+#: Stats that count changes to the model; ``modified`` is true when any is non-zero.
+_CHANGE_COUNTS = ("identities", "dropouts", "dead_nodes", "folded", "ifs_inlined",
+                  "initializers_removed", "inputs_removed", "reordered")
+
+
+@dataclass(frozen=True)
+class CleanupOptions:
+    """Options of the ``cleanup`` pass.
+
+    Attributes:
+        fold_constants: Whether to fold nodes whose inputs are all constants.
+        max_fold_elements: Largest folded result (elements per output) to materialize.
+    """
+
+    fold_constants: bool = True
+    max_fold_elements: int = 1_000_000
+
+
+@register_pass
+class CleanupPass(Pass):
+    """Removes Identity/Dropout, dead nodes and unused weights; folds constants; sorts.
+
+    Stats: ``identities``, ``dropouts``, ``dead_nodes``, ``folded``, ``ifs_inlined``,
+    ``inputs_removed``,
+    ``initializers_removed`` (including those of removed inputs), ``reordered`` (0/1),
+    ``fold_skipped`` (reason -> count) and ``subgraphs_skipped``.
+    """
+
+    name = "cleanup"
+    description = "remove Identity/Dropout, dead nodes and unused initializers; fold constants"
+    Options = CleanupOptions
+    exact = True
+    needs_data = False
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """Clean ``model`` in place; see the module docstring for the steps."""
+        graph = model.graph
+        result = PassResult(modified=False)
+        stats: dict[str, Any] = dict.fromkeys(_CHANGE_COUNTS, 0)
+        skipped: dict[str, int] = {}
+        opset = opset_version(model)
+        kept: dict[int, tuple[ir.Node, str]] = {}
+
+        _bypass_passthroughs(ir.traversal.RecursiveGraphIterator(graph), opset, stats, kept)
+        stats["dead_nodes"] += _remove_dead_nodes(graph)
+        # Before IR 4 every initializer must also be a graph input, so a folded result could
+        # only be added as an overridable input: not a constant any more.
+        if self.options.fold_constants and model.ir_version >= 4:
+            tried_folds: set[int] = set()
+            tried_ifs: set[int] = set()
+            while True:
+                stats["folded"] += fold_constants(model, self.options.max_fold_elements,
+                                                  skipped, tried_folds)
+                inlined, moved = inline_constant_ifs(model, result, tried_ifs)
+                if not inlined:
+                    break
+                stats["ifs_inlined"] += inlined
+                _bypass_passthroughs(moved, opset, stats, kept)
+            stats["dead_nodes"] += _remove_dead_nodes(graph)
+        stats["inputs_removed"] = _remove_backed_unused_inputs(graph)
+        stats["initializers_removed"] = stats["inputs_removed"] + remove_unused_initializers(graph)
+        stats["reordered"] = _sort(graph)
+        stats["fold_skipped"] = skipped
+        stats["subgraphs_skipped"] = sum(1 for node in graph for _ in subgraphs(node))
+        present = {id(node) for node in ir.traversal.RecursiveGraphIterator(graph)}
+        for node, reason in kept.values():
+            if id(node) in present:
+                result.refuse(node_label(node), f"kept: {reason}")
+        result.modified = any(stats[key] for key in _CHANGE_COUNTS)
+        result.stats = stats
+        return result
+
+
+# -- Identity / Dropout -----------------------------------------------------------------------
+
+
+def _bypass_passthroughs(nodes: Iterable[ir.Node], opset: int, stats: dict[str, Any],
+                         kept: dict[int, tuple[ir.Node, str]]) -> None:
+    """Remove the Identity and inference Dropout nodes among ``nodes``.
+
+    A node that must stay is recorded in ``kept`` with the reason; a later call (after If
+    inlining moved it) may still remove it, so refusals are reported at the end.
+    """
+    for node in list(nodes):
+        entry = _BYPASS.get(node.op_type)
+        if entry is None or node.domain not in _STANDARD_DOMAINS:
+            continue
+        key, blocker = entry
+        reason = blocker(node, opset) or _bypass(node)
+        if reason is None:
+            stats[key] += 1
+            kept.pop(id(node), None)
+        else:
+            kept[id(node)] = (node, reason)
+
+
+def _bypass(node: ir.Node) -> str | None:
+    """Make readers of ``node``'s first output read its first input; None on success."""
+    owner = node.graph
+    if owner is None or not node.inputs or node.inputs[0] is None:
+        return "no data input"
+    x, y = node.inputs[0], node.outputs[0]
+    if y.is_graph_output():
+        producer = x.producer()
+        if producer is None or producer.graph is not owner:
+            return "it feeds a graph output directly from a graph input, initializer or outer scope"
+        if not replace_value(owner, y, x):
+            return "its input is already a graph output"
+    else:
+        y.replace_all_uses_with(x)
+    if x.type is None:
+        x.type = y.type
+    if x.shape is None:
+        x.shape = y.shape
+    detach_node(node)
+    owner.remove(node)
+    return None
+
+
+# -- dead nodes -------------------------------------------------------------------------------
+
+
+def _is_dead(node: ir.Node) -> bool:
+    if not node.outputs and node.domain not in _STANDARD_DOMAINS:
+        return False  # a custom op without outputs may exist for its side effect
+    return not any(out.uses() or out.is_graph_output() for out in node.outputs)
+
+
+def _remove_dead_nodes(graph: ir.Graph) -> int:
+    """Remove main-graph nodes that reach no graph output; returns how many."""
+    removed = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph)):
+            if _is_dead(node):
+                detach_node(node)
+                graph.remove(node)
+                removed += 1
+                changed = True
+    return removed
+
+
+# -- inputs, initializers, order --------------------------------------------------------------
+
+
+def _remove_backed_unused_inputs(graph: ir.Graph) -> int:
+    """Drop unread graph inputs that are backed by an initializer (old-IR weights)."""
+    removed = 0
+    for value in list(graph.inputs):
+        if not value.is_initializer() or value.uses() or value.is_graph_output():
+            continue
+        graph.inputs.remove(value)
+        del graph.initializers[value.name]
+        removed += 1
+    return removed
+
+
+def _sort(graph: ir.Graph) -> int:
+    """Topologically sort ``graph`` (stable); 1 if the node order changed, else 0."""
+    before = [id(n) for n in ir.traversal.RecursiveGraphIterator(graph)]
+    graph.sort()
+    after = [id(n) for n in ir.traversal.RecursiveGraphIterator(graph)]
+    return int(before != after)

@@ -1,0 +1,143 @@
+"""What channels cost: MACs and parameters as polynomials in the groups' keep vectors.
+
+Removing channels scales the cost of everything that carries them. A node's MACs (a weight's
+parameter count) is ``base * prod_f (w_f . keep_{g_f})``: one factor per channel axis it
+depends on, where ``keep_g`` is the 0/1 keep vector of group ``g`` and ``w_f[c]`` the share
+of that axis held by group channel ``c`` (positions of ``c`` / axis size; a flattened channel
+owns a block, a concat slot a slice). MACs factor over the node's output channel axes and,
+for a consumer (Conv, Gemm, MatMul), the contracted input axis, so the total is a quadratic
+polynomial in the keep vectors (conv MACs ~ ``C_in * C_out``). Parameters factor the same way
+over the axes of each weight that groups slice. The counts are those of
+:mod:`~onnxopt.cost`, exactly, for any keep vectors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxopt.channels.groups import ChannelAnalysis, ChannelGroup, Member
+from onnxopt.channels.tie import IN0, Role, rank_of
+from onnxopt.cost import node_macs
+
+__all__ = ["COST_MODELS", "CostModel", "CostTerm", "Keep", "macs_model", "params_model"]
+
+Keep = dict[int, np.ndarray]
+"""Group index -> boolean keep vector over its channels."""
+
+
+@dataclass
+class CostTerm:
+    """``base * prod (w . keep_g)`` over its factors ``(group index, w)``."""
+
+    base: float
+    factors: list[tuple[int, np.ndarray]]
+
+
+@dataclass
+class CostModel:
+    """A cost (MACs or params) as a sum of :class:`CostTerm`; constant terms are folded in."""
+
+    constant: float = 0.0
+    terms: list[CostTerm] = field(default_factory=list)
+
+    def by_group(self) -> dict[int, list[int]]:
+        """Group index -> indices of the terms that depend on it."""
+        found: dict[int, list[int]] = {}
+        for t, term in enumerate(self.terms):
+            for g in dict.fromkeys(g for g, _ in term.factors):
+                found.setdefault(g, []).append(t)
+        return found
+
+    def total(self, keep: Keep | None = None) -> float:
+        """The cost with the channels ``keep`` says (all channels when omitted)."""
+        total = self.constant
+        for term in self.terms:
+            value = term.base
+            for g, w in term.factors:
+                if keep is not None and g in keep:
+                    value *= float(w @ keep[g])
+            total += value
+        return total
+
+    def restrict(self, groups: Sequence[int]) -> CostModel:
+        """The same cost with factors of groups outside ``groups`` held at full width."""
+        wanted = set(groups)
+        model = CostModel(self.constant)
+        for term in self.terms:
+            factors = [(g, w) for g, w in term.factors if g in wanted]
+            if factors:
+                model.terms.append(CostTerm(term.base, factors))
+            else:
+                model.constant += term.base
+        return model
+
+
+def _share(group: ChannelGroup, member: Member) -> np.ndarray:
+    """``w[c]``: positions of group channel ``c`` in ``member`` / size of the axis."""
+    counts = np.bincount(member.channels, minlength=group.size).astype(np.float64)
+    return counts / max(len(member.channels), 1)
+
+
+def _add(model: CostModel, base: float, factors: list[tuple[int, np.ndarray]]) -> None:
+    if base <= 0:
+        return
+    if factors:
+        model.terms.append(CostTerm(float(base), factors))
+    else:
+        model.constant += float(base)
+
+
+def macs_model(analysis: ChannelAnalysis) -> CostModel:
+    """MACs per sample (as :func:`~onnxopt.cost.node_macs` counts them) by keep vectors."""
+    consumed: dict[int, tuple[ChannelGroup, Member]] = {}
+    for group in analysis.groups:
+        for tie in group.ties_with_role(Role.CONSUMER):
+            member = tie.member_at(IN0)
+            if member is not None and member.channels is not None:
+                consumed[id(tie.node)] = (group, member)
+    model = CostModel()
+    for node in analysis.model.graph:
+        macs = node_macs(node)
+        factors = []
+        if node.outputs:
+            out = node.outputs[0]
+            for axis in range(rank_of(out) or 0):
+                found = analysis.lookup(out, axis)
+                if found is not None and found[1].channels is not None:
+                    factors.append((found[0].index, _share(*found)))
+        if id(node) in consumed:
+            group, member = consumed[id(node)]
+            factors.append((group.index, _share(group, member)))
+        _add(model, macs, factors)
+    return model
+
+
+def params_model(analysis: ChannelAnalysis) -> CostModel:
+    """Initializer elements by keep vectors (weights sliced by groups scale with them)."""
+    axes: dict[int, dict[int, tuple[ChannelGroup, Member]]] = {}
+    for group in analysis.groups:
+        for member in group.weights:
+            value = member.node.inputs[member.input_index]
+            if value is not None and member.channels is not None:
+                axes.setdefault(id(value), {}).setdefault(member.axis, (group, member))
+    model = CostModel()
+    for graph in analysis.model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            size = math.prod(d if isinstance(d, int) else 1 for d in tensor.shape)
+            factors = [(g.index, _share(g, m)) for g, m in axes.get(id(value), {}).values()]
+            _add(model, size, factors)
+    return model
+
+
+COST_MODELS: dict[str, Callable[[ChannelAnalysis], CostModel]] = {
+    "macs": macs_model,
+    "params": params_model,
+}
+"""Budget kind -> its cost model."""

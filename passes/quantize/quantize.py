@@ -1,0 +1,245 @@
+"""The ``quantize`` pass: int8 QDQ quantization from calibration data, placed for onnxruntime.
+
+Steps, each in its own module:
+
+1. optional cross-layer equalization of the float weights (:mod:`.equalize`);
+2. placement: which nodes and tensors get QuantizeLinear/DequantizeLinear (:mod:`.placement`);
+3. calibration: streaming statistics of those tensors and a range per parameter group
+   (:mod:`.calibration`, :mod:`onnxopt.activations`);
+4. rewrite: Q/DQ nodes, int8 weights, int32 biases (:mod:`.rewrite`, :mod:`.scheme`);
+5. optional bias correction of each layer's expected output shift (:mod:`.bias_correction`);
+6. optional accuracy-aware fallback to float for the most sensitive nodes, and the per-node
+   SQNR report (:mod:`.fallback`).
+
+The arithmetic of each step is stated at the top of its module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+import onnx
+import onnx_ir as ir
+from onnxopt.passes.quantize.bias_correction import correct_biases
+from onnxopt.passes.quantize.calibration import calibrate, group_params
+from onnxopt.passes.quantize.cpu import int8_pairs_saturate
+from onnxopt.passes.quantize.equalize import equalize
+from onnxopt.passes.quantize.fallback import choose_float_nodes, reference, tensor_sqnr
+from onnxopt.passes.quantize.placement import COMPUTE_OPS, SAME, Plan, plan_quantization
+from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
+
+from onnxopt.activations import TensorStats
+from onnxopt.cost import infer_shapes
+from onnxopt.errors import UserError
+from onnxopt.ir import clone_model, node_label, opset_version, unmatched
+from onnxopt.model_io import serialized_size
+from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Options of the ``quantize`` pass.
+
+    Attributes:
+        method: Range selection: ``minmax``, ``percentile``, ``entropy`` (KL) or ``mse``.
+        percentile: Percentile for ``method=percentile``.
+        per_channel: Per-output-channel weight scales (False: one scale per weight).
+        activations: ``uint8`` (asymmetric) or ``int8`` (symmetric).
+        reduce_range: 7-bit weights (``|q| <= 63``), so that onnxruntime's u8*s8 kernels on
+            x86 without VNNI cannot saturate (:mod:`.cpu`). None: 7-bit when the CPU running
+            the pass is such a CPU, 8-bit otherwise; the pass validates on this CPU,
+            so give ``reduce_range=true`` when building for a non-VNNI x86 target elsewhere.
+        equalize: Cross-layer equalization before calibration.
+        bias_correction: Correct each layer's expected output shift after quantization.
+        target: Accuracy-aware fallback target (agreement, or accuracy relative to float
+            when the calibration data has labels); None turns the fallback off.
+        exclude_nodes: Node names that stay float (``;``-separated on the command line).
+            Their weights stay float in the graph; but a recent onnxruntime (seen with 1.32,
+            its ``WeightBiasQuantization`` transformer) quantizes a float Conv/Gemm weight
+            itself (per tensor) when the node reads a DequantizeLinear and feeds a
+            QuantizeLinear, so such a node, between quantized neighbours, still runs in int8.
+            The fallback's scores are measured with onnxruntime, so they include this. A
+            weightless op (Add, Concat, pooling) between quantized neighbours still reads
+            dequantized inputs and feeds a QuantizeLinear, and onnxruntime may fuse it
+            anyway; exclude the neighbours too to keep a whole region float.
+        exclude_ops: Op types that stay float (same caveat). A name in ``exclude_nodes``
+            that is no node of the model, or an op type that is neither an ONNX op nor
+            in the model, is an error (a misspelling would otherwise do nothing).
+        calib_samples: Cap on calibration samples (None = all).
+        batch_size: Calibration batch size when the batch axis is dynamic.
+        bins: Histogram bins per tensor.
+        max_float_nodes: Most nodes the fallback may keep float.
+        report_sqnr: Measure the per-node SQNR for the report (one more calibration run).
+        sqnr_samples: Samples for the per-node SQNR and for the fallback's scores.
+    """
+
+    method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    percentile: float = 99.999
+    per_channel: bool = True
+    activations: Literal["uint8", "int8"] = "uint8"
+    reduce_range: bool | None = None
+    equalize: bool = False
+    bias_correction: bool = False
+    target: float | None = None
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+    calib_samples: int | None = None
+    batch_size: int = 16
+    bins: int = 2048
+    max_float_nodes: int = 8
+    report_sqnr: bool = True
+    sqnr_samples: int = 128
+
+
+def _check_exclusions(graph: ir.Graph, o: QuantizeOptions) -> None:
+    """A misspelt ``exclude_nodes`` name or ``exclude_ops`` type is an error, not a no-op."""
+    missing = unmatched(graph, o.exclude_nodes)
+    if missing:
+        raise UserError(f"quantize(exclude_nodes=...): {', '.join(map(repr, missing))} names "
+                        "no node of the model")
+    present = {node.op_type for node in graph}
+    unknown = [op for op in o.exclude_ops if op not in present and not onnx.defs.has(op)]
+    if unknown:
+        raise UserError(f"quantize(exclude_ops=...): {', '.join(map(repr, unknown))} is no "
+                        "ONNX op type and no op of the model")
+
+
+@register_pass
+class QuantizePass(Pass):
+    """Inserts int8 Q/DQ pairs from calibration statistics so onnxruntime runs integer kernels."""
+
+    name = "quantize"
+    description = "int8 QDQ quantization from calibration data (onnxruntime integer kernels)"
+    Options = QuantizeOptions
+    exact = False
+    needs_data = True
+    tolerance = Tolerance(rtol=0.1, atol=0.05)
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """Quantize ``model`` in place."""
+        o: QuantizeOptions = self.options
+        result = PassResult(modified=False, exact=False)
+        _check_exclusions(model.graph, o)
+        if ctx.calib is None:
+            result.refuse("model", "no calibration data")
+            return result
+        if any(v.type is None for node in model.graph for v in node.outputs):
+            infer_shapes(model)  # in place; the manager has usually done it already
+        opset = opset_version(model)
+        if opset < 10:
+            result.refuse("model", f"opset {opset} has no QuantizeLinear (needs 10)")
+            return result
+        per_channel = o.per_channel
+        if per_channel and opset < 13:
+            result.refuse("model", f"per-channel weights need opset 13, model has {opset}; "
+                                   "using per-tensor weights")
+            per_channel = False
+        size_before = serialized_size(model)
+        stats: dict[str, object] = {}
+        if o.equalize:
+            stats["equalized_pairs"] = equalize(model.graph, result)
+        float_model = clone_model(model)
+        build = _Builder(self, ctx, float_model, opset, per_channel)
+        keep_float: set[int] = set()
+        if o.target is not None:
+            ref = reference(float_model, ctx.calib, limit=o.calib_samples,
+                            batch_size=o.batch_size, input_shapes=ctx.input_shapes)
+            plan = plan_quantization(float_model.graph, opset, PassResult(False), **build.excl)
+            candidates = [p.index for p in plan.nodes if p.rule.output != SAME]
+            keep_float, trace = choose_float_nodes(
+                candidates, lambda kept: build.model(kept), ref, o.target, o.max_float_nodes)
+            stats["fallback"] = trace
+        plan, rewritten = build(model, keep_float, result)
+        if not plan.nodes:
+            stats["quantized"] = 0
+            result.stats = stats
+            result.modified = bool(stats.get("equalized_pairs"))
+            return result
+        result.modified = True
+        stats.update(_summary(plan, rewritten))
+        stats["reduce_range"] = build.reduce_range
+        if o.reduce_range is None and build.reduce_range:
+            stats["summary"] = ("7-bit weights (reduce_range): this x86 CPU has no VNNI, so "
+                                "8-bit u8*s8 products would saturate in onnxruntime")
+        stats["kept_float"] = [node_label(n) for i, n in enumerate(float_model.graph)
+                               if i in keep_float]
+        stats["bias_corrections"] = build.last_corrections
+        if o.report_sqnr:
+            original = {new: old for old, new in rewritten.names.items()}
+            wanted = {original.get(p.output.name, p.output.name): p for p in plan.nodes
+                      if p.output is not None and p.rule.output != SAME}
+            names = {k: rewritten.names.get(k, k) for k in wanted}
+            sqnr = tensor_sqnr(float_model, model, names, ctx.calib, limit=o.sqnr_samples,
+                               batch_size=o.batch_size, input_shapes=ctx.input_shapes)
+            stats["node_sqnr_db"] = {node_label(wanted[k].node): round(v, 2)
+                                     for k, v in sorted(sqnr.items(), key=lambda kv: kv[1])}
+        stats["size_bytes"] = {"before": size_before, "after": serialized_size(model)}
+        result.stats = stats
+        return result
+
+
+class _Builder:
+    """Plans, calibrates (once, cached), rewrites and bias-corrects one model."""
+
+    def __init__(self, pass_: QuantizePass, ctx: PassContext, float_model: ir.Model,
+                 opset: int, per_channel: bool) -> None:
+        self.o: QuantizeOptions = pass_.options
+        self.ctx = ctx
+        self.float_model = float_model
+        self.opset = opset
+        self.per_channel = per_channel
+        self.reduce_range = (int8_pairs_saturate() if self.o.reduce_range is None
+                             else self.o.reduce_range)
+        self.stats: dict[str, TensorStats] = {}
+        self.excl = {"exclude_nodes": set(self.o.exclude_nodes),
+                     "exclude_ops": set(self.o.exclude_ops)}
+        self.last_corrections: dict[str, float] = {}
+
+    def model(self, keep_float: set[int]) -> ir.Model:
+        """A quantized copy of the float model with ``keep_float`` left float."""
+        copy = clone_model(self.float_model)
+        self(copy, keep_float, PassResult(False))
+        return copy
+
+    def __call__(self, model: ir.Model, keep_float: set[int], result: PassResult,
+                 ) -> tuple[Plan, Rewritten]:
+        o, ctx = self.o, self.ctx
+        assert ctx.calib is not None
+        plan = plan_quantization(model.graph, self.opset, result, keep_float=keep_float,
+                                 **self.excl)
+        if not plan.nodes:
+            return plan, Rewritten()
+        missing = [n for n in plan.tensors if n not in self.stats]
+        if missing:
+            self.stats.update(calibrate(
+                self.float_model, missing, ctx.calib, bins=o.bins, batch_size=o.batch_size,
+                limit=o.calib_samples, input_shapes=ctx.input_shapes,
+                show_progress=ctx.progress))
+        params, _ = group_params(plan, self.stats, method=o.method, percentile=o.percentile,
+                                 activation_type=o.activations)
+        rewritten = apply_plan(model.graph, plan, params, activation_type=o.activations,
+                               per_channel=self.per_channel, reduce_range=self.reduce_range,
+                               add_bias=o.bias_correction)
+        if o.bias_correction:
+            self.last_corrections = correct_biases(
+                model, rewritten.bias_sites, ctx.calib, batch_size=o.batch_size,
+                limit=o.calib_samples, input_shapes=ctx.input_shapes,
+                show_progress=ctx.progress)
+        return plan, rewritten
+
+
+def _summary(plan: Plan, rewritten: Rewritten) -> dict[str, object]:
+    ops = Counter(p.node.op_type for p in plan.nodes)
+    return {
+        "quantized": len(plan.nodes),
+        "quantized_ops": dict(sorted(ops.items())),
+        "compute_nodes": sum(ops[op] for op in COMPUTE_OPS),
+        "absorbed_activations": sum(1 for p in plan.nodes if p.absorbed is not None),
+        "parameter_groups": len(plan.groups()),
+        "inserted": dict(sorted(rewritten.counts.items())),
+    }
