@@ -36,7 +36,7 @@ from onnxopt.data import from_npz  # noqa: E402
 from onnxopt.ir import to_proto  # noqa: E402
 from onnxopt.model_io import load  # noqa: E402
 from onnxopt.pass_base import PassContext, get_pass  # noqa: E402
-from onnxopt.validate import make_session  # noqa: E402
+from onnxopt.session import make_session  # noqa: E402
 
 logger = logging.getLogger("early_exit_bench")
 

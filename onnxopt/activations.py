@@ -27,9 +27,10 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.cost import infer_shapes
 from onnxopt.data import FeedSource, input_specs
 from onnxopt.ir import clone_model
-from onnxopt.progress import progress
+from onnxopt.session import make_session, stream
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +203,6 @@ def expose_tensors(model: ir.Model, names: Sequence[str]) -> ir.Model:
     Raises:
         KeyError: A name is not a node output or graph input of the main graph.
     """
-    from onnxopt.cost import infer_shapes
-
     copy = clone_model(model)
     graph = copy.graph
     produced = {v.name: v for node in graph for v in node.outputs if v.name}
@@ -253,28 +252,14 @@ def stream_tensors(
     Yields:
         ``([tensors of model 0, tensors of model 1, ...], labels or None)`` per batch.
     """
-    from onnxopt.validate import make_session
-
-    sessions = []
-    for model, wanted in zip(models, names, strict=True):
-        session = make_session(expose_tensors(model, wanted), threads=threads)
-        sessions.append((session, [i.name for i in session.get_inputs()], list(wanted)))
-    specs = input_specs(models[0], input_shapes)
-    total = None
-    count = source.num_samples if limit is None else min(limit, source.num_samples or limit)
-    if count:
-        total = -(-count // batch_size)
-    batches = source.batches(specs, batch_size, limit)
-    for feeds, labels in progress(batches, enabled=show_progress, desc=desc, total=total):
-        results = []
-        for session, input_names, wanted in sessions:
-            run_names = [n for n in wanted if n not in feeds]
-            # An empty name list would make onnxruntime return every output.
-            arrays = session.run(run_names, {k: feeds[k] for k in input_names}) \
-                if run_names else []
-            got = dict(zip(run_names, arrays, strict=True))
-            results.append({n: feeds[n] if n in feeds else got[n] for n in wanted})
-        yield results, labels
+    sessions = [make_session(expose_tensors(model, wanted), threads=threads)
+                for model, wanted in zip(models, names, strict=True)]
+    for _, labels, outputs in stream(
+            sessions, source, input_specs(models[0], input_shapes),
+            outputs=[list(wanted) for wanted in names], batch_size=batch_size, limit=limit,
+            show_progress=show_progress, desc=desc):
+        yield [dict(zip(wanted, arrays, strict=True))
+               for wanted, arrays in zip(names, outputs, strict=True)], labels
 
 
 def collect_activation_stats(

@@ -12,13 +12,19 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt.compare import (
+    Comparison,
+    accuracy_of,
+    as_comparable,
+    compare_outputs,
+    scaled_tolerance,
+)
 from onnxopt.cost import infer_shapes, model_cost
 from onnxopt.data import FeedSource, input_specs, sample_count
 from onnxopt.errors import DataError, ModelError, UserError
 from onnxopt.ir import call_without_weights, clone_model, release_mapped_weights
 from onnxopt.model_io import serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult
-from onnxopt.progress import progress
 from onnxopt.report import (
     CRASHED,
     GATE_FAILED,
@@ -29,14 +35,7 @@ from onnxopt.report import (
     RunReport,
     Snapshot,
 )
-from onnxopt.validate import (
-    Comparison,
-    accuracy_of,
-    as_comparable,
-    compare_outputs,
-    make_session,
-    scaled_tolerance,
-)
+from onnxopt.session import concat_batches, make_session, stream
 
 logger = logging.getLogger(__name__)
 
@@ -239,18 +238,19 @@ class _Validator:
             text = text if len(text) <= 200 else "..." + text[-200:]
             raise ModelError(f"onnxruntime cannot run the input model, so rewrites cannot be "
                              f"validated (--no-validate skips validation): {text}") from None
-        names = [i.name for i in session.get_inputs()]
         chunks: list[list[np.ndarray]] = []
         label_parts: list[np.ndarray] = []
         count = 0
-        batches = self.source.batches(self.specs, self.manager.batch_size, self.limit)
-        for feeds, labels in progress(batches, enabled=self.manager.show_progress, desc=desc):
-            outputs = session.run(None, {k: v for k, v in feeds.items() if k in names})
+        for feeds, labels, (outputs,) in stream([session], self.source, self.specs,
+                                                batch_size=self.manager.batch_size,
+                                                limit=self.limit,
+                                                show_progress=self.manager.show_progress,
+                                                desc=desc):
             chunks.append([as_comparable(o) for o in outputs])
             if labels is not None:
                 label_parts.append(labels)
             count += sample_count(feeds)
-        outputs = [_join([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+        outputs = [concat_batches([c[i] for c in chunks]) for i in range(len(chunks[0]))]
         labels = np.concatenate(label_parts) if len(label_parts) == len(chunks) else None
         del session  # it may hold views of memory-mapped weights
         release_mapped_weights(model)
@@ -293,10 +293,6 @@ def _gate_message(cmp: Comparison, gates: Gates, original_accuracy: float | None
             return (f"accuracy dropped {100 * drop:.2f} points, more than --max-accuracy-drop "
                     f"{100 * gates.max_accuracy_drop:.2f}")
     return None
-
-
-def _join(parts: list[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
 def _check_structure(proto: onnx.ModelProto) -> None:

@@ -7,8 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from onnxopt.compare import Comparison
 from onnxopt.pass_base import Refusal
-from onnxopt.validate import Comparison
 
 #: Status of one pass in a run.
 KEPT, UNCHANGED, ROLLED_BACK, GATE_FAILED, CRASHED = (

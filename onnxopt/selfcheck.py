@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from onnxopt.compare import as_comparable, compare_outputs, scaled_tolerance
 from onnxopt.data import from_iterable, input_specs, random_source
 from onnxopt.errors import UserError
 from onnxopt.ir import to_proto
@@ -38,7 +39,7 @@ from onnxopt.model_io import load
 from onnxopt.pass_base import get_pass, registered_passes
 from onnxopt.progress import progress
 from onnxopt.report import CRASHED, GATE_FAILED, KEPT, ROLLED_BACK, UNCHANGED
-from onnxopt.validate import as_comparable, compare_outputs, make_session, scaled_tolerance
+from onnxopt.session import make_session
 
 logger = logging.getLogger(__name__)
 

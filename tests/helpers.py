@@ -8,11 +8,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt.compare import compare_outputs
 from onnxopt.data import input_specs
 from onnxopt.feeds import FeedSource
 from onnxopt.ir import from_proto, to_proto
 from onnxopt.pass_base import Pass, PassContext, PassResult
-from onnxopt.validate import compare_outputs, run_model
+from onnxopt.session import run_model
 
 
 def random_feeds(model: onnx.ModelProto | ir.Model, batch: int = 2, seed: int = 0,

@@ -15,7 +15,7 @@ from onnxopt.activations import (
 )
 from onnxopt.data import from_arrays
 from onnxopt.ir import from_proto
-from onnxopt.validate import run_model
+from onnxopt.session import run_model
 
 
 def _batches(seed: int = 0) -> list[np.ndarray]:

@@ -17,13 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from onnxopt.compare import compare_outputs, scaled_tolerance
 from onnxopt.data import from_iterable
 from onnxopt.ir import to_proto
 from onnxopt.manager import PassManager
 from onnxopt.model_io import load
 from onnxopt.pass_base import Tolerance, get_pass, registered_passes
 from onnxopt.report import KEPT, UNCHANGED
-from onnxopt.validate import compare_outputs, make_session, scaled_tolerance
+from onnxopt.session import make_session
 from testmodels import GraphBuilder
 from testmodels.zeroed import zero_channels
 

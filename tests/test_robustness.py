@@ -15,14 +15,15 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt import validate
+from onnxopt import session as session_module
 from onnxopt.api import optimize
 from onnxopt.cli import main
+from onnxopt.compare import compare_outputs, scaled_tolerance
 from onnxopt.errors import UserError
 from onnxopt.ir import add_initializer, clone_model, const_array, to_proto
 from onnxopt.model_io import file_size, load, serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, get_pass
-from onnxopt.validate import compare_outputs, run_model, scaled_tolerance
+from onnxopt.session import run_model
 from testmodels import conv_chain
 from tests.helpers import op_counts
 
@@ -324,9 +325,9 @@ def test_big_model_path_feeds_weights_without_copies(monkeypatch) -> None:
     model = _dynamic_chain(spatial=False)
     feeds = {"input": _x((2, 3, 16, 16))["x"]}
     reference = run_model(model, feeds)
-    monkeypatch.setattr(validate, "_PROTO_LIMIT", 0)
-    session = validate.make_session(load(model))
-    assert isinstance(session, validate.FedWeightsSession)
+    monkeypatch.setattr(session_module, "_PROTO_LIMIT", 0)
+    session = session_module.make_session(load(model))
+    assert isinstance(session, session_module.FedWeightsSession)
     assert [i.name for i in session.get_inputs()] == ["input"]
     assert compare_outputs(reference, session.run(None, feeds), ["logits"])
     result, report = optimize(model, "cleanup,fold-bn")

@@ -47,7 +47,7 @@ from onnxopt.ir import (
     subgraphs,
 )
 from onnxopt.pass_base import PassResult
-from onnxopt.validate import make_session
+from onnxopt.session import make_session
 
 logger = logging.getLogger(__name__)
 

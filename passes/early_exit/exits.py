@@ -34,10 +34,11 @@ from onnxopt.passes.early_exit.heads import (
     softmax,
 )
 
+from onnxopt.compare import classifier_like
 from onnxopt.data import FeedSource, input_specs
 from onnxopt.errors import DataError, UserError
 from onnxopt.ir import clone_model
-from onnxopt.validate import classifier_like, make_session
+from onnxopt.session import make_session, stream
 
 logger = logging.getLogger(__name__)
 
@@ -209,13 +210,11 @@ def collect_features(model: ir.Model, source: FeedSource, cuts: Sequence[str], *
     probe = clone_model(model)
     values = {v.name: v for n in probe.graph for v in n.outputs}
     probe.graph.outputs.extend(values[name] for name in cuts)
-    session = make_session(probe)
-    names = {i.name for i in session.get_inputs()}
     pooled: list[list[np.ndarray]] = [[] for _ in cuts]
     logits, labels = [], []
-    for feeds, batch_labels in source.batches(input_specs(model, input_shapes), batch_size,
-                                              limit):
-        outputs = session.run(None, {k: v for k, v in feeds.items() if k in names})
+    for _, batch_labels, (outputs,) in stream([make_session(probe)], source,
+                                              input_specs(model, input_shapes),
+                                              batch_size=batch_size, limit=limit):
         logits.append(outputs[0])
         labels.append(batch_labels)
         for k, out in enumerate(outputs[1:]):

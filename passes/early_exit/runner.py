@@ -29,7 +29,7 @@ from onnxopt.passes.early_exit.exits import ExitPlan, StagedReport, staged_repor
 
 from onnxopt.data import FeedSource, input_specs
 from onnxopt.errors import DataError
-from onnxopt.validate import make_session
+from onnxopt.session import make_session, stream
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +145,10 @@ def evaluate_bundle(runner: EarlyExitModel, model: ir.Model, plan: ExitPlan, sou
         batch_size: Samples per onnxruntime call of the full model.
         limit: Cap on samples.
     """
-    session = make_session(model)
-    names = {i.name for i in session.get_inputs()}
     exits, staged, full, labels = [], [], [], []
-    for feeds, batch_labels in source.batches(input_specs(model, input_shapes), batch_size,
-                                              limit):
-        ref = session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+    for feeds, batch_labels, ((ref, *_),) in stream([make_session(model)], source,
+                                                    input_specs(model, input_shapes),
+                                                    batch_size=batch_size, limit=limit):
         result = runner.run(feeds)
         full.append(ref.argmax(axis=1))
         staged.append(result.outputs[0].argmax(axis=1))

@@ -28,7 +28,7 @@ from onnxopt.passes.quantize.rewrite import BiasSite
 from onnxopt.activations import collect_activation_stats
 from onnxopt.data import FeedSource
 from onnxopt.ir import opset_version
-from onnxopt.validate import make_session
+from onnxopt.session import make_session
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from onnxopt.channels.tie import Role
 from onnxopt.cost import infer_shapes, model_cost
 from onnxopt.ir import from_proto, to_proto
 from onnxopt.pass_base import PassContext, get_pass
-from onnxopt.validate import run_model
+from onnxopt.session import run_model
 from testmodels import zeroed
 from testmodels.structures import STRUCTURES, conv_chain, flatten_gemm_head
 from tests.helpers import apply_pass, assert_same_outputs, random_feeds

@@ -24,7 +24,7 @@ from onnxopt.cost import infer_shapes, model_cost
 from onnxopt.errors import UserError
 from onnxopt.ir import to_proto
 from onnxopt.model_io import load
-from onnxopt.validate import make_session
+from onnxopt.session import make_session
 from testmodels import STRUCTURES
 from tests.helpers import random_feeds
 

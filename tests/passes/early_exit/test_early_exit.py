@@ -23,7 +23,7 @@ from onnxopt.data import from_arrays, from_npz
 from onnxopt.ir import to_proto
 from onnxopt.model_io import load
 from onnxopt.pass_base import PassContext, get_pass
-from onnxopt.validate import make_session
+from onnxopt.session import make_session
 from testmodels import STRUCTURES
 from tests.helpers import apply_pass, op_counts
 

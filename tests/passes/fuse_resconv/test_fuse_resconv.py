@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onnxopt.compare import compare_outputs
 from onnxopt.ir import to_proto
 from onnxopt.pass_base import get_pass
-from onnxopt.validate import compare_outputs, run_model
+from onnxopt.session import run_model
 from testmodels.resconv import (
     REFUSAL_CASES,
     branch_sum_block,

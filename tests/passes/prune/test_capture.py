@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxopt.passes.prune.capture import linear_view, truncated_copy
 
 from onnxopt.ir import from_proto, to_proto
-from onnxopt.validate import run_model
+from onnxopt.session import run_model
 
 
 def _model() -> onnx.ModelProto:

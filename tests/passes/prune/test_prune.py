@@ -15,7 +15,7 @@ from onnxopt.errors import PipelineError, UserError
 from onnxopt.ir import attr, from_proto, to_proto
 from onnxopt.pass_base import PassContext
 from onnxopt.pipeline import parse_pipeline
-from onnxopt.validate import run_model
+from onnxopt.session import run_model
 from testmodels.structures import (
     STRUCTURES,
     concat_branches,

@@ -18,7 +18,7 @@ from onnxopt.data import open_feeds
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, from_proto
 from onnxopt.pass_base import PassContext, PassResult, get_pass
-from onnxopt.validate import make_session, run_model
+from onnxopt.session import make_session, run_model
 from testmodels import STRUCTURES, conv_chain, residual_blocks
 from tests.helpers import all_feeds, random_feeds
 

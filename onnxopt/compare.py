@@ -1,134 +1,18 @@
-"""Run models in onnxruntime and compare their outputs: the numeric check behind every pass."""
+"""Compare model outputs: tolerances, error metrics, agreement and accuracy.
+
+A :class:`Comparison` is truthy when every output is within tolerance and says which
+tolerance would have been needed (as Polygraphy's comparator does). Running the models is
+:mod:`onnxopt.session`'s job.
+"""
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-import onnx_ir as ir
-import onnxruntime as ort
 
-from onnxopt.ir import to_proto
 from onnxopt.pass_base import Tolerance
-
-logger = logging.getLogger(__name__)
-
-#: Above this many bytes of weights, onnxruntime gets the weights as fed inputs.
-_PROTO_LIMIT = 1_800_000_000
-
-
-def make_session(
-    model: ir.Model | onnx.ModelProto | str | os.PathLike,
-    *,
-    threads: int = 0,
-    optimized_path: str | None = None,
-    graph_optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-) -> ort.InferenceSession | FedWeightsSession:
-    """An onnxruntime CPU session for a model object or file.
-
-    Args:
-        model: The model. onnx_ir models are serialized; one with more than 1.8 GB of
-            weights gets a :class:`FedWeightsSession` instead, which never copies them.
-        threads: Intra-op threads (0 lets onnxruntime choose).
-        optimized_path: If given, onnxruntime writes its optimized graph there.
-        graph_optimization: onnxruntime's graph optimization level.
-    """
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = graph_optimization
-    opts.log_severity_level = 3
-    if optimized_path:
-        opts.optimized_model_filepath = optimized_path
-    providers = ["CPUExecutionProvider"]
-    if isinstance(model, (str, os.PathLike)):
-        return ort.InferenceSession(os.fspath(model), opts, providers=providers)
-    if isinstance(model, ir.Model):
-        total = sum(
-            v.const_value.nbytes for v in model.graph.initializers.values()
-            if v.const_value is not None
-        )
-        if total > _PROTO_LIMIT:
-            return _session_feeding_weights(model, opts, providers)
-        model = _proto_with_inline_data(model)
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-
-
-class FedWeightsSession:
-    """An onnxruntime session whose large weights are graph inputs, fed on every run.
-
-    onnxruntime reads fed arrays in place, whereas initializers, even ones added from
-    memory with ``add_external_initializers``, are copied into the session; feeding them keeps
-    a big model's weights in memory once (memory-mapped files stay mapped, in-memory weights
-    are shared with the model). Offers what callers of :func:`make_session` use:
-    ``get_inputs`` (the data inputs only), ``get_outputs`` and ``run``.
-    """
-
-    def __init__(self, session: ort.InferenceSession, weights: dict[str, np.ndarray]) -> None:
-        self.session = session
-        self.weights = weights
-
-    def get_inputs(self) -> list:
-        """The inputs a caller feeds (the weights are fed by the session itself)."""
-        return [i for i in self.session.get_inputs() if i.name not in self.weights]
-
-    def get_outputs(self) -> list:
-        """The model outputs."""
-        return self.session.get_outputs()
-
-    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, object],
-            run_options: ort.RunOptions | None = None) -> list:
-        """``InferenceSession.run`` with the weights added to ``input_feed``."""
-        return self.session.run(output_names, {**input_feed, **self.weights}, run_options)
-
-
-def _session_feeding_weights(model: ir.Model, opts: ort.SessionOptions,
-                             providers: list[str]) -> FedWeightsSession:
-    from onnxopt.ir import call_without_weights, is_large_weight
-
-    weights = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()
-               if is_large_weight(v.const_value)}
-    proto = call_without_weights(lambda p: p.SerializeToString(), model)
-    return FedWeightsSession(ort.InferenceSession(proto, opts, providers=providers), weights)
-
-
-def _proto_with_inline_data(model: ir.Model) -> onnx.ModelProto:
-    """Serialize ``model`` with lazily loaded external weights read into the proto.
-
-    onnxruntime resolves external data only relative to a model file, so a model handed
-    over as bytes must carry its weights inline.
-    """
-    from onnx.external_data_helper import load_external_data_for_model
-
-    proto = to_proto(model)
-    base_dirs = {
-        os.fspath(v.const_value.base_dir) for v in model.graph.initializers.values()
-        if isinstance(v.const_value, ir.ExternalTensor)
-    }
-    for base_dir in base_dirs:
-        load_external_data_for_model(proto, base_dir)
-    return proto
-
-
-def run_model(
-    model: ir.Model | onnx.ModelProto | ort.InferenceSession | FedWeightsSession,
-    feeds: Iterable[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray],
-) -> list[np.ndarray]:
-    """Run ``model`` on one feed dict or a stream of them; outputs are concatenated on axis 0."""
-    session = (model if isinstance(model, ort.InferenceSession | FedWeightsSession)
-               else make_session(model))
-    if isinstance(feeds, Mapping):
-        feeds = [feeds]
-    names = [i.name for i in session.get_inputs()]
-    chunks: list[list[np.ndarray]] = []
-    for feed in feeds:
-        chunks.append(session.run(None, {k: feed[k] for k in names if k in feed}))
-    if not chunks:
-        return []
-    return [_concat([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
 
 def as_comparable(output: object) -> np.ndarray:
@@ -149,15 +33,6 @@ def as_comparable(output: object) -> np.ndarray:
             return np.concatenate([p.astype(np.float64) for p in parts])
         return np.concatenate([p.astype(object) for p in parts])
     return np.asarray(output)
-
-
-def _concat(parts: Sequence[np.ndarray]) -> np.ndarray:
-    if len(parts) == 1:
-        return np.asarray(parts[0])
-    try:
-        return np.concatenate([np.asarray(p) for p in parts], axis=0)
-    except ValueError:  # scalars or ragged outputs: keep them stacked as objects
-        return np.asarray(parts, dtype=object)
 
 
 @dataclass

@@ -1,0 +1,218 @@
+"""onnxruntime sessions for models, and the one loop that streams batches through them.
+
+Every place that runs a model over a data set (the pass manager's validation, activation
+statistics, early-exit planning and evaluation) goes through :func:`stream`: batches cut by
+:meth:`FeedSource.batches <onnxopt.feeds.FeedSource.batches>`, each fed to one or more
+sessions, with a progress bar on long runs. Comparing what comes out is
+:mod:`onnxopt.compare`'s job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from onnxopt.feeds import FeedSource, InputSpec
+from onnxopt.ir import to_proto
+from onnxopt.progress import progress
+
+logger = logging.getLogger(__name__)
+
+#: Above this many bytes of weights, onnxruntime gets the weights as fed inputs.
+_PROTO_LIMIT = 1_800_000_000
+
+
+def make_session(
+    model: ir.Model | onnx.ModelProto | str | os.PathLike,
+    *,
+    threads: int = 0,
+    optimized_path: str | None = None,
+    graph_optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+) -> ort.InferenceSession | FedWeightsSession:
+    """An onnxruntime CPU session for a model object or file.
+
+    Args:
+        model: The model. onnx_ir models are serialized; one with more than 1.8 GB of
+            weights gets a :class:`FedWeightsSession` instead, which never copies them.
+        threads: Intra-op threads (0 lets onnxruntime choose).
+        optimized_path: If given, onnxruntime writes its optimized graph there.
+        graph_optimization: onnxruntime's graph optimization level.
+    """
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = graph_optimization
+    opts.log_severity_level = 3
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    providers = ["CPUExecutionProvider"]
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(os.fspath(model), opts, providers=providers)
+    if isinstance(model, ir.Model):
+        total = sum(
+            v.const_value.nbytes for v in model.graph.initializers.values()
+            if v.const_value is not None
+        )
+        if total > _PROTO_LIMIT:
+            return _session_feeding_weights(model, opts, providers)
+        model = _proto_with_inline_data(model)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+
+
+class FedWeightsSession:
+    """An onnxruntime session whose large weights are graph inputs, fed on every run.
+
+    onnxruntime reads fed arrays in place, whereas initializers, even ones added from
+    memory with ``add_external_initializers``, are copied into the session; feeding them keeps
+    a big model's weights in memory once (memory-mapped files stay mapped, in-memory weights
+    are shared with the model). Offers what callers of :func:`make_session` use:
+    ``get_inputs`` (the data inputs only), ``get_outputs`` and ``run``.
+    """
+
+    def __init__(self, session: ort.InferenceSession, weights: dict[str, np.ndarray]) -> None:
+        self.session = session
+        self.weights = weights
+
+    def get_inputs(self) -> list:
+        """The inputs a caller feeds (the weights are fed by the session itself)."""
+        return [i for i in self.session.get_inputs() if i.name not in self.weights]
+
+    def get_outputs(self) -> list:
+        """The model outputs."""
+        return self.session.get_outputs()
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, object],
+            run_options: ort.RunOptions | None = None) -> list:
+        """``InferenceSession.run`` with the weights added to ``input_feed``."""
+        return self.session.run(output_names, {**input_feed, **self.weights}, run_options)
+
+
+def _session_feeding_weights(model: ir.Model, opts: ort.SessionOptions,
+                             providers: list[str]) -> FedWeightsSession:
+    from onnxopt.ir import call_without_weights, is_large_weight
+
+    weights = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()
+               if is_large_weight(v.const_value)}
+    proto = call_without_weights(lambda p: p.SerializeToString(), model)
+    return FedWeightsSession(ort.InferenceSession(proto, opts, providers=providers), weights)
+
+
+def _proto_with_inline_data(model: ir.Model) -> onnx.ModelProto:
+    """Serialize ``model`` with lazily loaded external weights read into the proto.
+
+    onnxruntime resolves external data only relative to a model file, so a model handed
+    over as bytes must carry its weights inline.
+    """
+    from onnx.external_data_helper import load_external_data_for_model
+
+    proto = to_proto(model)
+    base_dirs = {
+        os.fspath(v.const_value.base_dir) for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+    for base_dir in base_dirs:
+        load_external_data_for_model(proto, base_dir)
+    return proto
+
+
+Session = ort.InferenceSession | FedWeightsSession
+
+
+def run_feeds(session: Session, feeds: Mapping[str, Any],
+              names: Sequence[str] | None = None) -> list[Any]:
+    """Run ``session`` on the entries of ``feeds`` it takes as inputs.
+
+    Args:
+        session: The session.
+        feeds: Input arrays; entries the session does not take are ignored.
+        names: The outputs wanted, in order (None = every output). A wanted name that is
+            one of the feeds is returned from the feeds, without running for it.
+    """
+    inputs = {i.name for i in session.get_inputs()}
+    given = {k: v for k, v in feeds.items() if k in inputs}
+    if names is None:
+        return session.run(None, given)
+    run_names = [n for n in names if n not in feeds]
+    # An empty name list would make onnxruntime return every output.
+    got = dict(zip(run_names, session.run(run_names, given), strict=True)) if run_names else {}
+    return [feeds[n] if n in feeds else got[n] for n in names]
+
+
+class Batch(NamedTuple):
+    """One batch of :func:`stream`: its feeds, labels and each session's outputs."""
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    outputs: list[list[Any]]
+
+
+def stream(
+    sessions: Sequence[Session],
+    source: FeedSource,
+    specs: list[InputSpec],
+    *,
+    outputs: Sequence[Sequence[str] | None] | None = None,
+    batch_size: int = 32,
+    limit: int | None = None,
+    show_progress: bool = False,
+    desc: str = "running",
+) -> Iterator[Batch]:
+    """Run every session on the same batches of ``source``.
+
+    Args:
+        sessions: Sessions of models sharing their graph inputs (e.g. a float model and its
+            quantized copy).
+        source: The data; batches are cut by :meth:`FeedSource.batches`.
+        specs: The model inputs the batches are checked against.
+        outputs: Per session, the output names wanted (None = all); see :func:`run_feeds`.
+        batch_size: Batch size when the batch axis is dynamic.
+        limit: Stop after this many samples.
+        show_progress: Whether a progress bar may be shown (only on a terminal).
+        desc: Progress bar label.
+
+    Yields:
+        One :class:`Batch` per batch.
+
+    Raises:
+        DataError: The data does not fit ``specs``, or has no samples.
+    """
+    wanted = list(outputs) if outputs is not None else [None] * len(sessions)
+    if len(wanted) != len(sessions):
+        raise ValueError("give one output list per session")
+    count = source.num_samples if limit is None else min(limit, source.num_samples or limit)
+    total = -(-count // batch_size) if count else None
+    batches = source.batches(specs, batch_size, limit)
+    for feeds, labels in progress(batches, enabled=show_progress, desc=desc, total=total):
+        yield Batch(feeds, labels, [run_feeds(session, feeds, names)
+                                    for session, names in zip(sessions, wanted, strict=True)])
+
+
+def run_model(
+    model: ir.Model | onnx.ModelProto | Session,
+    feeds: Iterable[Mapping[str, np.ndarray]] | Mapping[str, np.ndarray],
+) -> list[np.ndarray]:
+    """Run ``model`` on one feed dict or a stream of them; outputs are concatenated on axis 0."""
+    session = (model if isinstance(model, ort.InferenceSession | FedWeightsSession)
+               else make_session(model))
+    if isinstance(feeds, Mapping):
+        feeds = [feeds]
+    chunks = [run_feeds(session, feed) for feed in feeds]
+    if not chunks:
+        return []
+    return [concat_batches([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+def concat_batches(parts: Sequence[Any]) -> np.ndarray:
+    """Per-batch outputs joined along the batch axis (ragged or scalar ones as objects)."""
+    if len(parts) == 1:
+        return np.asarray(parts[0])
+    try:
+        return np.concatenate([np.asarray(p) for p in parts], axis=0)
+    except ValueError:  # scalars or ragged outputs: keep them stacked as objects
+        return np.asarray(parts, dtype=object)
