@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.ir import attr, subgraphs
+from onnxopt.ir import attr, is_standard, subgraphs
+from onnxopt.layouts import weight_layout
 
 
 def _numel(value: ir.Value | None) -> int | None:
@@ -57,7 +58,7 @@ def _gemm(node: ir.Node) -> int | None:
     if a is None or b is None or len(a) != 2 or len(b) != 2:
         return None
     m, k = (a[1], a[0]) if attr(node, "transA", 0) else (a[0], a[1])
-    n = b[0] if attr(node, "transB", 0) else b[1]
+    n = weight_layout(node, 2).out_channels(b)
     return m * n * k
 
 
@@ -121,7 +122,7 @@ def node_macs(node: ir.Node) -> int:
     A node with subgraphs costs its costliest branch (If) or one trip of its body
     (Loop, Scan): an upper bound for If, a lower bound for loops.
     """
-    if node.domain not in ("", "ai.onnx"):
+    if not is_standard(node):
         return 0
     bodies = subgraphs(node)
     if bodies:

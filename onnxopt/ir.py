@@ -12,6 +12,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+#: The names of the default ONNX operator domain.
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def is_standard(node: ir.Node) -> bool:
+    """Whether ``node`` is an operator of the default ONNX domain."""
+    return node.domain in STANDARD_DOMAINS
+
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize to ``ModelProto`` (to hand to onnxruntime, the checker or a file)."""
@@ -110,8 +118,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     tensor = value.const_value
     if tensor is None:
         producer = value.producer()
-        if (producer is None or producer.op_type != "Constant"
-                or producer.domain not in ("", "ai.onnx")):
+        if producer is None or producer.op_type != "Constant" or not is_standard(producer):
             return None
         for name, dtype in _CONSTANT_LISTS.items():
             listed = producer.attributes.get(name)
@@ -299,7 +306,10 @@ def static_shape(value: ir.Value) -> tuple[int, ...] | None:
 
 def opset_version(model: ir.Model, domain: str = "") -> int:
     """The imported opset of ``domain`` (default ONNX), or 0 if not imported."""
-    return int(model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 0)))
+    if domain in STANDARD_DOMAINS:
+        return int(next((model.opset_imports[d] for d in STANDARD_DOMAINS
+                         if d in model.opset_imports), 0))
+    return int(model.opset_imports.get(domain, 0))
 
 
 def subgraphs(node: ir.Node) -> list[ir.Graph]:

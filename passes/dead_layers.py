@@ -30,7 +30,14 @@ from onnxopt.channels.mappings import reshape_dims, slice_bounds
 from onnxopt.channels.tie import dims_of, rank_of
 from onnxopt.channels.values import ChannelConstants, channel_constants, is_zero_constant
 from onnxopt.cost import model_cost
-from onnxopt.ir import attr, const_array, node_label, remove_unused_initializers, replace_value
+from onnxopt.ir import (
+    attr,
+    const_array,
+    is_standard,
+    node_label,
+    remove_unused_initializers,
+    replace_value,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
@@ -70,7 +77,7 @@ class ZeroTest:
             if found and is_zero_constant(self.consts.member(found[1])):
                 return True
         producer = value.producer()
-        if producer is None or producer.domain not in ("", "ai.onnx"):
+        if producer is None or not is_standard(producer):
             return False
         if producer.op_type == "Mul":
             return any(self(v) for v in producer.inputs)
@@ -197,7 +204,7 @@ class DeadLayersPass(Pass):
         bypassed: Counter[str] = Counter()
         declined: set[int] = set()
         for node in list(graph):
-            rule = BYPASS_RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            rule = BYPASS_RULES.get(node.op_type) if is_standard(node) else None
             found = rule(node, is_zero) if rule else None
             if found is None or id(node) in declined:
                 continue

@@ -10,14 +10,10 @@ output), ``Y[c] = (W * X)[c] + b[c]`` where only the slice of ``W`` that produce
     b'[c] = s[c] * (b[c] - mean[c]) + beta[c]
 
 so ``Z = W' * X + b'`` and the BatchNormalization node disappears. The ops differ only in
-where the output channel sits in the weight, which the ``_PRODUCERS`` table records:
-
-* Conv: ``W`` is ``[Cout, Cin/group, k...]``, channel axis 0 (any group count).
-* ConvTranspose: ``W`` is ``[Cin, Cout/group, k...]``; output channel ``g*Cout/group + j``
-  is column ``j`` of group ``g``, so ``W`` is scaled as ``[group, Cin/group, Cout/group, k...]``.
-* Gemm: ``Y = alpha * A' @ B' + beta * C``; the feature axis of ``B`` is 0 with ``transB=1``,
-  else 1. The effective bias ``beta * C`` must be the same for every row (shape ``[N]``,
-  ``[1, N]`` or a scalar); the folded bias is written with ``beta = 1``.
+where the output channel sits in the weight (:mod:`onnxopt.layouts`: axis 0 of a Conv weight,
+one group's share of axis 1 of a ConvTranspose weight, axis 0 or 1 of a Gemm weight by
+``transB``). Gemm's effective bias ``beta * C`` must be the same for every row (shape
+``[N]``, ``[1, N]`` or a scalar); the folded bias is written with ``beta = 1``.
 
 The rewrite refuses (and says why) when the producer's output has other readers or is a
 graph output, when a weight, bias or BN parameter is not a true constant, when the weight or
@@ -51,92 +47,24 @@ from onnxopt.ir import (
     add_initializer,
     const_array,
     is_constant,
+    is_standard,
     node_label,
     opset_version,
     replace_value,
     used_only_by,
 )
+from onnxopt.layouts import WEIGHT_INPUT, WeightLayout, gemm_bias, weight_layout
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
 
-_STANDARD_DOMAINS = ("", "ai.onnx")
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
 _BN_PARAMS = ("scale", "bias", "mean", "var")
 
 
-class _LinearProducer:
-    """Shared algebra of folding a per-channel affine map into a linear op (Conv layout)."""
-
-    weight_index = 1
-    bias_index = 2
-
-    def out_channels(self, node: ir.Node, weight: np.ndarray) -> int:
-        """Number of output channels the weight produces."""
-        return int(weight.shape[0])
-
-    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> None:
-        """Multiply every output channel ``c`` of ``weight`` (in place) by ``scale[c]``."""
-        weight *= scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-
-    def channel_bias(self, node: ir.Node, bias: np.ndarray | None,
-                     channels: int) -> np.ndarray | str:
-        """The bias per output channel as ``[channels]``, or why it is not per-channel."""
-        if bias is None:
-            return np.zeros(channels)
-        if bias.shape != (channels,):
-            return f"bias shape {bias.shape} is not [{channels}]"
-        return bias
-
-    def finish(self, node: ir.Node) -> None:
-        """Adjust attributes after the new weight and bias are in place."""
-
-
-class _ConvTranspose(_LinearProducer):
-    """ConvTranspose: ``W`` is ``[Cin, Cout/group, k...]``."""
-
-    def out_channels(self, node: ir.Node, weight: np.ndarray) -> int:
-        return int(weight.shape[1]) * node.attributes.get_int("group", 1)
-
-    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> None:
-        group = node.attributes.get_int("group", 1)
-        cin, per_group = weight.shape[0], weight.shape[1]
-        grouped = weight.reshape((group, cin // group, per_group) + weight.shape[2:])  # a view
-        grouped *= scale.reshape((group, 1, per_group) + (1,) * (weight.ndim - 2))
-
-
-class _Gemm(_LinearProducer):
-    """Gemm: feature axis of ``B`` is 0 with ``transB=1``, else 1; bias is ``beta * C``."""
-
-    def _axis(self, node: ir.Node) -> int:
-        return 0 if node.attributes.get_int("transB", 0) else 1
-
-    def out_channels(self, node: ir.Node, weight: np.ndarray) -> int:
-        return int(weight.shape[self._axis(node)])
-
-    def scale_weight(self, node: ir.Node, weight: np.ndarray, scale: np.ndarray) -> None:
-        weight *= scale[:, None] if self._axis(node) == 0 else scale[None, :]
-
-    def channel_bias(self, node: ir.Node, bias: np.ndarray | None,
-                     channels: int) -> np.ndarray | str:
-        if bias is None:
-            return np.zeros(channels)
-        if bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1) or (
-                bias.size not in (1, channels)):
-            return f"Gemm bias shape {bias.shape} is not per-feature (varies along rows)"
-        beta = node.attributes.get_float("beta", 1.0)
-        return beta * np.broadcast_to(bias.reshape(-1), (channels,))
-
-    def finish(self, node: ir.Node) -> None:
-        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-
-
-#: Producer op type -> where its output channels live in its weight and bias.
-_PRODUCERS: dict[str, _LinearProducer] = {
-    "Conv": _LinearProducer(),
-    "ConvTranspose": _ConvTranspose(),
-    "Gemm": _Gemm(),
-}
+#: Ops a BatchNormalization folds into; where their channels are is :mod:`onnxopt.layouts`'.
+_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+_BIAS_INPUT = 2
 
 
 @dataclass(frozen=True)
@@ -145,7 +73,7 @@ class _Match:
 
     bn: ir.Node
     producer: ir.Node
-    kind: _LinearProducer
+    layout: WeightLayout
     weight: np.ndarray
     bias: np.ndarray  # per output channel, before BN
     scale: np.ndarray  # s = gamma / sqrt(var + eps)
@@ -169,23 +97,23 @@ class FoldBatchNormPass(Pass):
         folded = standalone = in_subgraphs = 0
         names: FreshNames | None = None  # every value name of the model, built on first fold
         for bn in list(ir.traversal.RecursiveGraphIterator(graph)):
-            if bn.op_type != "BatchNormalization" or bn.domain not in _STANDARD_DOMAINS:
+            if bn.op_type != "BatchNormalization" or not is_standard(bn):
                 continue
             producer = bn.inputs[0].producer() if bn.inputs and bn.inputs[0] else None
-            kind = _PRODUCERS.get(producer.op_type) if producer is not None else None
-            if kind is None or producer.domain not in _STANDARD_DOMAINS:
+            if producer is None or producer.op_type not in _PRODUCERS \
+                    or not is_standard(producer):
                 standalone += 1
                 continue
             if producer.graph is not bn.graph:
                 result.refuse(node_label(bn), f"{node_label(producer)} is in an outer scope")
                 continue
-            match = _match(bn, producer, kind, opset)
+            match = _match(bn, producer, opset)
             if isinstance(match, str):
                 result.refuse(node_label(bn), match)
                 continue
             if names is None:
                 names = FreshNames(graph)
-            replaced = producer.inputs[kind.weight_index].const_value
+            replaced = producer.inputs[WEIGHT_INPUT].const_value
             _apply(bn.graph, match, names)
             del match  # its views of the old weight must go before the mapping can
             if isinstance(replaced, ir.ExternalTensor):
@@ -222,7 +150,7 @@ def _sole_reader(value: ir.Value, node: ir.Node) -> bool:
     return len(value.uses()) == 1 and not value.is_graph_output() and used_only_by(value, [node])
 
 
-def _match(bn: ir.Node, producer: ir.Node, kind: _LinearProducer, opset: int) -> _Match | str:
+def _match(bn: ir.Node, producer: ir.Node, opset: int) -> _Match | str:
     """Check the pattern ``bn(producer(...))``; a reason string when it must not fold."""
     reason = _bn_blocker(bn, opset)
     if reason:
@@ -233,14 +161,14 @@ def _match(bn: ir.Node, producer: ir.Node, kind: _LinearProducer, opset: int) ->
     y = bn.inputs[0]
     if not used_only_by(y, [bn]):
         return f"{node_label(producer)} output has other readers or is a graph output"
-    w_value = producer.inputs[kind.weight_index] if len(producer.inputs) > 1 else None
+    w_value = producer.inputs[WEIGHT_INPUT] if len(producer.inputs) > WEIGHT_INPUT else None
     # Without type annotations the weight's dtype is the activation's (same type variable T).
     dtype = y.type.dtype if y.type is not None else None
     if dtype is None and w_value is not None and w_value.type is not None:
         dtype = w_value.type.dtype
     if dtype not in _FLOAT_TYPES:
         return f"dtype {dtype} is not float16/float32/float64"
-    b_value = producer.inputs[kind.bias_index] if len(producer.inputs) > kind.bias_index else None
+    b_value = producer.inputs[_BIAS_INPUT] if len(producer.inputs) > _BIAS_INPUT else None
     for role, value in (("weight", w_value), ("bias", b_value)):
         if value is None:
             continue
@@ -251,18 +179,33 @@ def _match(bn: ir.Node, producer: ir.Node, kind: _LinearProducer, opset: int) ->
     if w_value is None:
         return f"{node_label(producer)} has no weight"
     weight = const_array(w_value)
-    channels = kind.out_channels(producer, weight)
+    layout = weight_layout(producer, weight.ndim)
+    if layout is None:
+        return f"{node_label(producer)} weight has rank {weight.ndim}"
+    channels = layout.out_channels(weight.shape)
     gamma, beta, mean, var = (
         const_array(v).astype(np.float64) for v in bn.inputs[1:5])
     if any(p.shape != (channels,) for p in (gamma, beta, mean, var)):
         return (f"BatchNormalization parameters are not [{channels}] "
                 f"(channels of {node_label(producer)})")
-    bias = kind.channel_bias(
+    bias = _channel_bias(
         producer, None if b_value is None else const_array(b_value).astype(np.float64), channels)
     if isinstance(bias, str):
         return bias
     scale, shift = bn_affine(gamma, beta, mean, var, bn.attributes.get_float("epsilon", 1e-5))
-    return _Match(bn, producer, kind, weight, np.asarray(bias, np.float64), scale, shift)
+    return _Match(bn, producer, layout, weight, np.asarray(bias, np.float64), scale, shift)
+
+
+def _channel_bias(producer: ir.Node, bias: np.ndarray | None,
+                  channels: int) -> np.ndarray | str:
+    """The producer's bias per output channel as ``[channels]``, or why it is not one."""
+    if producer.op_type == "Gemm":
+        return gemm_bias(producer, bias, channels)
+    if bias is None:
+        return np.zeros(channels)
+    if bias.shape != (channels,):
+        return f"bias shape {bias.shape} is not [{channels}]"
+    return bias
 
 
 def _apply(graph: ir.Graph, m: _Match, names: FreshNames) -> None:
@@ -273,23 +216,24 @@ def _apply(graph: ir.Graph, m: _Match, names: FreshNames) -> None:
     """
     producer, bn = m.producer, m.bn
     old_inputs = [v for v in (*producer.inputs[1:], *bn.inputs[1:]) if v is not None]
-    w_old = producer.inputs[m.kind.weight_index]
+    w_old = producer.inputs[WEIGHT_INPUT]
     dtype = m.weight.dtype
     # One new array in the weight's precision (float32 at least), scaled in place: a float64
     # round trip would need three times the weight's memory on a big model for no useful
     # accuracy.
     calc = np.result_type(dtype, np.float32)
     new_weight = _writable_copy(w_old, calc)
-    m.kind.scale_weight(producer, new_weight, m.scale.astype(calc))
+    m.layout.scale_outputs(new_weight, m.scale.astype(calc), in_place=True)
     new_bias = m.scale * m.bias + m.shift
     base = producer.name or w_old.name or "fused"
-    producer.replace_input_with(m.kind.weight_index, add_initializer(
+    producer.replace_input_with(WEIGHT_INPUT, add_initializer(
         graph, f"{base}.bn_weight", new_weight.astype(dtype, copy=False), names=names))
-    if len(producer.inputs) <= m.kind.bias_index:
-        producer.resize_inputs(m.kind.bias_index + 1)
-    producer.replace_input_with(m.kind.bias_index, add_initializer(
+    if len(producer.inputs) <= _BIAS_INPUT:
+        producer.resize_inputs(_BIAS_INPUT + 1)
+    producer.replace_input_with(_BIAS_INPUT, add_initializer(
         graph, f"{base}.bn_bias", new_bias.astype(dtype), names=names))
-    m.kind.finish(producer)
+    if producer.op_type == "Gemm":  # the folded bias is all of beta * C
+        producer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
 
     y, z = bn.inputs[0], bn.outputs[0]
     for i in range(len(bn.inputs)):

@@ -29,7 +29,7 @@ import onnx_ir as ir
 from onnxopt.channels.linear import SEEDS
 from onnxopt.channels.ops import tie_for
 from onnxopt.channels.tie import NodeTie, Port, Role, frozen, size_of
-from onnxopt.ir import const_array, is_constant, node_label
+from onnxopt.ir import const_array, is_constant, is_standard, node_label
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class _Builder:
 
     def run(self) -> None:
         for node in self.graph:
-            seeds = SEEDS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+            seeds = SEEDS.get(node.op_type) if is_standard(node) else None
             for port, axis in seeds(node) if seeds else ():
                 self.visit(node, port, axis)
             while self.queue:

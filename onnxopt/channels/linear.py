@@ -2,10 +2,11 @@
 
 These are where groups begin and end. A weighted op with a constant weight has two ties:
 
-- its output channels are a *producer* tie with the weight's filter axis and the bias
-  (Conv ``W[o]``, ConvTranspose ``W[:, o]``, Gemm ``B'[:, o]``, MatMul ``B[:, o]``);
-- its input channels are a *consumer* tie with the weight's input axis (Conv ``W[:, c]``,
-  ConvTranspose ``W[c]``, Gemm ``B'[c, :]``, MatMul ``B[c, :]``).
+- its output channels are a *producer* tie with the weight's output-channel axis and the
+  bias;
+- its input channels are a *consumer* tie with the weight's input-channel axis.
+
+Which weight axis that is, per op, is :mod:`onnxopt.layouts`' table.
 
 A depthwise convolution (``group == C_in``, ``C_out = m * C_in``) is neither: output
 channel ``o`` only reads input channel ``o // m``, so input and output are one pass-through
@@ -37,6 +38,7 @@ from onnxopt.channels.tie import (
     size_of,
 )
 from onnxopt.ir import attr, const_array
+from onnxopt.layouts import weight_layout
 
 WEIGHT = Port(False, 1)
 BIAS = Port(False, 2)
@@ -60,7 +62,10 @@ def unpadded(node: ir.Node) -> bool:
     return not any(attr(node, "pads", None) or [])
 
 
-def _conv_like(node: ir.Node, port: Port, axis: int, transpose: bool) -> NodeTie:
+def conv_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
+    """Conv and ConvTranspose: filters (producer), input channels (consumer), or depthwise
+    pass-through; where the channels sit in the weight is :func:`~onnxopt.layouts.weight_layout`.
+    """
     if port not in (IN0, OUT0):
         return frozen(node, port, axis, f"{node.op_type} weight is computed at run time")
     if axis != 1:
@@ -68,10 +73,11 @@ def _conv_like(node: ir.Node, port: Port, axis: int, transpose: bool) -> NodeTie
     weight = const_array(node.inputs[1])
     if weight is None:
         return frozen(node, port, axis, f"{node.op_type} weight is computed at run time")
-    group = int(attr(node, "group", 1))
-    out_axis, in_axis = (1, 0) if transpose else (0, 1)
-    cin = weight.shape[0] if transpose else weight.shape[1] * group
-    cout = weight.shape[1] * group if transpose else weight.shape[0]
+    layout = weight_layout(node, weight.ndim)
+    if layout is None:
+        return frozen(node, port, axis, f"{node.op_type} weight has rank {weight.ndim}")
+    group, out_axis, in_axis = layout.group, layout.out_axis, layout.in_axis
+    cin, cout = layout.in_channels(weight.shape), layout.out_channels(weight.shape)
     if group == 1:
         if port.output:
             idx = np.arange(cout)
@@ -80,10 +86,11 @@ def _conv_like(node: ir.Node, port: Port, axis: int, transpose: bool) -> NodeTie
         idx = np.arange(cin)
         entries = (TieEntry(IN0, 1, idx), TieEntry(WEIGHT, in_axis, idx))
         return NodeTie(node, Role.CONSUMER, entries,
-                       foldable=not transpose and unpadded(node))
+                       foldable=not layout.out_per_group and unpadded(node))
     if group == cin and cout % cin == 0:
+        # Depthwise: weight axis 0 has one row per output (Conv) or per input (ConvTranspose).
         out_idx = np.arange(cout) // (cout // cin)
-        w_idx = np.arange(cin) if transpose else out_idx
+        w_idx = np.arange(cin) if layout.out_per_group else out_idx
         entries = (TieEntry(IN0, 1, np.arange(cin)), TieEntry(OUT0, 1, out_idx),
                    TieEntry(WEIGHT, 0, w_idx), *_bias(node, out_idx))
         return NodeTie(node, Role.THROUGH, entries)
@@ -91,23 +98,13 @@ def _conv_like(node: ir.Node, port: Port, axis: int, transpose: bool) -> NodeTie
                   f"grouped {node.op_type} (group={group}) ties channels in blocks")
 
 
-def conv_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
-    """Conv: filters (producer), input channels (consumer), or depthwise pass-through."""
-    return _conv_like(node, port, axis, transpose=False)
-
-
-def conv_transpose_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
-    """ConvTranspose: like Conv with the weight's first two axes swapped."""
-    return _conv_like(node, port, axis, transpose=True)
-
-
 def gemm_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
     """Gemm ``alpha * A' B' + beta * C``: columns of B' (producer) or rows of B' (consumer)."""
     weight = const_array(node.inputs[1])
     if weight is None or weight.ndim != 2:
         return frozen(node, port, axis, "Gemm weight is computed at run time")
-    trans_b = bool(attr(node, "transB", 0))
-    k_axis, n_axis = (1, 0) if trans_b else (0, 1)
+    layout = weight_layout(node, weight.ndim)
+    k_axis, n_axis = layout.in_axis, layout.out_axis
     feature = 0 if attr(node, "transA", 0) else 1
     if port == OUT0 and axis == 1:
         n = weight.shape[n_axis]
@@ -136,12 +133,15 @@ def matmul_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
     if ra is None or ro is None or ra < 2:
         return frozen(node, port, axis, "MatMul operand rank is unknown")
     last = ro - 1 if port.output else ra - 1
+    layout = weight_layout(node, weight.ndim)
     if axis == last and port.output:
-        idx = np.arange(weight.shape[1])
-        return NodeTie(node, Role.PRODUCER, (TieEntry(OUT0, axis, idx), TieEntry(WEIGHT, 1, idx)))
+        idx = np.arange(weight.shape[layout.out_axis])
+        return NodeTie(node, Role.PRODUCER,
+                       (TieEntry(OUT0, axis, idx), TieEntry(WEIGHT, layout.out_axis, idx)))
     if axis == last:
-        idx = np.arange(weight.shape[0])
-        return NodeTie(node, Role.CONSUMER, (TieEntry(IN0, axis, idx), TieEntry(WEIGHT, 0, idx)))
+        idx = np.arange(weight.shape[layout.in_axis])
+        return NodeTie(node, Role.CONSUMER,
+                       (TieEntry(IN0, axis, idx), TieEntry(WEIGHT, layout.in_axis, idx)))
     shift = ro - ra
     in_axis = axis - shift if port.output else axis
     if in_axis < 0:
@@ -167,7 +167,7 @@ def _matmul_seeds(node: ir.Node) -> list[tuple[Port, int]]:
 
 LINEAR_RULES: dict[str, Callable[[ir.Node, Port, int], NodeTie]] = {
     "Conv": conv_tie,
-    "ConvTranspose": conv_transpose_tie,
+    "ConvTranspose": conv_tie,
     "Gemm": gemm_tie,
     "MatMul": matmul_tie,
 }

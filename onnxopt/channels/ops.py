@@ -37,7 +37,7 @@ from onnxopt.channels.tie import (
     rank_of,
     size_of,
 )
-from onnxopt.ir import attr, const_array
+from onnxopt.ir import attr, const_array, is_standard
 
 TieRule = Callable[[ir.Node, Port, int], NodeTie]
 
@@ -212,7 +212,7 @@ def tie_for(node: ir.Node, port: Port, axis: int) -> NodeTie:
 
     Unknown ops and custom-domain ops give a frozen tie with the reason.
     """
-    if node.domain not in ("", "ai.onnx"):
+    if not is_standard(node):
         return frozen(node, port, axis, f"custom-domain op {node.domain}::{node.op_type}")
     rule = RULES.get(node.op_type)
     if rule is None:

@@ -32,6 +32,7 @@ from onnxopt.channels.linear import BIAS
 from onnxopt.channels.mappings import slice_bounds
 from onnxopt.channels.tie import IN0, OUT0, Role, opset_of, rank_of
 from onnxopt.ir import add_initializer, attr, const_array
+from onnxopt.layouts import weight_layout
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _fold_conv(graph: ir.Graph, node: ir.Node, removed: np.ndarray, values: np.n
 
 def _fold_gemm(graph: ir.Graph, node: ir.Node, removed: np.ndarray, values: np.ndarray) -> int:
     weight = const_array(node.inputs[1])
-    rows = weight.T if attr(node, "transB", 0) else weight
+    rows = weight_layout(node, weight.ndim).by_input(weight)  # [in, out]
     alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
     delta = alpha * (values @ rows[removed].astype(np.float64))
     c_value = node.inputs[2] if len(node.inputs) > 2 else None

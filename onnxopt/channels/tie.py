@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.ir import STANDARD_DOMAINS
+
 Dim = int | str | None
 """One dimension: a size, a symbolic name, or None when unknown."""
 
@@ -158,7 +160,7 @@ def opset_of(node: ir.Node) -> int:
     if node.version is not None:
         return int(node.version)
     imports = getattr(node.graph, "opset_imports", None) or {}
-    return int(imports.get("", imports.get("ai.onnx", 0)))
+    return int(next((imports[d] for d in STANDARD_DOMAINS if d in imports), 0))
 
 
 def norm_axis(axis: int, rank: int) -> int:

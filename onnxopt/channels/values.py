@@ -29,6 +29,7 @@ from onnxopt.channels.groups import ChannelAnalysis, GroupTie, Member
 from onnxopt.channels.linear import unpadded
 from onnxopt.channels.tie import Port, Role, norm_axis, rank_of
 from onnxopt.ir import attr, const_array
+from onnxopt.layouts import weight_layout
 
 Vector = np.ndarray
 SlotRule = Callable[[ir.Node, GroupTie, list[Vector]], Vector]
@@ -298,16 +299,13 @@ def _bias_of(node: ir.Node, index: int, size: int) -> Vector:
 
 def _conv(node: ir.Node, tie: GroupTie, consts: ChannelConstants) -> Vector:
     weight = np.asarray(const_array(node.inputs[1]))
-    transpose = node.op_type == "ConvTranspose"
-    group = int(attr(node, "group", 1))
-    cout = weight.shape[1] * group if transpose else weight.shape[0]
-    cin = weight.shape[0] if transpose else weight.shape[1] * group
+    layout = weight_layout(node, weight.ndim)
+    transpose, group = layout.out_per_group, layout.group
+    cout, cin = layout.out_channels(weight.shape), layout.in_channels(weight.shape)
     bias = _bias_of(node, 2, cout)
     x = consts.of(node.inputs[0], 1, cin)
-    if group == 1 and transpose:  # [in, out, k...]: outputs on axis 1
-        zero, known, total = _reads_by_block(weight, 1, x, lambda b: np.swapaxes(b, 0, 1))
-    elif group == 1:
-        zero, known, total = _reads_by_block(weight, 0, x, lambda b: b)
+    if group == 1:  # by_output: [out, in, k...]
+        zero, known, total = _reads_by_block(weight, layout.out_axis, x, layout.by_output)
     else:  # depthwise: output o reads input o // m through its own filter (row o of both layouts)
         flat = weight.reshape(cout, -1)
         reads = flat.any(axis=1)
@@ -321,7 +319,7 @@ def _conv(node: ir.Node, tie: GroupTie, consts: ChannelConstants) -> Vector:
 
 def _gemm(node: ir.Node, tie: GroupTie, consts: ChannelConstants) -> Vector:
     b = np.asarray(const_array(node.inputs[1]))
-    b = b.T if attr(node, "transB", 0) else b  # [in, out] either way (a view)
+    b = weight_layout(node, b.ndim).by_input(b)  # [in, out] (a view)
     if node.op_type == "MatMul":
         feature = (rank_of(node.inputs[0]) or 1) - 1
     else:

@@ -39,6 +39,7 @@ from onnxopt.ir import (
     const_array,
     detach_node,
     is_constant,
+    is_standard,
     node_label,
     opset_version,
     remove_unused_initializers,
@@ -46,8 +47,6 @@ from onnxopt.ir import (
     subgraphs,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
-
-_STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def _dropout_blocker(node: ir.Node, opset: int) -> str | None:
@@ -158,7 +157,7 @@ def _bypass_passthroughs(nodes: Iterable[ir.Node], opset: int, stats: dict[str, 
     """
     for node in list(nodes):
         entry = _BYPASS.get(node.op_type)
-        if entry is None or node.domain not in _STANDARD_DOMAINS:
+        if entry is None or not is_standard(node):
             continue
         key, blocker = entry
         reason = blocker(node, opset) or _bypass(node)
@@ -196,7 +195,7 @@ def _bypass(node: ir.Node) -> str | None:
 
 
 def _is_dead(node: ir.Node) -> bool:
-    if not node.outputs and node.domain not in _STANDARD_DOMAINS:
+    if not node.outputs and not is_standard(node):
         return False  # a custom op without outputs may exist for its side effect
     return not any(out.uses() or out.is_graph_output() for out in node.outputs)
 

@@ -39,6 +39,7 @@ from onnxopt.ir import (
     const_array,
     detach_node,
     is_constant,
+    is_standard,
     iter_values,
     node_label,
     opset_version,
@@ -50,8 +51,6 @@ from onnxopt.pass_base import PassResult
 from onnxopt.session import make_session
 
 logger = logging.getLogger(__name__)
-
-_STANDARD_DOMAINS = ("", "ai.onnx")
 
 #: Op types that are never folded, with the reason counted in ``fold_skipped``.
 _NEVER_FOLD: dict[str, str] = {
@@ -130,7 +129,7 @@ def fold_constants(model: ir.Model, max_elements: int, skipped: dict[str, int],
 
 def _static_graph_input(node: ir.Node) -> tuple[int, ...] | None:
     """The static shape of a Shape/Size node's input when that input is a graph input."""
-    if node.op_type not in _SHAPE_OPS or node.domain not in _STANDARD_DOMAINS:
+    if node.op_type not in _SHAPE_OPS or not is_standard(node):
         return None
     if len(node.inputs) != 1 or node.inputs[0] is None or not node.inputs[0].is_graph_input():
         return None
@@ -139,7 +138,7 @@ def _static_graph_input(node: ir.Node) -> tuple[int, ...] | None:
 
 def _fold_blocker(node: ir.Node, max_elements: int) -> str | None:
     """Why ``node`` must not be folded, judged before evaluating it."""
-    if node.domain not in _STANDARD_DOMAINS:
+    if not is_standard(node):
         return "custom_domain"
     if subgraphs(node):
         return "subgraph"
@@ -257,7 +256,7 @@ def inline_constant_ifs(model: ir.Model, result: PassResult,
     inlined = 0
     moved: list[ir.Node] = []
     for node in list(graph):
-        if (node.op_type != "If" or node.domain not in _STANDARD_DOMAINS or id(node) in tried
+        if (node.op_type != "If" or not is_standard(node) or id(node) in tried
                 or not node.inputs or not is_constant(node.inputs[0])):
             continue
         cond = const_array(node.inputs[0])

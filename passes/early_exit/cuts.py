@@ -28,7 +28,7 @@ from onnx_ir.analysis import analyze_implicit_usage
 
 from onnxopt.cost import node_macs
 from onnxopt.errors import UserError
-from onnxopt.ir import subgraphs
+from onnxopt.ir import is_standard, subgraphs
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _closure(values: Iterable[ir.Value], boundary: set[ir.Value],
 
 
 def _is_layer(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type in LAYER_OPS
+    return is_standard(node) and node.op_type in LAYER_OPS
 
 
 def _dims(value: ir.Value) -> tuple[int | str, ...] | None:

@@ -25,9 +25,7 @@ from onnxopt.passes.fuse_resconv.kernel import (
 )
 
 from onnxopt.bn import bn_affine
-from onnxopt.ir import attr, const_array, is_constant, node_label
-
-_STANDARD_DOMAINS = ("", "ai.onnx")
+from onnxopt.ir import attr, const_array, is_constant, is_standard, node_label
 
 
 class NoFusion(Exception):
@@ -270,7 +268,7 @@ class Matcher:
     def rule(value: ir.Value) -> tuple[Rule, list[ir.Value]] | None:
         """The rule of ``value``'s producer and its branch operands, if it is linear."""
         node = value.producer()
-        if node is None or node.domain not in _STANDARD_DOMAINS or node.outputs[0] is not value:
+        if node is None or not is_standard(node) or node.outputs[0] is not value:
             return None
         rule = RULES.get(node.op_type)
         operands = rule.operands(node) if rule is not None else None

@@ -46,12 +46,17 @@ from onnxopt.passes.fuse_resconv.forms import Form, Matcher, NoFusion
 from onnxopt.passes.fuse_resconv.kernel import Geometry, add_identity, identity_blocker
 
 from onnxopt.cost import node_macs
-from onnxopt.ir import add_initializer, const_array, node_label, replace_value, unique_name
+from onnxopt.ir import (
+    add_initializer,
+    const_array,
+    is_standard,
+    node_label,
+    replace_value,
+    unique_name,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
-
-_STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ class FuseResConvPass(Pass):
         matcher = Matcher(graph, self.options.threshold)
         covered: set[int] = set()
         for root in reversed(list(graph)):
-            if root.graph is None or root.op_type != "Add" or root.domain not in _STANDARD_DOMAINS:
+            if root.graph is None or root.op_type != "Add" or not is_standard(root):
                 continue
             forms, build_reasons = matcher.root_forms(root)
             if not self.options.reparam:

@@ -31,7 +31,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.channels.surgery import set_weight
-from onnxopt.ir import attr, clone_model, const_array, iter_values
+from onnxopt.ir import attr, clone_model, const_array, is_standard, iter_values
+from onnxopt.layouts import WeightLayout, gemm_bias, weight_layout
 
 __all__ = ["VIEWS", "LinearView", "linear_view", "sample_rows", "truncated_copy"]
 
@@ -198,7 +199,7 @@ class GemmView(LinearView):
     """Gemm ``alpha * A' B' + beta * C``: one row per sample (transposed when ``transA``)."""
 
     trans_a: bool = False
-    trans_b: bool = False
+    layout: WeightLayout = WeightLayout(1, 0)
     dtype: np.dtype = np.dtype(np.float32)
 
     def sample(self, out_shape: tuple[int, ...], per_sample: int,
@@ -215,7 +216,7 @@ class GemmView(LinearView):
     def write(self, graph: ir.Graph, weight: np.ndarray, bias: np.ndarray | None) -> None:
         node = self.node
         matrix = weight[:, :, 0]  # [O, F]: alpha and beta become 1
-        set_weight(graph, node, 1, (matrix if self.trans_b else matrix.T).astype(self.dtype))
+        set_weight(graph, node, 1, self.layout.from_output(matrix).astype(self.dtype))
         node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
         if bias is not None:
@@ -226,26 +227,28 @@ def _gemm_view(node: ir.Node) -> LinearView | str:
     b = const_array(node.inputs[1])
     if b is None or b.ndim != 2:
         return "Gemm weight is not a constant matrix"
-    trans_b = bool(attr(node, "transB", 0))
-    alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
-    matrix = alpha * (b if trans_b else b.T).astype(np.float64)  # [O, F]
+    layout = weight_layout(node, b.ndim)
+    alpha = float(attr(node, "alpha", 1.0))
+    matrix = alpha * layout.by_output(b).astype(np.float64)  # [O, F]
     out = matrix.shape[0]
     bias = np.zeros(out)
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         c = const_array(node.inputs[2])
         if c is None:
             return "Gemm bias is not a constant"
-        if c.size not in (1, out) or (c.ndim == 2 and c.shape[0] != 1):
-            return "Gemm bias is not a per-column vector"
-        bias = beta * np.broadcast_to(c.astype(np.float64).reshape(-1), (out,)).copy()
+        bias = gemm_bias(node, c.astype(np.float64), out)
+        if isinstance(bias, str):
+            return bias
+        bias = bias.copy()
     return GemmView(node, matrix[:, :, None], bias, trans_a=bool(attr(node, "transA", 0)),
-                    trans_b=trans_b, dtype=b.dtype)
+                    layout=layout, dtype=b.dtype)
 
 
 @dataclass(eq=False)
 class MatMulView(LinearView):
     """MatMul ``A @ B`` with a constant 2-D ``B``: rows are the vectors along A's last axis."""
 
+    layout: WeightLayout = WeightLayout(1, 0)
     dtype: np.dtype = np.dtype(np.float32)
 
     def sample(self, out_shape: tuple[int, ...], per_sample: int,
@@ -264,14 +267,16 @@ class MatMulView(LinearView):
         return y.reshape(-1, y.shape[-1])[coords[:, 0]]
 
     def write(self, graph: ir.Graph, weight: np.ndarray, bias: np.ndarray | None) -> None:
-        set_weight(graph, self.node, 1, weight[:, :, 0].T.astype(self.dtype))
+        set_weight(graph, self.node, 1, self.layout.from_output(weight[:, :, 0]).astype(self.dtype))
 
 
 def _matmul_view(node: ir.Node) -> LinearView | str:
     b = const_array(node.inputs[1])
     if b is None or b.ndim != 2:
         return "MatMul weight is not a constant matrix"
-    return MatMulView(node, b.T.astype(np.float64)[:, :, None], None, dtype=b.dtype)
+    layout = weight_layout(node, b.ndim)
+    return MatMulView(node, layout.by_output(b).astype(np.float64)[:, :, None], None,
+                      layout=layout, dtype=b.dtype)
 
 
 VIEWS: dict[str, Callable[[ir.Node], LinearView | str]] = {
@@ -284,7 +289,7 @@ VIEWS: dict[str, Callable[[ir.Node], LinearView | str]] = {
 
 def linear_view(node: ir.Node) -> LinearView | str:
     """The linear view of a consumer node, or why there is none."""
-    if node.domain not in ("", "ai.onnx"):
+    if not is_standard(node):
         return f"{node.domain}::{node.op_type} is not a linear consumer"
     build = VIEWS.get(node.op_type)
     if build is None:

@@ -31,65 +31,24 @@ from onnxopt.ir import (
     attr,
     const_array,
     is_constant,
+    is_standard,
     node_label,
     static_shape,
 )
+from onnxopt.layouts import WeightLayout, weight_layout
 from onnxopt.pass_base import PassResult
 
 logger = logging.getLogger(__name__)
 
 
-class _ConvLayout:
-    """Conv: ``W`` is ``[Cout, Cin / group, k...]``."""
-
-    def out_range(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
-        return np.abs(w).reshape(w.shape[0], -1).max(axis=1)
-
-    def scale_out(self, node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
-
-    def _grouped(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
-        g = int(attr(node, "group", 1))
-        return w.reshape((g, w.shape[0] // g) + w.shape[1:])
-
-    def in_channels(self, node: ir.Node, w: np.ndarray) -> int:
-        return int(attr(node, "group", 1)) * int(w.shape[1])
-
-    def in_range(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
-        grouped = np.abs(self._grouped(node, w))
-        axes = (1,) + tuple(range(3, grouped.ndim))
-        return grouped.max(axis=axes).reshape(-1)
-
-    def scale_in(self, node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-        grouped = self._grouped(node, w)
-        factor = s.reshape((grouped.shape[0], 1, grouped.shape[2]) + (1,) * (grouped.ndim - 3))
-        return (grouped * factor).reshape(w.shape)
+#: The linear ops equalized; where their channels are is :mod:`onnxopt.layouts`'.
+_EQUALIZED = frozenset({"Conv", "Gemm"})
 
 
-class _GemmLayout:
-    """Gemm: ``B`` is ``[N, K]`` with ``transB=1``, else ``[K, N]``."""
-
-    def _out_axis(self, node: ir.Node) -> int:
-        return 0 if attr(node, "transB", 0) else 1
-
-    def out_range(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
-        return np.abs(w).max(axis=1 - self._out_axis(node))
-
-    def scale_out(self, node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-        return w * (s[:, None] if self._out_axis(node) == 0 else s[None, :])
-
-    def in_channels(self, node: ir.Node, w: np.ndarray) -> int:
-        return int(w.shape[1 - self._out_axis(node)])
-
-    def in_range(self, node: ir.Node, w: np.ndarray) -> np.ndarray:
-        return np.abs(w).max(axis=self._out_axis(node))
-
-    def scale_in(self, node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-        return w * (s[None, :] if self._out_axis(node) == 0 else s[:, None])
-
-
-#: Linear op type -> where its output and input channels live in its weight.
-_LAYOUTS: dict[str, _ConvLayout | _GemmLayout] = {"Conv": _ConvLayout(), "Gemm": _GemmLayout()}
+def _layout(node: ir.Node, w: np.ndarray) -> WeightLayout:
+    layout = weight_layout(node, w.ndim)
+    assert layout is not None, "Conv and Gemm weights always have one"
+    return layout
 
 
 def _flatten_of_1x1(node: ir.Node) -> bool:
@@ -125,7 +84,7 @@ class _Pair:
 
 
 def _linear(node: ir.Node) -> bool:
-    if node.op_type not in _LAYOUTS or node.domain not in ("", "ai.onnx"):
+    if node.op_type not in _EQUALIZED or not is_standard(node):
         return False
     if len(node.inputs) < 2 or not is_constant(node.inputs[1]):
         return False
@@ -148,8 +107,8 @@ def find_pairs(graph: ir.Graph, result: PassResult) -> list[_Pair]:
                 continue
             if index == 0 and _linear(reader):
                 w1, w2 = const_array(node.inputs[1]), const_array(reader.inputs[1])
-                if len(_LAYOUTS[node.op_type].out_range(node, w1)) == \
-                        _LAYOUTS[reader.op_type].in_channels(reader, w2):
+                if _layout(node, w1).out_channels(w1.shape) == \
+                        _layout(reader, w2).in_channels(w2.shape):
                     pairs.append(_Pair(node, reader))
             elif reader.op_type == "Clip":
                 result.refuse(f"{node_label(node)} -> {node_label(reader)}",
@@ -179,7 +138,7 @@ def equalize(graph: ir.Graph, result: PassResult, max_sweeps: int = 20,
     weights = {k: const_array(n.inputs[1]).astype(np.float64) for k, n in nodes.items()}
     biases = {}
     for k, n in nodes.items():
-        channels = len(_LAYOUTS[n.op_type].out_range(n, weights[k]))
+        channels = _layout(n, weights[k]).out_channels(weights[k].shape)
         biases[k] = _bias_of(n, channels)
     usable = [p for p in pairs if not (len(p.first.inputs) > 2 and p.first.inputs[2] is not None
                                        and biases[id(p.first)] is None)]
@@ -187,14 +146,14 @@ def equalize(graph: ir.Graph, result: PassResult, max_sweeps: int = 20,
         change = 0.0
         for p in usable:
             a, c = id(p.first), id(p.second)
-            la, lc = _LAYOUTS[p.first.op_type], _LAYOUTS[p.second.op_type]
-            r1 = la.out_range(p.first, weights[a])
-            r2 = lc.in_range(p.second, weights[c])
+            la, lc = _layout(p.first, weights[a]), _layout(p.second, weights[c])
+            r1 = la.out_abs_max(weights[a])
+            r2 = lc.in_abs_max(weights[c])
             s = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.where(r2 > 0, r2, 1.0)), 1.0)
-            weights[a] = la.scale_out(p.first, weights[a], 1.0 / s)
+            weights[a] = la.scale_outputs(weights[a], 1.0 / s)
             if biases[a] is not None:
                 biases[a] = biases[a] / s
-            weights[c] = lc.scale_in(p.second, weights[c], s)
+            weights[c] = lc.scale_inputs(weights[c], s)
             change = max(change, float(np.max(np.abs(np.log(s)))))
         if change < tolerance:
             logger.debug("equalization converged after %d sweeps", sweep + 1)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.ir import attr, const_array, is_constant, node_label
+from onnxopt.ir import attr, const_array, is_constant, is_standard, node_label
+from onnxopt.layouts import gemm_bias, weight_layout
 from onnxopt.pass_base import PassResult
 
 QUANTIZE = "quantize"
@@ -35,8 +36,6 @@ SAME = "same"
 """Output shares the parameters of input 0 (data movement)."""
 OPTIONAL = "optional"
 """Output is quantized only if a reader wants it quantized; else the kernel returns float."""
-
-_STANDARD = ("", "ai.onnx")
 
 
 def _no_axis(node: ir.Node, weight: np.ndarray) -> int | None:
@@ -47,27 +46,19 @@ def _ok(node: ir.Node) -> str | None:
     return None
 
 
-def _gemm_axis(node: ir.Node, weight: np.ndarray) -> int | None:
-    return 0 if attr(node, "transB", 0) else 1
-
-
-def _matmul_axis(node: ir.Node, weight: np.ndarray) -> int | None:
-    return 1 if weight.ndim == 2 else None
-
-
-def _conv_transpose_axis(node: ir.Node, weight: np.ndarray) -> int | None:
-    return 1 if attr(node, "group", 1) == 1 else None
+def _channel_axis(node: ir.Node, weight: np.ndarray) -> int | None:
+    layout = weight_layout(node, weight.ndim)
+    return None if layout is None else layout.per_channel_axis()
 
 
 def _gemm_check(node: ir.Node) -> str | None:
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = const_array(node.inputs[2])
         b = const_array(node.inputs[1])
-        if bias is None or b is None:
+        if bias is None or b is None or b.ndim != 2:
             return None  # reported by the constant checks
-        n = b.shape[0] if attr(node, "transB", 0) else b.shape[1]
-        if bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1) or bias.size not in (1, n):
-            return f"Gemm bias shape {list(bias.shape)} is not per output feature"
+        found = gemm_bias(node, bias, weight_layout(node, 2).out_channels(b.shape))
+        return found if isinstance(found, str) else None
     return None
 
 
@@ -114,12 +105,12 @@ class OpRule:
 
 #: Op type -> how it is quantized.
 PLACEMENT: dict[str, OpRule] = {
-    "Conv": OpRule((0,), weight=1, weight_axis=lambda n, w: 0, bias=2, kernel="QLinearConv"),
-    "ConvTranspose": OpRule((0,), weight=1, weight_axis=_conv_transpose_axis, bias=2,
+    "Conv": OpRule((0,), weight=1, weight_axis=_channel_axis, bias=2, kernel="QLinearConv"),
+    "ConvTranspose": OpRule((0,), weight=1, weight_axis=_channel_axis, bias=2,
                             kernel="ConvTranspose on dequantized int8"),
-    "Gemm": OpRule((0,), OPTIONAL, weight=1, weight_axis=_gemm_axis, bias=2, kernel="QGemm",
+    "Gemm": OpRule((0,), OPTIONAL, weight=1, weight_axis=_channel_axis, bias=2, kernel="QGemm",
                    check=_gemm_check),
-    "MatMul": OpRule((0,), OPTIONAL, weight=1, weight_axis=_matmul_axis,
+    "MatMul": OpRule((0,), OPTIONAL, weight=1, weight_axis=_channel_axis,
                      weight_or_activation=True,
                      kernel="QLinearMatMul / MatMulIntegerToFloat"),
     "Add": OpRule((0, 1), kernel="QLinearAdd"),
@@ -271,7 +262,7 @@ def _absorbed_activation(value: ir.Value, excluded: Callable[[ir.Node], bool]) -
         return None
     reader, index = uses[0].node, uses[0].idx
     check = ABSORBED_ACTIVATIONS.get(reader.op_type)
-    if check is None or reader.domain not in _STANDARD or index != 0 or excluded(reader):
+    if check is None or not is_standard(reader) or index != 0 or excluded(reader):
         return None
     if not _float(reader.outputs[0]) or not check(reader):
         return None
@@ -304,7 +295,7 @@ def plan_quantization(
     plan = Plan()
     for index, node in enumerate(graph):
         rule = PLACEMENT.get(node.op_type)
-        if rule is None or node.domain not in _STANDARD:
+        if rule is None or not is_standard(node):
             continue
         if excluded(node):
             result.refuse(node_label(node), "excluded by option (stays float)")

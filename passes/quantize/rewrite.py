@@ -33,11 +33,11 @@ from onnxopt.passes.quantize.scheme import (
 
 from onnxopt.ir import (
     FreshNames,
-    attr,
     const_array,
     is_constant,
     remove_unused_initializers,
 )
+from onnxopt.layouts import gemm_bias, weight_layout
 
 logger = logging.getLogger(__name__)
 
@@ -220,12 +220,9 @@ def _quantize_constant_input(b: _Builder, node: ir.Node, index: int, activation_
 
 
 def _out_channels(np_: NodePlan, weight: np.ndarray) -> int:
-    node = np_.node
-    if node.op_type == "Gemm":
-        return int(weight.shape[0] if attr(node, "transB", 0) else weight.shape[1])
-    if node.op_type == "ConvTranspose":
-        return int(weight.shape[1]) * int(attr(node, "group", 1))
-    return int(weight.shape[0])
+    layout = weight_layout(np_.node, weight.ndim)
+    assert layout is not None, "only weighted ops have a bias"
+    return layout.out_channels(weight.shape)
 
 
 def _float_bias(np_: NodePlan, weight: np.ndarray, add_bias: bool) -> np.ndarray | None:
@@ -238,8 +235,8 @@ def _float_bias(np_: NodePlan, weight: np.ndarray, add_bias: bool) -> np.ndarray
     assert array is not None, "checked by the placement"
     bias = array.astype(np.float64)
     if node.op_type == "Gemm":
-        bias = np.broadcast_to(attr(node, "beta", 1.0) * bias.reshape(-1),
-                               (_out_channels(np_, weight),))
+        bias = gemm_bias(node, bias, _out_channels(np_, weight))
+        assert not isinstance(bias, str), "checked by the placement"
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     return np.asarray(bias, np.float32)
 

@@ -240,7 +240,7 @@ def test_refuses_bn_param_graph_input() -> None:
 
 
 def test_refuses_gemm_bias_varying_over_rows() -> None:
-    _assert_refused(_gemm_bn(1, 1.0, 1.0, (3, 4)), "not per-feature")
+    _assert_refused(_gemm_bn(1, 1.0, 1.0, (3, 4)), "not per output feature")
 
 
 def test_refuses_training_mode() -> None:
