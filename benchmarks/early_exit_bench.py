@@ -26,16 +26,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnxopt.passes.early_exit import EarlyExitModel, write_bundle  # noqa: E402
-from onnxopt.passes.early_exit.cuts import choose_cuts, find_cut_points  # noqa: E402
-from onnxopt.passes.early_exit.exits import exit_capable, plan_exits  # noqa: E402
-from onnxopt.passes.early_exit.runner import evaluate_bundle  # noqa: E402
-
 from onnxopt.cost import infer_shapes  # noqa: E402
 from onnxopt.data import from_npz  # noqa: E402
 from onnxopt.ir import to_proto  # noqa: E402
 from onnxopt.model_io import load  # noqa: E402
 from onnxopt.pass_base import PassContext, get_pass  # noqa: E402
+from onnxopt.passes.early_exit import EarlyExitModel, write_bundle  # noqa: E402
+from onnxopt.passes.early_exit.cuts import choose_cuts, find_cut_points  # noqa: E402
+from onnxopt.passes.early_exit.exits import exit_capable, plan_exits  # noqa: E402
+from onnxopt.passes.early_exit.runner import evaluate_bundle  # noqa: E402
 from onnxopt.session import make_session  # noqa: E402
 
 logger = logging.getLogger("early_exit_bench")

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxopt.passes.quantize.cpu import VNNI_FLAGS, cpu_flags
 
 import onnxopt
+from onnxopt.passes.quantize.cpu import VNNI_FLAGS, cpu_flags
 
 
 def machine_info() -> dict[str, Any]:

@@ -273,6 +273,29 @@ def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> bool:
     return True
 
 
+def remove_dead_nodes(graph: ir.Graph) -> int:
+    """Remove the nodes of ``graph`` none of whose outputs reaches a graph output.
+
+    A node with subgraphs goes as a whole, together with the outer-scope reads of its
+    bodies. A custom-domain node without outputs stays (it may exist for a side effect).
+    Nodes inside bodies are not visited. Returns how many nodes were removed.
+    """
+    removed = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph)):
+            if not node.outputs and not is_standard(node):
+                continue
+            if any(out.uses() or out.is_graph_output() for out in node.outputs):
+                continue
+            detach_node(node)
+            graph.remove(node)
+            removed += 1
+            changed = True
+    return removed
+
+
 def remove_unused_initializers(graph: ir.Graph) -> int:
     """Drop initializers nobody reads (and that are not graph inputs/outputs)."""
     removed = 0

@@ -35,6 +35,7 @@ from onnxopt.ir import (
     const_array,
     is_standard,
     node_label,
+    remove_dead_nodes,
     remove_unused_initializers,
     replace_value,
 )
@@ -174,17 +175,6 @@ BYPASS_RULES: dict[str, BypassRule] = {
     "Reshape": _reshape,
 }
 """Op type -> the input an op passes through unchanged (with the kind of no-op), if any."""
-
-
-def remove_dead_nodes(graph: ir.Graph) -> int:
-    """Remove nodes none of whose outputs is used or a graph output; returns the count."""
-    removed = 0
-    for node in reversed(list(graph)):
-        if any(v.uses() or v.is_graph_output() for v in node.outputs):
-            continue
-        graph.remove(node, safe=True)
-        removed += 1
-    return removed
 
 
 @register_pass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxopt.passes.quantize.ranges import RANGE_METHODS, select_range
 
 from onnxopt.activations import (
     StreamingHistogram,
@@ -15,6 +14,7 @@ from onnxopt.activations import (
 )
 from onnxopt.data import from_arrays
 from onnxopt.ir import from_proto
+from onnxopt.passes.quantize.ranges import RANGE_METHODS, select_range
 from onnxopt.session import run_model
 
 

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxopt.passes.cleanup.folding import fold_constants, inline_constant_ifs
 
 from onnxopt.ir import (
     const_array,
@@ -42,11 +41,13 @@ from onnxopt.ir import (
     is_standard,
     node_label,
     opset_version,
+    remove_dead_nodes,
     remove_unused_initializers,
     replace_value,
     subgraphs,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxopt.passes.cleanup.folding import fold_constants, inline_constant_ifs
 
 
 def _dropout_blocker(node: ir.Node, opset: int) -> str | None:
@@ -116,7 +117,7 @@ class CleanupPass(Pass):
         kept: dict[int, tuple[ir.Node, str]] = {}
 
         _bypass_passthroughs(ir.traversal.RecursiveGraphIterator(graph), opset, stats, kept)
-        stats["dead_nodes"] += _remove_dead_nodes(graph)
+        stats["dead_nodes"] += remove_dead_nodes(graph)
         # Before IR 4 every initializer must also be a graph input, so a folded result could
         # only be added as an overridable input: not a constant any more.
         if self.options.fold_constants and model.ir_version >= 4:
@@ -130,7 +131,7 @@ class CleanupPass(Pass):
                     break
                 stats["ifs_inlined"] += inlined
                 _bypass_passthroughs(moved, opset, stats, kept)
-            stats["dead_nodes"] += _remove_dead_nodes(graph)
+            stats["dead_nodes"] += remove_dead_nodes(graph)
         stats["inputs_removed"] = _remove_backed_unused_inputs(graph)
         stats["initializers_removed"] = stats["inputs_removed"] + remove_unused_initializers(graph)
         stats["reordered"] = _sort(graph)
@@ -189,30 +190,6 @@ def _bypass(node: ir.Node) -> str | None:
     detach_node(node)
     owner.remove(node)
     return None
-
-
-# -- dead nodes -------------------------------------------------------------------------------
-
-
-def _is_dead(node: ir.Node) -> bool:
-    if not node.outputs and not is_standard(node):
-        return False  # a custom op without outputs may exist for its side effect
-    return not any(out.uses() or out.is_graph_output() for out in node.outputs)
-
-
-def _remove_dead_nodes(graph: ir.Graph) -> int:
-    """Remove main-graph nodes that reach no graph output; returns how many."""
-    removed = 0
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(graph)):
-            if _is_dead(node):
-                detach_node(node)
-                graph.remove(node)
-                removed += 1
-                changed = True
-    return removed
 
 
 # -- inputs, initializers, order --------------------------------------------------------------

@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxopt.passes.early_exit.cuts import split_model
-from onnxopt.passes.early_exit.exits import ExitHead, ExitPlan, StagedReport
 
 from onnxopt.errors import UserError
 from onnxopt.ir import opset_version
+from onnxopt.passes.early_exit.cuts import split_model
+from onnxopt.passes.early_exit.exits import ExitHead, ExitPlan, StagedReport
 
 logger = logging.getLogger(__name__)
 

@@ -68,15 +68,14 @@ def split_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
+    from onnxopt.cost import infer_shapes
+    from onnxopt.data import open_feeds, parse_input_shapes
+    from onnxopt.model_io import check_model, load
     from onnxopt.passes.early_exit import EarlyExitModel, write_bundle
     from onnxopt.passes.early_exit.bundle import update_manifest
     from onnxopt.passes.early_exit.cuts import choose_cuts, require_cut_points, resolve_cuts
     from onnxopt.passes.early_exit.exits import exit_capable, plan_exits
     from onnxopt.passes.early_exit.runner import evaluate_bundle
-
-    from onnxopt.cost import infer_shapes
-    from onnxopt.data import open_feeds, parse_input_shapes
-    from onnxopt.model_io import check_model, load
 
     if not 0.0 < args.target <= 1.0:
         raise UserError(f"--target must be in (0, 1], got {args.target}")

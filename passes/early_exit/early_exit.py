@@ -29,6 +29,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import onnx_ir as ir
+
+from onnxopt.cost import infer_shapes
+from onnxopt.ir import FreshNames, clone_model, opset_version, remove_unused_initializers
+from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 from onnxopt.passes.early_exit.bundle import head_nodes, reduce_node
 from onnxopt.passes.early_exit.cuts import (
     CutError,
@@ -38,10 +42,6 @@ from onnxopt.passes.early_exit.cuts import (
     stage_nodes,
 )
 from onnxopt.passes.early_exit.exits import ExitPlan, ExitPlanError, exit_capable, plan_exits
-
-from onnxopt.cost import infer_shapes
-from onnxopt.ir import FreshNames, clone_model, opset_version, remove_unused_initializers
-from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 
 logger = logging.getLogger(__name__)
 

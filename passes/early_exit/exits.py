@@ -24,6 +24,11 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
+
+from onnxopt.compare import classifier_like
+from onnxopt.data import FeedSource, input_specs
+from onnxopt.errors import DataError, UserError
+from onnxopt.ir import clone_model
 from onnxopt.passes.early_exit.cuts import CutPoint
 from onnxopt.passes.early_exit.heads import (
     HeadKind,
@@ -33,11 +38,6 @@ from onnxopt.passes.early_exit.heads import (
     pool,
     softmax,
 )
-
-from onnxopt.compare import classifier_like
-from onnxopt.data import FeedSource, input_specs
-from onnxopt.errors import DataError, UserError
-from onnxopt.ir import clone_model
 from onnxopt.session import make_session, stream
 
 logger = logging.getLogger(__name__)

@@ -24,11 +24,11 @@ import onnx
 import onnx.compose
 import onnx_ir as ir
 import onnxruntime as ort
-from onnxopt.passes.early_exit.bundle import read_manifest
-from onnxopt.passes.early_exit.exits import ExitPlan, StagedReport, staged_report
 
 from onnxopt.data import FeedSource, input_specs
 from onnxopt.errors import DataError
+from onnxopt.passes.early_exit.bundle import read_manifest
+from onnxopt.passes.early_exit.exits import ExitPlan, StagedReport, staged_report
 from onnxopt.session import make_session, stream
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+
+from onnxopt.bn import bn_affine
+from onnxopt.ir import attr, const_array, is_constant, is_standard, node_label
 from onnxopt.passes.fuse_resconv.kernel import (
     Geometry,
     KernelMismatch,
@@ -23,9 +26,6 @@ from onnxopt.passes.fuse_resconv.kernel import (
     embed_kernel,
     merge_geometry,
 )
-
-from onnxopt.bn import bn_affine
-from onnxopt.ir import attr, const_array, is_constant, is_standard, node_label
 
 
 class NoFusion(Exception):

@@ -42,8 +42,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxopt.passes.fuse_resconv.forms import Form, Matcher, NoFusion
-from onnxopt.passes.fuse_resconv.kernel import Geometry, add_identity, identity_blocker
 
 from onnxopt.cost import node_macs
 from onnxopt.ir import (
@@ -55,6 +53,8 @@ from onnxopt.ir import (
     unique_name,
 )
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxopt.passes.fuse_resconv.forms import Form, Matcher, NoFusion
+from onnxopt.passes.fuse_resconv.kernel import Geometry, add_identity, identity_blocker
 
 logger = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from onnxopt.passes.prune.channel_cost import CostModel, Keep
 
 from onnxopt.channels.groups import ChannelGroup
+from onnxopt.passes.prune.channel_cost import CostModel, Keep
 
 __all__ = ["ALLOCATORS", "Keep", "Limits", "allocate_knapsack", "allocate_ratio",
            "allocate_uniform", "group_savings", "keep_every_tensor", "kept_counts",

@@ -31,7 +31,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.channels.surgery import set_weight
-from onnxopt.ir import attr, clone_model, const_array, is_standard, iter_values
+from onnxopt.ir import (
+    attr,
+    clone_model,
+    const_array,
+    is_standard,
+    iter_values,
+    remove_dead_nodes,
+    remove_unused_initializers,
+)
 from onnxopt.layouts import WeightLayout, gemm_bias, weight_layout
 
 __all__ = ["VIEWS", "LinearView", "linear_view", "sample_rows", "truncated_copy"]
@@ -46,8 +54,6 @@ def truncated_copy(model: ir.Model, names: list[str]) -> ir.Model:
     Raises:
         KeyError: A name is not a tensor of the main graph.
     """
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
-
     copy = clone_model(model)
     values = {v.name: v for v in iter_values(copy.graph) if v.name}
     inputs = {v.name for v in copy.graph.inputs}
@@ -59,7 +65,8 @@ def truncated_copy(model: ir.Model, names: list[str]) -> ir.Model:
             value.type = ir.TensorType(ir.DataType.FLOAT)
     copy.graph.outputs.clear()
     copy.graph.outputs.extend(wanted)
-    RemoveUnusedNodesPass()(copy)
+    remove_dead_nodes(copy.graph)
+    remove_unused_initializers(copy.graph)
     return copy
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from onnxopt.passes.prune.statistics import ConsumerSystem
 
 __all__ = ["Compensation", "eliminate"]

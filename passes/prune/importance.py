@@ -43,12 +43,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from onnxopt.passes.prune.compensation import Compensation, eliminate
-from onnxopt.passes.prune.statistics import CalibStatistics, ConsumerSystem
 
 from onnxopt.channels.groups import ChannelGroup, Member
 from onnxopt.channels.tie import Port, Role
 from onnxopt.ir import const_array
+from onnxopt.passes.prune.compensation import Compensation, eliminate
+from onnxopt.passes.prune.statistics import CalibStatistics, ConsumerSystem
 
 logger = logging.getLogger(__name__)
 

@@ -35,6 +35,14 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
+
+from onnxopt.channels import ChannelAnalysis, ChannelGroup, analyse_channels
+from onnxopt.channels.surgery import remove_channels
+from onnxopt.channels.tie import Role
+from onnxopt.cost import ModelCost, model_cost
+from onnxopt.errors import UserError
+from onnxopt.ir import clone_model, node_label, unmatched
+from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 from onnxopt.passes.prune.budget import (
     ALLOCATORS,
     Limits,
@@ -48,14 +56,6 @@ from onnxopt.passes.prune.importance import CRITERIA, group_scores
 from onnxopt.passes.prune.reconstruct import reconstruct
 from onnxopt.passes.prune.sensitivity import measured_error, measured_scores, refit_targets
 from onnxopt.passes.prune.statistics import collect_statistics
-
-from onnxopt.channels import ChannelAnalysis, ChannelGroup, analyse_channels
-from onnxopt.channels.surgery import remove_channels
-from onnxopt.channels.tie import Role
-from onnxopt.cost import ModelCost, model_cost
-from onnxopt.errors import UserError
-from onnxopt.ir import clone_model, node_label, unmatched
-from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
 

@@ -13,12 +13,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
-from onnxopt.passes.prune.budget import (
-    Limits,
-    keep_every_tensor,
-)
-from onnxopt.passes.prune.capture import linear_view
-from onnxopt.passes.prune.reconstruct import RefitTarget, reconstruct
 
 from onnxopt.channels import ChannelGroup, analyse_channels
 from onnxopt.channels.surgery import remove_channels
@@ -26,6 +20,12 @@ from onnxopt.channels.tie import IN0, OUT0, Role
 from onnxopt.data import input_specs
 from onnxopt.ir import clone_model, subgraphs
 from onnxopt.pass_base import PassContext
+from onnxopt.passes.prune.budget import (
+    Limits,
+    keep_every_tensor,
+)
+from onnxopt.passes.prune.capture import linear_view
+from onnxopt.passes.prune.reconstruct import RefitTarget, reconstruct
 from onnxopt.progress import progress
 
 if TYPE_CHECKING:

@@ -23,11 +23,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
-from onnxopt.passes.quantize.rewrite import BiasSite
 
 from onnxopt.activations import collect_activation_stats
 from onnxopt.data import FeedSource
 from onnxopt.ir import opset_version
+from onnxopt.passes.quantize.rewrite import BiasSite
 from onnxopt.session import make_session
 
 logger = logging.getLogger(__name__)

@@ -23,13 +23,6 @@ from typing import Literal
 
 import onnx
 import onnx_ir as ir
-from onnxopt.passes.quantize.bias_correction import correct_biases
-from onnxopt.passes.quantize.calibration import calibrate, group_params
-from onnxopt.passes.quantize.cpu import int8_pairs_saturate
-from onnxopt.passes.quantize.equalize import equalize
-from onnxopt.passes.quantize.fallback import choose_float_nodes, reference, tensor_sqnr
-from onnxopt.passes.quantize.placement import COMPUTE_OPS, SAME, Plan, plan_quantization
-from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
 
 from onnxopt.activations import TensorStats
 from onnxopt.cost import infer_shapes
@@ -37,6 +30,13 @@ from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, node_label, opset_version, unmatched
 from onnxopt.model_io import serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
+from onnxopt.passes.quantize.bias_correction import correct_biases
+from onnxopt.passes.quantize.calibration import calibrate, group_params
+from onnxopt.passes.quantize.cpu import int8_pairs_saturate
+from onnxopt.passes.quantize.equalize import equalize
+from onnxopt.passes.quantize.fallback import choose_float_nodes, reference, tensor_sqnr
+from onnxopt.passes.quantize.placement import COMPUTE_OPS, SAME, Plan, plan_quantization
+from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+
+from onnxopt.ir import (
+    FreshNames,
+    const_array,
+    is_constant,
+    remove_unused_initializers,
+)
+from onnxopt.layouts import gemm_bias, weight_layout
 from onnxopt.passes.quantize.placement import NodePlan, Plan
 from onnxopt.passes.quantize.scheme import (
     QuantParams,
@@ -30,14 +38,6 @@ from onnxopt.passes.quantize.scheme import (
     quantize_weight,
     weight_params,
 )
-
-from onnxopt.ir import (
-    FreshNames,
-    const_array,
-    is_constant,
-    remove_unused_initializers,
-)
-from onnxopt.layouts import gemm_bias, weight_layout
 
 logger = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnxopt.passes.dead_layers import DeadLayersPass
 
 from onnxopt.pass_base import get_pass
+from onnxopt.passes.dead_layers import DeadLayersPass
 from testmodels import zeroed
 from testmodels.structures import residual_blocks
 from tests.helpers import apply_pass, assert_same_outputs, op_counts, random_feeds
@@ -82,3 +82,23 @@ def test_broadcasting_zero_add_is_kept() -> None:
 
 def test_registered() -> None:
     assert get_pass("dead-layers") is DeadLayersPass
+
+
+def test_dead_if_goes_with_its_outer_reads_and_a_custom_sink_stays() -> None:
+    branch = [helper.make_graph([helper.make_node(op, ["r"], [f"{op.lower()}_out"])], op,
+                                [], [helper.make_tensor_value_info(f"{op.lower()}_out",
+                                                                   TensorProto.FLOAT, [2, 4])])
+              for op in ("Identity", "Neg")]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Identity", ["r"], ["y"]),
+             helper.make_node("If", ["c0"], ["unused"], then_branch=branch[0],
+                              else_branch=branch[1]),
+             helper.make_node("Log", ["r"], [], domain="custom")]  # no outputs: a side effect
+    original = _single(nodes, [], [2, 4], [2, 4])
+    original.graph.initializer.append(numpy_helper.from_array(np.array(True), "c0"))
+    original.opset_import.append(helper.make_opsetid("custom", 1))
+    work, result = apply_pass(DeadLayersPass(), original)
+    assert result.stats["nodes_removed"] == 1 and result.stats["initializers_removed"] == 1
+    assert op_counts(work) == {"Relu": 1, "Identity": 1, "Log": 1}
+    relu_out = work.graph.node(0).outputs[0]
+    assert {use.node.op_type for use in relu_out.uses()} == {"Identity", "Log"}

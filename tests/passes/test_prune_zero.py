@@ -8,13 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
-from onnxopt.passes.prune_zero import PruneZeroPass
 
 from onnxopt.channels import analyse_channels
 from onnxopt.channels.tie import Role
 from onnxopt.cost import infer_shapes, model_cost
 from onnxopt.ir import from_proto, to_proto
 from onnxopt.pass_base import PassContext, get_pass
+from onnxopt.passes.prune_zero import PruneZeroPass
 from onnxopt.session import run_model
 from testmodels import zeroed
 from testmodels.structures import STRUCTURES, conv_chain, flatten_gemm_head

@@ -9,6 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.cost import infer_shapes, model_cost
+from onnxopt.errors import UserError
+from onnxopt.ir import to_proto
+from onnxopt.model_io import load
 from onnxopt.passes.early_exit.cuts import (
     CutError,
     all_cut_points,
@@ -19,11 +24,6 @@ from onnxopt.passes.early_exit.cuts import (
     split_model,
     stage_nodes,
 )
-
-from onnxopt.cost import infer_shapes, model_cost
-from onnxopt.errors import UserError
-from onnxopt.ir import to_proto
-from onnxopt.model_io import load
 from onnxopt.session import make_session
 from testmodels import STRUCTURES
 from tests.helpers import random_feeds

@@ -10,12 +10,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxopt.passes.early_exit import EarlyExitModel, read_manifest, write_bundle
-from onnxopt.passes.early_exit.cli import split_main
-from onnxopt.passes.early_exit.cuts import CutError, choose_cuts, find_cut_points
-from onnxopt.passes.early_exit.exits import collect_features, plan_exits, simulate
-from onnxopt.passes.early_exit.heads import choose_threshold, fit_head, softmax
-from onnxopt.passes.early_exit.runner import evaluate_bundle
 
 from onnxopt.api import optimize
 from onnxopt.cost import infer_shapes
@@ -23,6 +17,12 @@ from onnxopt.data import from_arrays, from_npz
 from onnxopt.ir import to_proto
 from onnxopt.model_io import load
 from onnxopt.pass_base import PassContext, get_pass
+from onnxopt.passes.early_exit import EarlyExitModel, read_manifest, write_bundle
+from onnxopt.passes.early_exit.cli import split_main
+from onnxopt.passes.early_exit.cuts import CutError, choose_cuts, find_cut_points
+from onnxopt.passes.early_exit.exits import collect_features, plan_exits, simulate
+from onnxopt.passes.early_exit.heads import choose_threshold, fit_head, softmax
+from onnxopt.passes.early_exit.runner import evaluate_bundle
 from onnxopt.session import make_session
 from testmodels import STRUCTURES
 from tests.helpers import apply_pass, op_counts

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
+
+from onnxopt.bn import bn_affine, fold_affine_into_conv
 from onnxopt.passes.fuse_resconv.kernel import (
     Geometry,
     KernelMismatch,
@@ -14,8 +16,6 @@ from onnxopt.passes.fuse_resconv.kernel import (
     identity_blocker,
     merge_geometry,
 )
-
-from onnxopt.bn import bn_affine, fold_affine_into_conv
 
 
 def _geom(kernel=(3, 3), pads=(1, 1, 1, 1), strides=(1, 1), dilations=(1, 1), group=1,

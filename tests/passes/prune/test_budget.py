@@ -6,6 +6,11 @@ import time
 
 import numpy as np
 import pytest
+
+from onnxopt.channels import analyse_channels
+from onnxopt.channels.surgery import remove_channels
+from onnxopt.cost import model_cost
+from onnxopt.ir import from_proto
 from onnxopt.passes.prune.budget import (
     Limits,
     allocate_knapsack,
@@ -15,11 +20,6 @@ from onnxopt.passes.prune.budget import (
     rank_values,
 )
 from onnxopt.passes.prune.channel_cost import CostModel, CostTerm, macs_model, params_model
-
-from onnxopt.channels import analyse_channels
-from onnxopt.channels.surgery import remove_channels
-from onnxopt.cost import model_cost
-from onnxopt.ir import from_proto
 from testmodels.structures import STRUCTURES
 
 

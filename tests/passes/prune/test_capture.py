@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxopt.passes.prune.capture import linear_view, truncated_copy
 
 from onnxopt.ir import from_proto, to_proto
+from onnxopt.passes.prune.capture import linear_view, truncated_copy
 from onnxopt.session import run_model
 
 

@@ -6,13 +6,13 @@ import typing
 
 import numpy as np
 import pytest
-from onnxopt.passes.prune.importance import CRITERIA, group_scores, thinet_order
-from onnxopt.passes.prune.statistics import collect_statistics
 
 from onnxopt.channels import analyse_channels
 from onnxopt.channels.tie import IN0, Port, Role
 from onnxopt.data import input_specs, random_source
 from onnxopt.ir import const_array, from_proto
+from onnxopt.passes.prune.importance import CRITERIA, group_scores, thinet_order
+from onnxopt.passes.prune.statistics import collect_statistics
 from testmodels import zeroed
 from testmodels.structures import conv_chain, flatten_gemm_head, residual_blocks
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnxopt.passes.prune import PrunePass
 
 from onnxopt.channels import analyse_channels
 from onnxopt.channels.tie import Role
@@ -14,6 +13,7 @@ from onnxopt.data import from_npz, input_specs, random_source
 from onnxopt.errors import PipelineError, UserError
 from onnxopt.ir import attr, from_proto, to_proto
 from onnxopt.pass_base import PassContext
+from onnxopt.passes.prune import PrunePass
 from onnxopt.pipeline import parse_pipeline
 from onnxopt.session import run_model
 from testmodels.structures import (

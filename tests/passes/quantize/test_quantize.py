@@ -10,7 +10,6 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxopt.passes.quantize.equalize import equalize
 
 import onnxopt
 from onnxopt.cost import infer_shapes
@@ -18,6 +17,7 @@ from onnxopt.data import open_feeds
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, from_proto
 from onnxopt.pass_base import PassContext, PassResult, get_pass
+from onnxopt.passes.quantize.equalize import equalize
 from onnxopt.session import make_session, run_model
 from testmodels import STRUCTURES, conv_chain, residual_blocks
 from tests.helpers import all_feeds, random_feeds
