@@ -23,8 +23,6 @@ logger = logging.getLogger("onnxopt")
 DEFAULT_PIPELINE = "cleanup,fold-bn"
 
 
-
-
 def _main_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="onnxopt",
@@ -104,8 +102,6 @@ def _dispatch(args_list: list[str]) -> int:
     return _optimize(args)
 
 
-
-
 def _list_passes() -> str:
     from onnxopt.pass_base import registered_passes
     from onnxopt.pipeline import describe_options
@@ -124,7 +120,7 @@ def _list_passes() -> str:
 def _optimize(args: argparse.Namespace) -> int:
     from onnxopt.api import optimize
     from onnxopt.data import parse_input_shapes
-    from onnxopt.model_io import check_model, load
+    from onnxopt.model_io import check_model, check_writable, load, write_text
     from onnxopt.pipeline import parse_pipeline
 
     passes = parse_pipeline(args.pipeline)
@@ -132,7 +128,7 @@ def _optimize(args: argparse.Namespace) -> int:
         passes = _plan_only(passes)
     output = Path(args.output) if args.output else output_beside(args.model, ".opt.onnx")
     if not args.dry_run:
-        _check_output(output)
+        check_writable(output)
     for name, value in (("--min-agreement", args.min_agreement),
                         ("--max-accuracy-drop", args.max_accuracy_drop)):
         if value is not None and not 0.0 <= value <= 1.0:
@@ -156,7 +152,7 @@ def _optimize(args: argparse.Namespace) -> int:
                 print(f"{record.name} plan:\n{record.stats['plan_text']}")
     print("dry run: nothing written" if args.dry_run else f"wrote {output}")
     if args.report:
-        _write_text(Path(args.report), report.to_json())
+        write_text(args.report, report.to_json())
     gate_failures = [r for r in report.failures if r.status == "gate failed"]
     if gate_failures:
         print(f"onnxopt: gate missed by pass {gate_failures[0].name}: "
@@ -183,32 +179,6 @@ def _plan_only(passes: list) -> list:
         raise UserError("--dry-run: no pass in the pipeline has a plan-only mode "
                         "(prune has one)")
     return planned
-
-
-def _check_output(output: Path) -> None:
-    """Fail early, before any work, on an output path that cannot be written."""
-    import os
-
-    if output.is_dir():
-        raise UserError(f"output path is a directory: {output}")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder is not writable: {folder}")
-
-
-def _write_text(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _info(args: argparse.Namespace) -> int:

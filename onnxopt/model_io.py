@@ -148,11 +148,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
             writable, or the disk is full. No partial file is left behind.
     """
     dest = Path(path)
-    if dest.is_dir():
-        raise UserError(f"output path is a directory: {dest}")
-    folder = dest.parent if str(dest.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserError(f"output folder does not exist: {folder}")
+    folder = check_writable(dest)
     if external_data is None:
         external_data = (total_weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
                          or has_external_weights(model))
@@ -173,6 +169,50 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    return dest
+
+
+def check_writable(dest: Path, *, folder_ok: bool = False) -> Path:
+    """Fail early, before any work, on an output path that cannot be written.
+
+    Args:
+        dest: The file (or, with ``folder_ok``, the folder) to be written.
+        folder_ok: ``dest`` may be an existing folder (a bundle is one).
+
+    Returns:
+        The folder ``dest`` is written in.
+
+    Raises:
+        UserError: ``dest`` is a directory, or its folder does not exist or is not writable.
+    """
+    if dest.is_dir() and not folder_ok:
+        raise UserError(f"output path is a directory: {dest}")
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output folder is not writable: {folder}")
+    return folder
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically: a temporary file beside it, then a rename.
+
+    Raises:
+        UserError: The file cannot be written (no partial file is left behind).
+    """
+    dest = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent or Path("."))
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
     return dest
 
 

@@ -32,6 +32,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import UserError
 from onnxopt.ir import opset_version
+from onnxopt.model_io import check_writable, write_text
 from onnxopt.passes.early_exit.cuts import split_model
 from onnxopt.passes.early_exit.exits import ExitHead, ExitPlan, StagedReport
 
@@ -136,7 +137,7 @@ def write_bundle(path: str | os.PathLike, model: ir.Model, plan: ExitPlan | None
         UserError: The folder cannot be written or holds something other than a bundle.
     """
     dest = Path(path)
-    _check_destination(dest)
+    check_destination(dest)
     cut_names = plan.cuts if plan is not None else list(cuts)
     stages = split_model(model, cut_names)
     opset = opset_version(model)
@@ -185,7 +186,9 @@ def write_bundle(path: str | os.PathLike, model: ir.Model, plan: ExitPlan | None
     return dest
 
 
-def _check_destination(dest: Path) -> None:
+def check_destination(dest: Path) -> None:
+    """Fail early when ``dest`` cannot become a bundle folder (see :func:`write_bundle`)."""
+    check_writable(dest, folder_ok=True)
     if dest.exists() and not dest.is_dir():
         raise UserError(f"bundle path exists and is not a folder: {dest}")
     if dest.is_dir() and any(dest.iterdir()) and not (dest / MANIFEST).is_file():
@@ -229,10 +232,4 @@ def update_manifest(path: str | os.PathLike, **fields: Any) -> None:
     folder = Path(path)
     manifest = read_manifest(folder)
     manifest.update(fields)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=folder)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(manifest, indent=2, allow_nan=False))
-        os.replace(tmp, folder / MANIFEST)
-    except OSError as exc:
-        raise UserError(f"cannot update {folder / MANIFEST}: {exc.strerror or exc}") from None
+    write_text(folder / MANIFEST, json.dumps(manifest, indent=2, allow_nan=False))

@@ -65,14 +65,12 @@ def split_main(argv: Sequence[str] | None = None) -> int:
     return run_reporting_user_errors("onnxopt split", body)
 
 
-
-
 def _split(args: argparse.Namespace) -> int:
     from onnxopt.cost import infer_shapes
     from onnxopt.data import open_feeds, parse_input_shapes
     from onnxopt.model_io import check_model, load
     from onnxopt.passes.early_exit import EarlyExitModel, write_bundle
-    from onnxopt.passes.early_exit.bundle import update_manifest
+    from onnxopt.passes.early_exit.bundle import check_destination, update_manifest
     from onnxopt.passes.early_exit.cuts import choose_cuts, require_cut_points, resolve_cuts
     from onnxopt.passes.early_exit.exits import exit_capable, plan_exits
     from onnxopt.passes.early_exit.runner import evaluate_bundle
@@ -80,6 +78,8 @@ def _split(args: argparse.Namespace) -> int:
     if not 0.0 < args.target <= 1.0:
         raise UserError(f"--target must be in (0, 1], got {args.target}")
     output = Path(args.output) if args.output else output_beside(args.model, ".bundle")
+    if not args.list_cuts:
+        check_destination(output)
     model = load(args.model)
     if not args.no_check:
         check_model(model, args.model)

@@ -285,6 +285,26 @@ def test_split_cli_plain_split_and_listing(tmp_path: Path, capsys) -> None:
     assert split_main([str(path), "-o", str(tmp_path / "c"), "--exits", "nope"]) == 2
 
 
+def test_split_cli_refuses_an_unwritable_bundle_path_before_any_work(
+        digits_model: Path, digits_calib: Path, tmp_path: Path, capsys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxopt.passes.early_exit.exits as exits_module
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned exits for a bundle that cannot be written")
+
+    monkeypatch.setattr(exits_module, "plan_exits", no_planning)
+    missing = tmp_path / "no" / "such" / "folder.bundle"
+    assert split_main([str(digits_model), "--calib", str(digits_calib), "-o",
+                       str(missing)]) == 2
+    assert "output folder does not exist" in capsys.readouterr().err
+    model_file = tmp_path / "file.bundle"
+    model_file.write_text("x")
+    assert split_main([str(digits_model), "--calib", str(digits_calib), "-o",
+                       str(model_file)]) == 2
+    assert "not a folder" in capsys.readouterr().err and model_file.read_text() == "x"
+
+
 def test_softmax_rows_sum_to_one() -> None:
     p = softmax(np.array([[1000.0, 0.0], [0.0, 0.0]]))
     np.testing.assert_allclose(p.sum(1), 1.0)
