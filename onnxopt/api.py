@@ -33,6 +33,7 @@ def optimize(
     progress: bool = False,
     instruments: Sequence[Instrumentation] = (),
     seed: int = 0,
+    dry_run: bool = False,
 ) -> tuple[ir.Model, RunReport]:
     """Optimize a model with a pipeline of passes, validating each rewrite.
 
@@ -55,6 +56,8 @@ def optimize(
         progress: Show progress bars on a terminal.
         instruments: Extra before/after-pass hooks.
         seed: Seed for random data and passes.
+        dry_run: Passes that can plan without rewriting (``Pass.supports_dry_run``) only
+            report their plan; give no ``output`` then.
 
     Returns:
         The optimized model and the run report (``report.failures`` lists rolled-back
@@ -70,7 +73,7 @@ def optimize(
         passes, validation=eval_source, calib=calib_source, validate=validate,
         gates=Gates(min_agreement, max_accuracy_drop), batch_size=batch_size,
         max_samples=max_samples, input_shapes=input_shapes, progress=progress,
-        instruments=instruments, seed=seed)
+        instruments=instruments, seed=seed, dry_run=dry_run)
     result, report = manager.run(loaded)
     if output is not None:
         report.output_path = os.fspath(save(result, output))

@@ -122,10 +122,15 @@ def _optimize(args: argparse.Namespace) -> int:
     from onnxopt.data import parse_input_shapes
     from onnxopt.model_io import check_model, check_writable, load, write_text
     from onnxopt.pipeline import parse_pipeline
+    from onnxopt.report import Status
 
     passes = parse_pipeline(args.pipeline)
-    if args.dry_run:
-        passes = _plan_only(passes)
+    if args.dry_run and not any(p.supports_dry_run for p in passes):
+        from onnxopt.pass_base import registered_passes
+
+        able = [name for name, cls in registered_passes().items() if cls.supports_dry_run]
+        raise UserError(f"--dry-run: no pass in the pipeline has a plan-only mode "
+                        f"({', '.join(able)} {'has' if len(able) == 1 else 'have'} one)")
     output = Path(args.output) if args.output else output_beside(args.model, ".opt.onnx")
     if not args.dry_run:
         check_writable(output)
@@ -143,17 +148,18 @@ def _optimize(args: argparse.Namespace) -> int:
         validate=not args.no_validate, min_agreement=args.min_agreement,
         max_accuracy_drop=args.max_accuracy_drop,
         input_shapes=parse_input_shapes(args.input_shape), batch_size=args.batch_size,
-        max_samples=args.max_samples, progress=show_progress, seed=args.seed)
+        max_samples=args.max_samples, progress=show_progress, seed=args.seed,
+        dry_run=args.dry_run)
     if not args.quiet:
         print(report.format_table())
     if args.dry_run:
         for record in report.records:
-            if isinstance(record.stats.get("plan_text"), str):
-                print(f"{record.name} plan:\n{record.stats['plan_text']}")
+            if record.plan:
+                print(f"{record.name} plan:\n{record.plan}")
     print("dry run: nothing written" if args.dry_run else f"wrote {output}")
     if args.report:
         write_text(args.report, report.to_json())
-    gate_failures = [r for r in report.failures if r.status == "gate failed"]
+    gate_failures = [r for r in report.failures if r.status is Status.GATE_FAILED]
     if gate_failures:
         print(f"onnxopt: gate missed by pass {gate_failures[0].name}: "
               f"{gate_failures[0].message}", file=sys.stderr)
@@ -164,21 +170,6 @@ def _optimize(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_VALIDATION
     return EXIT_OK
-
-
-def _plan_only(passes: list) -> list:
-    """Switch every pass that can plan without rewriting to ``plan_only=True``."""
-    import dataclasses
-
-    planned = []
-    for p in passes:
-        if any(f.name == "plan_only" for f in dataclasses.fields(p.options)):
-            p = type(p)(dataclasses.replace(p.options, plan_only=True))
-        planned.append(p)
-    if passes and not any(getattr(p.options, "plan_only", False) for p in planned):
-        raise UserError("--dry-run: no pass in the pipeline has a plan-only mode "
-                        "(prune has one)")
-    return planned
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -25,16 +25,7 @@ from onnxopt.errors import DataError, ModelError, UserError
 from onnxopt.ir import call_without_weights, clone_model, release_mapped_weights
 from onnxopt.model_io import serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult
-from onnxopt.report import (
-    CRASHED,
-    GATE_FAILED,
-    KEPT,
-    ROLLED_BACK,
-    UNCHANGED,
-    PassRecord,
-    RunReport,
-    Snapshot,
-)
+from onnxopt.report import PassRecord, RunReport, Snapshot, Status
 from onnxopt.session import concat_batches, make_session, stream
 
 logger = logging.getLogger(__name__)
@@ -85,6 +76,7 @@ class PassManager:
         progress: Show progress bars (only on a terminal).
         instruments: Extra hooks.
         seed: Seed for random validation data and for passes.
+        dry_run: Passes that support it only report their plan (``PassContext.dry_run``).
     """
 
     def __init__(self, passes: Sequence[Pass], *, validation: FeedSource | None = None,
@@ -93,7 +85,7 @@ class PassManager:
                  max_samples: int | None = None,
                  input_shapes: dict[str, tuple[int, ...]] | None = None,
                  progress: bool = False, instruments: Sequence[Instrumentation] = (),
-                 seed: int = 0) -> None:
+                 seed: int = 0, dry_run: bool = False) -> None:
         self.passes = list(passes)
         self.validation = validation
         self.calib = calib
@@ -105,6 +97,7 @@ class PassManager:
         self.show_progress = progress
         self.instruments = list(instruments)
         self.seed = seed
+        self.dry_run = dry_run
 
     def run(self, model: ir.Model) -> tuple[ir.Model, RunReport]:
         """Run every pass; returns the final model and the report.
@@ -120,7 +113,7 @@ class PassManager:
         model = infer_shapes(model)
         report = RunReport(original=_snapshot(model))
         ctx = PassContext(calib=self.calib, input_shapes=self.input_shapes, seed=self.seed,
-                          progress=self.show_progress)
+                          progress=self.show_progress, dry_run=self.dry_run)
         validator = None
         if self.validate:
             validator = _Validator(model, self)
@@ -155,17 +148,18 @@ class PassManager:
             raise
         except Exception as exc:  # a crashing pass must not lose the user's model
             logger.exception("pass %r crashed; rolled back", pass_)
-            record = PassRecord(repr(pass_), pass_.exact, CRASHED, _snapshot(snapshot),
+            record = PassRecord(repr(pass_), pass_.exact, Status.CRASHED, _snapshot(snapshot),
                                 time.perf_counter() - start,
                                 message=f"crashed, rolled back: {type(exc).__name__}: {exc}")
             self._notify_failed(pass_, snapshot, record)
             return snapshot, record
         exact = pass_.exact if result.exact is None else result.exact
-        record = PassRecord(repr(pass_), exact, KEPT if result.modified else UNCHANGED,
-                            _snapshot(snapshot), 0.0, stats=result.stats,
-                            refusals=list(result.refusals))
+        status = Status.KEPT if result.modified else Status.UNCHANGED
+        record = PassRecord(repr(pass_), exact, status, _snapshot(snapshot), 0.0,
+                            stats=result.stats,
+                            refusals=list(result.refusals), summary=result.summary,
+                            plan=result.plan)
         if result.modified:
-            ctx.analyses.clear()
             problem = _structural_problem(model) if self.validate else None
             if problem is not None:
                 return self._roll_back(pass_, snapshot, record, start,
@@ -185,8 +179,8 @@ class PassManager:
 
     def _roll_back(self, pass_: Pass, snapshot: ir.Model, record: PassRecord, start: float,
                    message: str) -> tuple[ir.Model, PassRecord]:
-        if record.status not in (GATE_FAILED,):
-            record.status = ROLLED_BACK
+        if record.status is not Status.GATE_FAILED:
+            record.status = Status.ROLLED_BACK
         record.message = message
         record.after = _snapshot(snapshot)
         record.seconds = time.perf_counter() - start
@@ -257,26 +251,26 @@ class _Validator:
         return outputs, labels, count
 
     def check(self, pass_: Pass, model: ir.Model, result: PassResult, record: PassRecord,
-              exact: bool, gates: Gates) -> tuple[str, str] | None:
+              exact: bool, gates: Gates) -> tuple[Status, str] | None:
         """Compare ``model`` with the previous stage; returns (status, message) on failure."""
         names = [v.name or "" for v in model.graph.outputs]
         if names != self.output_names:
-            return ROLLED_BACK, (f"graph outputs changed from {self.output_names} to {names}, "
-                                 f"rolled back")
+            return Status.ROLLED_BACK, (f"graph outputs changed from {self.output_names} to "
+                                        f"{names}, rolled back")
         try:
             outputs, _, _ = self._run(model, f"validating {pass_.name}")
         except Exception as exc:  # onnxruntime refused the rewritten model
-            return ROLLED_BACK, f"onnxruntime cannot run the result, rolled back: {exc}"
+            return Status.ROLLED_BACK, f"onnxruntime cannot run the result, rolled back: {exc}"
         tol = scaled_tolerance(pass_.tolerance, self.previous)
         record.vs_previous = compare_outputs(self.previous, outputs, names, tol, self.labels)
         record.vs_original = compare_outputs(self.original, outputs, names, tol, self.labels)
         if exact and not record.vs_previous:
-            return ROLLED_BACK, ("exact pass changed the outputs, rolled back: "
+            return Status.ROLLED_BACK, ("exact pass changed the outputs, rolled back: "
                                  + record.vs_previous.summary())
         if not exact:
             message = _gate_message(record.vs_original, gates, self.original_accuracy)
             if message is not None:
-                return GATE_FAILED, message + ", rolled back"
+                return Status.GATE_FAILED, message + ", rolled back"
         self.previous = outputs
         return None
 

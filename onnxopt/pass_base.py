@@ -49,16 +49,19 @@ class PassResult:
 
     Attributes:
         modified: True only if the model was actually changed (computed, not assumed).
-        stats: Pass-specific counters and tables shown in the JSON report; a string under
-            ``stats["summary"]`` is also printed under the table.
+        stats: Pass-specific counters and tables, shown in the JSON report.
         refusals: Matches that were declined, with reasons; never silent.
         exact: Overrides the pass's declared exactness for this run (e.g. a lossy threshold).
+        summary: One line printed under the report table (e.g. the budget a plan met).
+        plan: What the pass would do, as text (printed by ``--dry-run``).
     """
 
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     refusals: list[Refusal] = field(default_factory=list)
     exact: bool | None = None
+    summary: str | None = None
+    plan: str | None = None
 
     def refuse(self, where: str, reason: str) -> None:
         """Record a declined rewrite."""
@@ -68,28 +71,22 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """Read-only inputs a pass may use: calibration data and cached analyses.
+    """Read-only inputs a pass may use.
 
     Attributes:
         calib: Calibration feeds, or None when the user gave none.
         input_shapes: Concrete shapes for dynamic inputs, from ``--input-shape``.
         seed: Seed for any randomness a pass needs.
         progress: Whether long loops may show a progress bar.
-        analyses: Cache of analyses keyed by name; the manager clears it after a pass
-            that modified the model.
+        dry_run: Plan only: a pass that ``supports_dry_run`` reports its plan and leaves
+            the model unchanged (other passes run as usual; nothing is written).
     """
 
     calib: FeedSource | None = None
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     seed: int = 0
     progress: bool = False
-    analyses: dict[str, Any] = field(default_factory=dict)
-
-    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
-        """Return the cached analysis ``key``, computing it on first use."""
-        if key not in self.analyses:
-            self.analyses[key] = compute()
-        return self.analyses[key]
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,6 +109,8 @@ class Pass:
     needs_data: ClassVar[bool] = False
     #: Fewest calibration samples the pass can work with when it is given data.
     min_samples: ClassVar[int] = 1
+    #: With ``ctx.dry_run`` the pass reports its plan and leaves the model unchanged.
+    supports_dry_run: ClassVar[bool] = False
     tolerance: ClassVar[Tolerance] = Tolerance()
 
     def __init__(self, options: Any | None = None, **kwargs: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -10,9 +11,23 @@ from typing import Any
 from onnxopt.compare import Comparison
 from onnxopt.pass_base import Refusal
 
-#: Status of one pass in a run.
-KEPT, UNCHANGED, ROLLED_BACK, GATE_FAILED, CRASHED = (
-    "kept", "unchanged", "rolled back", "gate failed", "crashed")
+
+class Status(str, enum.Enum):
+    """What became of one pass in a run (the value is what the table and JSON show)."""
+
+    KEPT = "kept"
+    UNCHANGED = "unchanged"
+    ROLLED_BACK = "rolled back"
+    GATE_FAILED = "gate failed"
+    CRASHED = "crashed"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def failed(self) -> bool:
+        """Whether the pass's rewrite was not kept for a reason the user must hear about."""
+        return self in (Status.ROLLED_BACK, Status.GATE_FAILED, Status.CRASHED)
 
 
 @dataclass
@@ -31,7 +46,7 @@ class PassRecord:
 
     name: str
     exact: bool
-    status: str
+    status: Status
     after: Snapshot
     seconds: float
     message: str = ""
@@ -39,10 +54,12 @@ class PassRecord:
     refusals: list[Refusal] = field(default_factory=list)
     vs_previous: Comparison | None = None
     vs_original: Comparison | None = None
+    summary: str | None = None
+    plan: str | None = None
 
     @property
     def failed(self) -> bool:
-        return self.status in (ROLLED_BACK, GATE_FAILED, CRASHED)
+        return self.status.failed
 
 
 @dataclass
@@ -68,7 +85,7 @@ class RunReport:
     @property
     def final_accuracy(self) -> float | None:
         for record in reversed(self.records):
-            if record.status == KEPT and record.vs_original is not None:
+            if record.status is Status.KEPT and record.vs_original is not None:
                 return record.vs_original.accuracy
         return self.original_accuracy
 
@@ -99,7 +116,7 @@ class RunReport:
         for r in self.records:
             cmp = r.vs_previous
             rows.append([
-                r.name + ("" if r.exact else " ~"), r.status, str(r.after.nodes),
+                r.name + ("" if r.exact else " ~"), str(r.status), str(r.after.nodes),
                 _num(r.after.params), _num(r.after.macs), _bytes(r.after.bytes),
                 "" if cmp is None else f"{cmp.max_abs_error:.2g}",
                 "" if cmp is None or cmp.agreement is None else f"{cmp.agreement:.3f}",
@@ -108,7 +125,7 @@ class RunReport:
             ])
         o, f = self.original, self.final
         last_vs_original = next((r.vs_original for r in reversed(self.records)
-                                 if r.vs_original is not None and r.status == KEPT), None)
+                                 if r.vs_original is not None and r.status is Status.KEPT), None)
         rows.append([
             "total", "", _ratio(f.nodes, o.nodes), _ratio(f.params, o.params),
             _ratio(f.macs, o.macs), _ratio(f.bytes, o.bytes),
@@ -126,8 +143,8 @@ class RunReport:
         for r in self.records:
             if r.message:
                 notes.append(f"{r.name}: {r.message}")
-            if isinstance(r.stats.get("summary"), str) and not r.failed:
-                notes.append(f"{r.name}: {r.stats['summary']}")
+            if r.summary and not r.failed:
+                notes.append(f"{r.name}: {r.summary}")
             if r.refusals:
                 reasons: dict[str, int] = {}
                 for ref in r.refusals:
@@ -169,8 +186,9 @@ def _ratio(new: int, old: int) -> str:
 
 def _record_dict(r: PassRecord) -> dict[str, Any]:
     return {
-        "name": r.name, "exact": r.exact, "status": r.status, "seconds": r.seconds,
-        "message": r.message, "after": asdict(r.after), "stats": r.stats,
+        "name": r.name, "exact": r.exact, "status": r.status.value, "seconds": r.seconds,
+        "message": r.message, "summary": r.summary, "plan": r.plan, "after": asdict(r.after),
+        "stats": r.stats,
         "refusals": [asdict(x) for x in r.refusals],
         "vs_previous": _comparison_dict(r.vs_previous),
         "vs_original": _comparison_dict(r.vs_original),

@@ -38,7 +38,7 @@ from onnxopt.manager import PassManager
 from onnxopt.model_io import load
 from onnxopt.pass_base import get_pass, registered_passes
 from onnxopt.progress import progress
-from onnxopt.report import CRASHED, GATE_FAILED, KEPT, ROLLED_BACK, UNCHANGED
+from onnxopt.report import Status
 from onnxopt.session import make_session
 
 logger = logging.getLogger(__name__)
@@ -149,11 +149,11 @@ def check_case(case: Case, pass_name: str, reference: list[list[np.ndarray]]) ->
     except Exception as exc:  # the manager itself must never crash
         return Outcome(case.name, pass_name, "crashed", f"{type(exc).__name__}: {exc}")
     record = report.records[0]
-    if record.status == CRASHED:
+    if record.status == Status.CRASHED:
         return Outcome(case.name, pass_name, "crashed", record.message)
-    if record.status in (ROLLED_BACK, GATE_FAILED):
+    if record.status in (Status.ROLLED_BACK, Status.GATE_FAILED):
         return Outcome(case.name, pass_name, "rolled back", record.message)
-    if record.status == UNCHANGED:
+    if record.status == Status.UNCHANGED:
         verdict = "declined" if record.refusals else "unchanged"
         detail = record.refusals[0].reason if record.refusals else ""
         return Outcome(case.name, pass_name, verdict, detail)
@@ -175,7 +175,7 @@ def check_case(case: Case, pass_name: str, reference: list[list[np.ndarray]]) ->
         cmp = compare_outputs(ref, act, names, tol)
         if not cmp:
             return Outcome(case.name, pass_name, "silent", cmp.summary())
-    return Outcome(case.name, pass_name, KEPT)
+    return Outcome(case.name, pass_name, Status.KEPT)
 
 
 def run_corpus(cases: Sequence[Case], passes: Sequence[str], *, show_progress: bool = False,

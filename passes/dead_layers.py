@@ -217,6 +217,4 @@ class DeadLayersPass(Pass):
             "params_saved": start.params - end.params,
             "macs_saved": start.macs - end.macs,
         }
-        if result.modified:  # the cached groups no longer describe the model
-            ctx.analyses.pop("channels", None)
         return result

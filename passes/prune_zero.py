@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.channels import ChannelAnalysis, ChannelGroup, Member, analyse_channels
+from onnxopt.channels import ChannelGroup, Member, analyse_channels
 from onnxopt.channels.surgery import remove_channels
 from onnxopt.channels.tie import IN0, Role
 from onnxopt.channels.values import ChannelConstants, channel_constants
@@ -130,9 +130,7 @@ class PruneZeroPass(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
-        analysis = ctx.cached("channels", lambda: analyse_channels(model))
-        if not isinstance(analysis, ChannelAnalysis) or analysis.model is not model:
-            analysis = analyse_channels(model)
+        analysis = analyse_channels(model)
         consts = channel_constants(analysis)
         start = model_cost(model)
         groups, removed, zero, folded = [], 0, 0, 0
@@ -178,8 +176,6 @@ class PruneZeroPass(Pass):
             "macs_saved": start.macs - end.macs,
             "groups": groups,
         }
-        if result.modified:  # cached groups no longer describe the model, even outside a manager
-            ctx.analyses.pop("channels", None)
         logger.info("prune-zero: %d channels removed in %d groups, MACs %d -> %d",
                     removed, len(groups), start.macs, end.macs)
         return result

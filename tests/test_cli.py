@@ -226,3 +226,24 @@ def test_calibration_sample_count_below_what_a_pass_needs(tmp_path, capsys, digi
     line = _one_line_error(capsys, code)
     assert "needs at least 32 calibration samples" in line and "has 5" in line
     assert not out.exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, digits_model,
+                                                    digits_calib):
+    out, report = tmp_path / "never.onnx", tmp_path / "report.json"
+    code = main([str(digits_model), "-p", "fold-bn,prune(macs=0.5,round_to=8)", "--calib",
+                 str(digits_calib), "--dry-run", "-o", str(out), "--report", str(report)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "prune(macs=0.5,round_to=8) plan:" in text and "MACs saved" in text
+    assert "plan only: macs=0.5" in text and "dry run: nothing written" in text
+    assert not out.exists()
+    passes = json.loads(report.read_text())["passes"]
+    assert [p["status"] for p in passes] == ["kept", "unchanged"]  # fold-bn still runs
+    assert passes[1]["summary"].startswith("plan only:") and "MACs saved" in passes[1]["plan"]
+
+
+def test_dry_run_without_a_planning_pass_is_a_user_error(capsys, conv_chain_path):
+    code = main([str(conv_chain_path), "-p", "cleanup,fold-bn", "--dry-run"])
+    line = _one_line_error(capsys, code)
+    assert "no pass in the pipeline has a plan-only mode (early-exit, prune have one)" in line

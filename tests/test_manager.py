@@ -12,7 +12,7 @@ import pytest
 from onnxopt import Pass, PassContext, PassManager, PassResult, load, optimize
 from onnxopt.data import input_specs, random_source
 from onnxopt.ir import add_initializer, const_array, to_proto
-from onnxopt.report import CRASHED, GATE_FAILED, KEPT, ROLLED_BACK, UNCHANGED
+from onnxopt.report import Status
 from testmodels.structures import conv_chain
 
 
@@ -73,7 +73,7 @@ def test_lying_exact_pass_is_rolled_back_and_saved_model_equals_input(tmp_path):
     out = tmp_path / "out.onnx"
     model, report = optimize(original, [PerturbWeight()], output=out)
     record = report.records[0]
-    assert record.status == ROLLED_BACK
+    assert record.status == Status.ROLLED_BACK
     assert "exact pass changed the outputs" in record.message
     assert record.vs_previous is not None and not record.vs_previous
     assert record.vs_previous.needed_rtol > 1e-4
@@ -87,14 +87,14 @@ def test_lying_exact_pass_is_rolled_back_and_saved_model_equals_input(tmp_path):
 
 def test_small_perturbation_inside_tolerance_is_kept():
     _, report = optimize(conv_chain(), [PerturbWeight(scale=1 + 1e-7)])
-    assert report.records[0].status == KEPT
+    assert report.records[0].status == Status.KEPT
     assert report.records[0].vs_previous.passed
 
 
 def test_lossy_pass_reports_metrics_against_previous_and_original():
     _, report = optimize(conv_chain(), [LossyPerturb(scale=1.2)], eval="random:40")
     record = report.records[0]
-    assert record.status == KEPT
+    assert record.status == Status.KEPT
     assert not record.exact
     for cmp in (record.vs_previous, record.vs_original):
         assert cmp.max_abs_error > 0
@@ -118,7 +118,7 @@ def test_gate_missed_rolls_back_and_names_the_pass():
     _, report = optimize(conv_chain(), [LossyPerturb(scale=-1.0)], eval="random:32",
                          min_agreement=0.99)
     record = report.records[0]
-    assert record.status == GATE_FAILED
+    assert record.status == Status.GATE_FAILED
     assert "below --min-agreement" in record.message
     assert record in report.failures
 
@@ -126,20 +126,20 @@ def test_gate_missed_rolls_back_and_names_the_pass():
 def test_crashing_pass_keeps_the_model():
     original = conv_chain()
     model, report = optimize(original, [Crash()])
-    assert report.records[0].status == CRASHED
+    assert report.records[0].status == Status.CRASHED
     assert "boom" in report.records[0].message
     assert len(to_proto(model).graph.node) == len(original.graph.node)
 
 
 def test_unmodified_pass_is_not_validated():
     _, report = optimize(conv_chain(), [NoOp()])
-    assert report.records[0].status == UNCHANGED
+    assert report.records[0].status == Status.UNCHANGED
     assert report.records[0].vs_previous is None
 
 
 def test_no_validate_skips_onnxruntime():
     _, report = optimize(conv_chain(), [PerturbWeight()], validate=False)
-    assert report.records[0].status == KEPT
+    assert report.records[0].status == Status.KEPT
     assert report.validated_samples == 0
 
 
@@ -158,8 +158,8 @@ def test_instrumentation_hooks_are_called():
 
     manager = PassManager([NoOp(), PerturbWeight()], instruments=[Hook()])
     manager.run(load(conv_chain()))
-    assert calls == [("before", "test-noop"), ("after", UNCHANGED),
-                     ("before", "test-perturb"), ("failed", ROLLED_BACK)]
+    assert calls == [("before", "test-noop"), ("after", Status.UNCHANGED),
+                     ("before", "test-perturb"), ("failed", Status.ROLLED_BACK)]
 
 
 def test_pass_needing_data_without_calib_is_a_user_error():

@@ -23,7 +23,7 @@ from onnxopt.ir import to_proto
 from onnxopt.manager import PassManager
 from onnxopt.model_io import load
 from onnxopt.pass_base import Tolerance, get_pass, registered_passes
-from onnxopt.report import KEPT, UNCHANGED
+from onnxopt.report import Status
 from onnxopt.session import make_session
 from testmodels import GraphBuilder
 from testmodels.zeroed import zero_channels
@@ -120,7 +120,8 @@ def _check(model: onnx.ModelProto, pipeline: list[str], reference: list[np.ndarr
     manager = PassManager(passes, validation=from_iterable([_feeds(2, 0)], "property"))
     result, report = manager.run(load(model))
     for record in report.records:
-        assert record.status in (KEPT, UNCHANGED), (record.name, record.status, record.message)
+        assert record.status in (Status.KEPT, Status.UNCHANGED), (record.name, record.status,
+                                                                  record.message)
     actual = make_session(result).run(None, fresh)
     tolerance = max((p.tolerance for p in passes), key=lambda t: t.rtol, default=Tolerance())
     # Errors of a pipeline add up: allow each pass its own share.

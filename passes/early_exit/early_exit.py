@@ -18,8 +18,8 @@ batch size; a batch only saves work when all its samples are done early. The rew
 
 Nodes of stage ``k >= 1`` move into the else-branch of level ``k - 1``, together with the
 initializers only they read; values of earlier stages are read from the enclosing scope.
-With ``single_file=false`` the model is left unchanged and only the plan is reported (write
-a bundle with ``onnxopt split``).
+With ``single_file=false``, or in a dry run, the model is left unchanged and only the plan
+is reported (write a bundle with ``onnxopt split``).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class EarlyExitPass(Pass):
     exact = False
     needs_data = True
     min_samples = 32
+    supports_dry_run = True
     tolerance = Tolerance()
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
@@ -120,13 +121,13 @@ class EarlyExitPass(Pass):
         result.stats = plan.to_dict()
         if plan.calib_report is not None:
             cal = plan.calib_report
-            result.stats["summary"] = (
+            result.summary = (
                 f"{len(plan.heads)} exits at {', '.join(h.cut for h in plan.heads)}; on "
                 f"calibration data: agreement {cal.agreement:.4f}, expected MACs "
                 f"{cal.macs_ratio:.3f}x (the MACs column counts the worst case)")
         for name in plan.dropped:
             result.refuse(name, f"exit never reaches agreement {opts.target}; dropped")
-        if opts.single_file:
+        if opts.single_file and not ctx.dry_run:
             build_if_form(model, plan)
             result.modified = True
         return result

@@ -22,8 +22,8 @@ flattened blocks), and the matching input columns of every consumer
    (:mod:`.reconstruct`).
 
 Frozen groups (graph inputs and outputs, so the classifier output, dynamic sizes, ops the
-analysis cannot rewrite) and excluded ones are never touched. ``plan_only`` reports the plan
-(channels kept per group, MACs saved) and leaves the model unchanged.
+analysis cannot rewrite) and excluded ones are never touched. ``plan_only`` (or a dry run)
+reports the plan (channels kept per group, MACs saved) and leaves the model unchanged.
 """
 
 from __future__ import annotations
@@ -219,6 +219,7 @@ class PrunePass(Pass):
                    "refitting the next layers on calibration data")
     Options = PruneOptions
     exact = False
+    supports_dry_run = True
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts: PruneOptions = self.options
@@ -228,17 +229,18 @@ class PrunePass(Pass):
         summary = self._summary(plan, opts, before)
         result.stats.update({"criterion": plan.criterion, "allocation": plan.allocation,
                              "budget": f"{plan.kind}={plan.value:g}", "reconstruct": plan.refit,
-                             "groups": plan.rows, "plan_text": format_plan(plan.rows)})
+                             "groups": plan.rows})
+        result.plan = format_plan(plan.rows)
         pruned = [g for g in plan.groups if not plan.keep[g.index].all()]
-        if opts.plan_only or not pruned:
-            result.stats["summary"] = ("plan only: " if opts.plan_only else "") + summary
+        plan_only = opts.plan_only or ctx.dry_run
+        if plan_only or not pruned:
+            result.summary = ("plan only: " if plan_only else "") + summary
             return result
         original = clone_model(model) if plan.refit else None
         targets = refit_targets(plan.groups, plan.keep) if plan.refit else []
         for group in pruned:
             remove_channels(model, group, np.flatnonzero(~plan.keep[group.index]).tolist())
         result.modified = True
-        ctx.analyses.pop("channels", None)
         if original is not None:
             unrefit = clone_model(model)
             refits = reconstruct(
@@ -252,8 +254,8 @@ class PrunePass(Pass):
             summary += self._calib_effect(original, unrefit, model, ctx, opts, result.stats)
         after = model_cost(model)
         result.stats.update(macs_before=before.macs, macs_after=after.macs,
-                            params_before=before.params, params_after=after.params,
-                            summary=summary)
+                            params_before=before.params, params_after=after.params)
+        result.summary = summary
         logger.info("prune: %s", summary)
         return result
 

@@ -164,8 +164,8 @@ class QuantizePass(Pass):
         stats.update(_summary(plan, rewritten))
         stats["reduce_range"] = build.reduce_range
         if o.reduce_range is None and build.reduce_range:
-            stats["summary"] = ("7-bit weights (reduce_range): this x86 CPU has no VNNI, so "
-                                "8-bit u8*s8 products would saturate in onnxruntime")
+            result.summary = ("7-bit weights (reduce_range): this x86 CPU has no VNNI, so "
+                              "8-bit u8*s8 products would saturate in onnxruntime")
         stats["kept_float"] = [node_label(n) for i, n in enumerate(float_model.graph)
                                if i in keep_float]
         stats["bias_corrections"] = build.last_corrections

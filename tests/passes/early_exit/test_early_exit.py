@@ -309,3 +309,13 @@ def test_softmax_rows_sum_to_one() -> None:
     p = softmax(np.array([[1000.0, 0.0], [0.0, 0.0]]))
     np.testing.assert_allclose(p.sum(1), 1.0)
     assert p[0, 0] == pytest.approx(1.0)
+
+
+def test_dry_run_plans_exits_and_leaves_the_model_alone(digits_model: Path,
+                                                        digits_calib: Path) -> None:
+    model = load(digits_model)
+    ctx = PassContext(calib=from_npz(digits_calib), dry_run=True)
+    work, result = apply_pass(get_pass("early-exit")(exits=("relu2",)), model, ctx)
+    assert not result.modified and "If" not in op_counts(work)
+    assert [e["cut"] for e in result.stats["exits"]] == ["relu2"]
+    assert result.summary.startswith("1 exits at relu2")

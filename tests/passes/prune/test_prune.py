@@ -121,8 +121,8 @@ def test_plan_only_reports_without_rewriting() -> None:
     rows = result.stats["groups"]
     assert rows and all({"kept", "total", "macs_saved", "producers"} <= set(r) for r in rows)
     assert any(r["kept"] < r["total"] for r in rows)
-    assert result.stats["summary"].startswith("plan only: macs=0.5")
-    assert "MACs saved" in result.stats["plan_text"]
+    assert result.summary.startswith("plan only: macs=0.5")
+    assert "MACs saved" in result.plan
     saved = sum(r["macs_saved"] for r in rows)
     assert 0.45 < saved / model_cost(infer_shapes(model)).macs < 0.55
 
