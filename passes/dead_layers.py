@@ -51,6 +51,49 @@ ZERO_PRESERVING = frozenset({
 })
 
 
+@register_pass
+class DeadLayersPass(Pass):
+    """Bypass ops and residual branches that change nothing; remove unreachable nodes."""
+
+    name = "dead-layers"
+    description = "remove zero residual branches, no-op ops and nodes that reach no output"
+    exact = True
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        result = PassResult(modified=False)
+        analysis = analyse_channels(model)
+        is_zero = ZeroTest(analysis, channel_constants(analysis))
+        start = model_cost(model)
+        graph = model.graph
+        bypassed: Counter[str] = Counter()
+        declined: set[int] = set()
+        for node in list(graph):
+            rule = BYPASS_RULES.get(node.op_type) if is_standard(node) else None
+            found = rule(node, is_zero) if rule else None
+            if found is None or id(node) in declined:
+                continue
+            source, kind = found
+            if replace_value(graph, node.outputs[0], source):
+                bypassed[kind] += 1
+                logger.debug("bypassed %s (%s)", node_label(node), kind)
+            else:
+                declined.add(id(node))
+                result.refuse(node_label(node), f"{kind}, but the output is a graph output "
+                                                "and its input cannot take its place")
+        removed = remove_dead_nodes(graph)
+        initializers = remove_unused_initializers(graph)
+        end = model_cost(model)
+        result.modified = bool(bypassed or removed or initializers)
+        result.stats = {
+            "bypassed": dict(bypassed),
+            "nodes_removed": removed,
+            "initializers_removed": initializers,
+            "params_saved": start.params - end.params,
+            "macs_saved": start.macs - end.macs,
+        }
+        return result
+
+
 class ZeroTest:
     """Decides whether a tensor is provably all zeros (memoized)."""
 
@@ -175,46 +218,3 @@ BYPASS_RULES: dict[str, BypassRule] = {
     "Reshape": _reshape,
 }
 """Op type -> the input an op passes through unchanged (with the kind of no-op), if any."""
-
-
-@register_pass
-class DeadLayersPass(Pass):
-    """Bypass ops and residual branches that change nothing; remove unreachable nodes."""
-
-    name = "dead-layers"
-    description = "remove zero residual branches, no-op ops and nodes that reach no output"
-    exact = True
-
-    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        result = PassResult(modified=False)
-        analysis = analyse_channels(model)
-        is_zero = ZeroTest(analysis, channel_constants(analysis))
-        start = model_cost(model)
-        graph = model.graph
-        bypassed: Counter[str] = Counter()
-        declined: set[int] = set()
-        for node in list(graph):
-            rule = BYPASS_RULES.get(node.op_type) if is_standard(node) else None
-            found = rule(node, is_zero) if rule else None
-            if found is None or id(node) in declined:
-                continue
-            source, kind = found
-            if replace_value(graph, node.outputs[0], source):
-                bypassed[kind] += 1
-                logger.debug("bypassed %s (%s)", node_label(node), kind)
-            else:
-                declined.add(id(node))
-                result.refuse(node_label(node), f"{kind}, but the output is a graph output "
-                                                "and its input cannot take its place")
-        removed = remove_dead_nodes(graph)
-        initializers = remove_unused_initializers(graph)
-        end = model_cost(model)
-        result.modified = bool(bypassed or removed or initializers)
-        result.stats = {
-            "bypassed": dict(bypassed),
-            "nodes_removed": removed,
-            "initializers_removed": initializers,
-            "params_saved": start.params - end.params,
-            "macs_saved": start.macs - end.macs,
-        }
-        return result

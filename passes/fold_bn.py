@@ -67,19 +67,6 @@ _PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 _BIAS_INPUT = 2
 
 
-@dataclass(frozen=True)
-class _Match:
-    """A BatchNormalization and the linear node it folds into, with their constants."""
-
-    bn: ir.Node
-    producer: ir.Node
-    layout: WeightLayout
-    weight: np.ndarray
-    bias: np.ndarray  # per output channel, before BN
-    scale: np.ndarray  # s = gamma / sqrt(var + eps)
-    shift: np.ndarray  # beta - s * mean
-
-
 @register_pass
 class FoldBatchNormPass(Pass):
     """Folds inference BatchNormalization into a preceding Conv, ConvTranspose or Gemm."""
@@ -129,6 +116,19 @@ class FoldBatchNormPass(Pass):
         result.stats = {"folded": folded, "standalone": standalone,
                         "refused": len(result.refusals), "in_subgraphs": in_subgraphs}
         return result
+
+
+@dataclass(frozen=True)
+class _Match:
+    """A BatchNormalization and the linear node it folds into, with their constants."""
+
+    bn: ir.Node
+    producer: ir.Node
+    layout: WeightLayout
+    weight: np.ndarray
+    bias: np.ndarray  # per output channel, before BN
+    scale: np.ndarray  # s = gamma / sqrt(var + eps)
+    shift: np.ndarray  # beta - s * mean
 
 
 def _bn_blocker(bn: ir.Node, opset: int) -> str | None:

@@ -33,80 +33,6 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class ConstantChannels:
-    """The channels of one group that can be removed exactly.
-
-    Attributes:
-        zero: Group channels every consumer reads as exactly 0 (or that nobody reads).
-        folded: Group channels some consumer reads as a nonzero constant it can fold.
-        fill: Constant value per position of each consumer-read member, for folding.
-    """
-
-    zero: list[int] = field(default_factory=list)
-    folded: list[int] = field(default_factory=list)
-    fill: dict[Member, np.ndarray] = field(default_factory=dict)
-
-    @property
-    def channels(self) -> list[int]:
-        """All removable channels, sorted."""
-        return sorted(self.zero + self.folded)
-
-
-def _per_channel(group: ChannelGroup, member: Member, flags: np.ndarray) -> np.ndarray:
-    """True for group channels whose every position in ``member`` is flagged."""
-    result = np.ones(group.size, dtype=bool)
-    np.logical_and.at(result, member.channels, flags)
-    return result
-
-
-def constant_channels(group: ChannelGroup, consts: ChannelConstants,
-                      fold: bool = True) -> ConstantChannels:
-    """Which channels of ``group`` every consumer reads as 0 or as a foldable constant.
-
-    Args:
-        group: The group (frozen groups are evaluated too, for the report).
-        consts: Channel constants of the model.
-        fold: Also accept nonzero constants read by foldable consumers.
-    """
-    plan = ConstantChannels()
-    consumers = group.ties_with_role(Role.CONSUMER)
-    if not consumers or any(m.channels is None for m in group.members):
-        return plan
-    removable = np.ones(group.size, dtype=bool)
-    zero = np.ones(group.size, dtype=bool)
-    for tie in consumers:
-        member = tie.member_at(IN0)
-        if member is None or member.is_weight:
-            continue
-        values = consts.member(member)
-        is_zero = _per_channel(group, member, values == 0)
-        known = _per_channel(group, member, ~np.isnan(values))
-        zero &= is_zero
-        removable &= is_zero | (known & (fold and tie.tie.foldable))
-        if fold and tie.tie.foldable:
-            plan.fill[member] = np.nan_to_num(values)
-    _keep_one_per_tensor(group, removable)
-    plan.zero = np.flatnonzero(removable & zero).tolist()
-    plan.folded = np.flatnonzero(removable & ~zero).tolist()
-    return plan
-
-
-def _keep_one_per_tensor(group: ChannelGroup, removable: np.ndarray) -> None:
-    changed = True
-    while changed:
-        changed = False
-        for member in group.members:
-            if removable[member.channels].all() and len(member.channels):
-                removable[member.channels[0]] = False
-                changed = True
-
-
-def _zero_positions(group: ChannelGroup, consts: ChannelConstants) -> int:
-    """Most exactly-zero positions in any tensor of a (frozen) group, for the report."""
-    return max((int(np.sum(consts.member(m) == 0)) for m in group.members), default=0)
-
-
 @dataclass(frozen=True)
 class PruneZeroOptions:
     """Options of prune-zero.
@@ -179,3 +105,77 @@ class PruneZeroPass(Pass):
         logger.info("prune-zero: %d channels removed in %d groups, MACs %d -> %d",
                     removed, len(groups), start.macs, end.macs)
         return result
+
+
+@dataclass
+class ConstantChannels:
+    """The channels of one group that can be removed exactly.
+
+    Attributes:
+        zero: Group channels every consumer reads as exactly 0 (or that nobody reads).
+        folded: Group channels some consumer reads as a nonzero constant it can fold.
+        fill: Constant value per position of each consumer-read member, for folding.
+    """
+
+    zero: list[int] = field(default_factory=list)
+    folded: list[int] = field(default_factory=list)
+    fill: dict[Member, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> list[int]:
+        """All removable channels, sorted."""
+        return sorted(self.zero + self.folded)
+
+
+def _per_channel(group: ChannelGroup, member: Member, flags: np.ndarray) -> np.ndarray:
+    """True for group channels whose every position in ``member`` is flagged."""
+    result = np.ones(group.size, dtype=bool)
+    np.logical_and.at(result, member.channels, flags)
+    return result
+
+
+def constant_channels(group: ChannelGroup, consts: ChannelConstants,
+                      fold: bool = True) -> ConstantChannels:
+    """Which channels of ``group`` every consumer reads as 0 or as a foldable constant.
+
+    Args:
+        group: The group (frozen groups are evaluated too, for the report).
+        consts: Channel constants of the model.
+        fold: Also accept nonzero constants read by foldable consumers.
+    """
+    plan = ConstantChannels()
+    consumers = group.ties_with_role(Role.CONSUMER)
+    if not consumers or any(m.channels is None for m in group.members):
+        return plan
+    removable = np.ones(group.size, dtype=bool)
+    zero = np.ones(group.size, dtype=bool)
+    for tie in consumers:
+        member = tie.member_at(IN0)
+        if member is None or member.is_weight:
+            continue
+        values = consts.member(member)
+        is_zero = _per_channel(group, member, values == 0)
+        known = _per_channel(group, member, ~np.isnan(values))
+        zero &= is_zero
+        removable &= is_zero | (known & (fold and tie.tie.foldable))
+        if fold and tie.tie.foldable:
+            plan.fill[member] = np.nan_to_num(values)
+    _keep_one_per_tensor(group, removable)
+    plan.zero = np.flatnonzero(removable & zero).tolist()
+    plan.folded = np.flatnonzero(removable & ~zero).tolist()
+    return plan
+
+
+def _keep_one_per_tensor(group: ChannelGroup, removable: np.ndarray) -> None:
+    changed = True
+    while changed:
+        changed = False
+        for member in group.members:
+            if removable[member.channels].all() and len(member.channels):
+                removable[member.channels[0]] = False
+                changed = True
+
+
+def _zero_positions(group: ChannelGroup, consts: ChannelConstants) -> int:
+    """Most exactly-zero positions in any tensor of a (frozen) group, for the report."""
+    return max((int(np.sum(consts.member(m) == 0)) for m in group.members), default=0)

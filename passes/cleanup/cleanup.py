@@ -50,34 +50,6 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 from onnxopt.passes.cleanup.folding import fold_constants, inline_constant_ifs
 
 
-def _dropout_blocker(node: ir.Node, opset: int) -> str | None:
-    """Why this Dropout is not an identity in inference, or None if it is."""
-    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
-        return "its mask output is used"
-    if opset < 7 and node.attributes.get_int("is_test", 0) != 1:
-        return "is_test is not 1 (training form, opset < 7)"
-    training = node.inputs[2] if len(node.inputs) > 2 else None
-    if training is not None:
-        flag = const_array(training) if is_constant(training) else None
-        if flag is None:
-            return "training_mode is not a constant"
-        if bool(np.asarray(flag).any()):
-            return "training_mode is true"
-    return None
-
-
-#: Single-input pass-through ops: op type -> (stats key, check returning a refusal reason).
-_BYPASS: dict[str, tuple[str, Callable[[ir.Node, int], str | None]]] = {
-    "Identity": ("identities", lambda node, opset: None),
-    "Dropout": ("dropouts", _dropout_blocker),
-}
-
-
-#: Stats that count changes to the model; ``modified`` is true when any is non-zero.
-_CHANGE_COUNTS = ("identities", "dropouts", "dead_nodes", "folded", "ifs_inlined",
-                  "initializers_removed", "inputs_removed", "reordered")
-
-
 @dataclass(frozen=True)
 class CleanupOptions:
     """Options of the ``cleanup`` pass.
@@ -146,7 +118,35 @@ class CleanupPass(Pass):
         return result
 
 
+#: Stats that count changes to the model; ``modified`` is true when any is non-zero.
+_CHANGE_COUNTS = ("identities", "dropouts", "dead_nodes", "folded", "ifs_inlined",
+                  "initializers_removed", "inputs_removed", "reordered")
+
+
 # -- Identity / Dropout -----------------------------------------------------------------------
+
+
+def _dropout_blocker(node: ir.Node, opset: int) -> str | None:
+    """Why this Dropout is not an identity in inference, or None if it is."""
+    if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+        return "its mask output is used"
+    if opset < 7 and node.attributes.get_int("is_test", 0) != 1:
+        return "is_test is not 1 (training form, opset < 7)"
+    training = node.inputs[2] if len(node.inputs) > 2 else None
+    if training is not None:
+        flag = const_array(training) if is_constant(training) else None
+        if flag is None:
+            return "training_mode is not a constant"
+        if bool(np.asarray(flag).any()):
+            return "training_mode is true"
+    return None
+
+
+#: Single-input pass-through ops: op type -> (stats key, check returning a refusal reason).
+_BYPASS: dict[str, tuple[str, Callable[[ir.Node, int], str | None]]] = {
+    "Identity": ("identities", lambda node, opset: None),
+    "Dropout": ("dropouts", _dropout_blocker),
+}
 
 
 def _bypass_passthroughs(nodes: Iterable[ir.Node], opset: int, stats: dict[str, Any],

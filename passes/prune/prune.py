@@ -141,75 +141,6 @@ class PruneOptions:
         return "ratio", DEFAULT_RATIO
 
 
-@dataclass
-class _Plan:
-    """Which channels each candidate group keeps, and why."""
-
-    criterion: str
-    refit: bool
-    kind: str
-    value: float
-    allocation: str
-    groups: list[ChannelGroup]
-    keep: dict[int, np.ndarray]
-    rows: list[dict[str, Any]]
-    savings: dict[str, dict[int, float]]
-
-
-def _excluded(group: ChannelGroup, patterns: tuple[str, ...]) -> str | None:
-    """The first pattern matching a producer, pass-through node or tensor of the group."""
-    names = [t.node.name or "" for t in group.ties if t.tie.role is not Role.CONSUMER]
-    names += [m.value.name or "" for m in group.members]
-    for pattern in patterns:
-        if any(fnmatch.fnmatchcase(n, pattern) for n in names if n):
-            return pattern
-    return None
-
-
-def _candidates(analysis: ChannelAnalysis, exclude: tuple[str, ...],
-                result: PassResult) -> list[ChannelGroup]:
-    found = []
-    for group in analysis.groups:
-        if not group.ties_with_role(Role.PRODUCER):
-            continue  # channels that come from graph inputs or constants
-        if not group.prunable:
-            result.refuse(group.label(), "frozen: " + "; ".join(group.frozen))
-            continue
-        pattern = _excluded(group, exclude)
-        if pattern is not None:
-            result.refuse(group.label(), f"excluded by {pattern!r}")
-        elif group.size > 1 and all(m.channels is not None for m in group.members):
-            found.append(group)
-    return found
-
-
-def _plan_rows(groups: list[ChannelGroup], keep: dict[int, np.ndarray],
-               savings: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
-    rows = []
-    for group in groups:
-        producers = [node_label(t.node) for t in group.ties_with_role(Role.PRODUCER)]
-        rows.append({
-            "group": group.index,
-            "tensor": group.members[0].label() if group.members else group.label(),
-            "producers": producers,
-            "kept": int(keep[group.index].sum()),
-            "total": len(keep[group.index]),
-            "macs_saved": int(round(savings["macs"].get(group.index, 0.0))),
-            "params_saved": int(round(savings["params"].get(group.index, 0.0))),
-        })
-    return rows
-
-
-def format_plan(rows: list[dict[str, Any]]) -> str:
-    """The per-group plan as a small table (printed by ``--dry-run``)."""
-    lines = [f"{'group':>5}  {'kept':>9}  {'MACs saved':>12}  {'params saved':>12}  producers"]
-    for row in rows:
-        names = ", ".join(row["producers"][:3]) + (" ..." if len(row["producers"]) > 3 else "")
-        lines.append(f"{row['group']:>5}  {row['kept']:>4}/{row['total']:<4}  "
-                     f"{row['macs_saved']:>12,}  {row['params_saved']:>12,}  {names}")
-    return "\n".join(lines)
-
-
 @register_pass
 class PrunePass(Pass):
     """Structured channel pruning by importance under a budget, with least-squares refit."""
@@ -377,3 +308,71 @@ class PrunePass(Pass):
             text += f" (accuracy {acc[1]:.1%} -> {acc[2]:.1%})"
         return text
 
+
+@dataclass
+class _Plan:
+    """Which channels each candidate group keeps, and why."""
+
+    criterion: str
+    refit: bool
+    kind: str
+    value: float
+    allocation: str
+    groups: list[ChannelGroup]
+    keep: dict[int, np.ndarray]
+    rows: list[dict[str, Any]]
+    savings: dict[str, dict[int, float]]
+
+
+def _excluded(group: ChannelGroup, patterns: tuple[str, ...]) -> str | None:
+    """The first pattern matching a producer, pass-through node or tensor of the group."""
+    names = [t.node.name or "" for t in group.ties if t.tie.role is not Role.CONSUMER]
+    names += [m.value.name or "" for m in group.members]
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names if n):
+            return pattern
+    return None
+
+
+def _candidates(analysis: ChannelAnalysis, exclude: tuple[str, ...],
+                result: PassResult) -> list[ChannelGroup]:
+    found = []
+    for group in analysis.groups:
+        if not group.ties_with_role(Role.PRODUCER):
+            continue  # channels that come from graph inputs or constants
+        if not group.prunable:
+            result.refuse(group.label(), "frozen: " + "; ".join(group.frozen))
+            continue
+        pattern = _excluded(group, exclude)
+        if pattern is not None:
+            result.refuse(group.label(), f"excluded by {pattern!r}")
+        elif group.size > 1 and all(m.channels is not None for m in group.members):
+            found.append(group)
+    return found
+
+
+def _plan_rows(groups: list[ChannelGroup], keep: dict[int, np.ndarray],
+               savings: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
+    rows = []
+    for group in groups:
+        producers = [node_label(t.node) for t in group.ties_with_role(Role.PRODUCER)]
+        rows.append({
+            "group": group.index,
+            "tensor": group.members[0].label() if group.members else group.label(),
+            "producers": producers,
+            "kept": int(keep[group.index].sum()),
+            "total": len(keep[group.index]),
+            "macs_saved": int(round(savings["macs"].get(group.index, 0.0))),
+            "params_saved": int(round(savings["params"].get(group.index, 0.0))),
+        })
+    return rows
+
+
+def format_plan(rows: list[dict[str, Any]]) -> str:
+    """The per-group plan as a small table (printed by ``--dry-run``)."""
+    lines = [f"{'group':>5}  {'kept':>9}  {'MACs saved':>12}  {'params saved':>12}  producers"]
+    for row in rows:
+        names = ", ".join(row["producers"][:3]) + (" ..." if len(row["producers"]) > 3 else "")
+        lines.append(f"{row['group']:>5}  {row['kept']:>4}/{row['total']:<4}  "
+                     f"{row['macs_saved']:>12,}  {row['params_saved']:>12,}  {names}")
+    return "\n".join(lines)

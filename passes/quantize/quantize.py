@@ -96,19 +96,6 @@ class QuantizeOptions:
     sqnr_samples: int = 128
 
 
-def _check_exclusions(graph: ir.Graph, o: QuantizeOptions) -> None:
-    """A misspelt ``exclude_nodes`` name or ``exclude_ops`` type is an error, not a no-op."""
-    missing = unmatched(graph, o.exclude_nodes)
-    if missing:
-        raise UserError(f"quantize(exclude_nodes=...): {', '.join(map(repr, missing))} names "
-                        "no node of the model")
-    present = {node.op_type for node in graph}
-    unknown = [op for op in o.exclude_ops if op not in present and not onnx.defs.has(op)]
-    if unknown:
-        raise UserError(f"quantize(exclude_ops=...): {', '.join(map(repr, unknown))} is no "
-                        "ONNX op type and no op of the model")
-
-
 @register_pass
 class QuantizePass(Pass):
     """Inserts int8 Q/DQ pairs from calibration statistics so onnxruntime runs integer kernels."""
@@ -243,3 +230,16 @@ def _summary(plan: Plan, rewritten: Rewritten) -> dict[str, object]:
         "parameter_groups": len(plan.groups()),
         "inserted": dict(sorted(rewritten.counts.items())),
     }
+
+
+def _check_exclusions(graph: ir.Graph, o: QuantizeOptions) -> None:
+    """A misspelt ``exclude_nodes`` name or ``exclude_ops`` type is an error, not a no-op."""
+    missing = unmatched(graph, o.exclude_nodes)
+    if missing:
+        raise UserError(f"quantize(exclude_nodes=...): {', '.join(map(repr, missing))} names "
+                        "no node of the model")
+    present = {node.op_type for node in graph}
+    unknown = [op for op in o.exclude_ops if op not in present and not onnx.defs.has(op)]
+    if unknown:
+        raise UserError(f"quantize(exclude_ops=...): {', '.join(map(repr, unknown))} is no "
+                        "ONNX op type and no op of the model")
