@@ -24,3 +24,25 @@ def test_every_package_folder_is_listed_in_pyproject():
             rel = init.parent.relative_to(base).parts
             found.add(".".join((prefix, *rel)))
     assert found <= listed, f"not installed by a regular install: {sorted(found - listed)}"
+
+
+def _layout_block() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```", 2)[1]
+
+
+def test_readme_layout_names_every_module_of_the_tree() -> None:
+    block = _layout_block()
+    missing = []
+    for top in ("onnxopt", "passes"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if path.name in ("__init__.py", "__main__.py"):
+                continue
+            name = path.name if path.parent.name == top else path.stem
+            if name not in block:
+                missing.append(str(path.relative_to(ROOT)))
+        for folder in sorted(p for p in (ROOT / top).iterdir() if (p / "__init__.py").exists()):
+            if f"{folder.name}/" not in block:
+                missing.append(f"{folder.relative_to(ROOT)}/")
+    assert not missing, f"README Layout does not mention {missing}"
