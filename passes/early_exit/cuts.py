@@ -285,10 +285,17 @@ def split_model(model: ir.Model, cuts: Sequence[str]) -> list[ir.Model]:
         previous = points[name].index
     graph = model.graph
     bounds = [list(graph.inputs), *[[name] for name in cuts], list(graph.outputs)]
+    # extract() collects initializers in an order that depends on object ids; keep the
+    # model's order so that the same model always gives the same stage files.
+    order = {name: i for i, name in enumerate(graph.initializers)}
     stages = []
     for k in range(len(bounds) - 1):
         sub = ir.convenience.extract(graph, bounds[k], bounds[k + 1])
         sub.name = f"{graph.name or 'graph'}_stage{k}"
+        initializers = sorted(sub.initializers.values(), key=lambda v: order.get(v.name, -1))
+        sub.initializers.clear()
+        for value in initializers:
+            sub.initializers.add(value)
         stages.append(ir.Model(sub, ir_version=model.ir_version, producer_name="onnxopt",
                                functions=list(model.functions.values())))
     logger.info("split into %d stages at %s", len(stages), ", ".join(cuts))

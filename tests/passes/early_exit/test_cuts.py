@@ -209,3 +209,11 @@ def test_split_model_rejects_bad_cuts(digits_model) -> None:
         split_model(model, ["relu3"])
     with pytest.raises(CutError, match="execution order"):
         split_model(model, ["relu4", "relu2"])
+
+
+def test_stage_initializers_keep_the_model_order(digits_model) -> None:
+    model = infer_shapes(load(digits_model))
+    order = list(model.graph.initializers)
+    for stage in split_model(model, ["relu2", "relu4", "relu8"]):
+        names = list(stage.graph.initializers)
+        assert names and names == sorted(names, key=order.index)
