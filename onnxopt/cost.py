@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxopt.ir import attr, is_standard, subgraphs
@@ -218,8 +217,3 @@ def infer_shapes(model: ir.Model) -> ir.Model:
             if new.shape is not None and value.shape != new.shape:
                 value.shape = new.shape
     return model
-
-
-def array_bytes(array: np.ndarray) -> int:
-    """Bytes of an array (for size reports)."""
-    return int(array.nbytes)

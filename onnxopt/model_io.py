@@ -118,11 +118,6 @@ def _promote_initializer_inputs(model: ir.Model) -> None:
     logger.info("treating %d initializers listed as graph inputs as constants", len(promoted))
 
 
-def model_inputs(model: ir.Model) -> list[ir.Value]:
-    """Graph inputs the user must feed (initializer-backed inputs excluded)."""
-    return [v for v in model.graph.inputs if not v.is_initializer()]
-
-
 def total_weight_bytes(model: ir.Model) -> int:
     """Bytes of all initializers of the main graph."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -202,8 +202,3 @@ def registered_passes() -> dict[str, type[Pass]]:
     """All registered passes by name, sorted by name."""
     _load_catalog()
     return dict(sorted(_REGISTRY.items()))
-
-
-def option_fields(pass_cls: type[Pass]) -> Iterator[dataclasses.Field]:
-    """The option fields of a pass, in declaration order."""
-    yield from dataclasses.fields(pass_cls.Options)

@@ -6,7 +6,6 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxopt.bn import bn_affine, fold_affine_into_conv
 from onnxopt.passes.fuse_resconv.kernel import (
     Geometry,
     KernelMismatch,
@@ -83,15 +82,3 @@ def test_geometry_from_auto_pad_and_attributes() -> None:
         conv_geometry(_conv_node(auto_pad="SAME_LOWER", strides=[2, 2]), (4, 4, 3, 3))
     with pytest.raises(KernelMismatch, match="disagrees"):
         conv_geometry(_conv_node(kernel_shape=[5, 5]), (4, 4, 3, 3))
-
-
-def test_bn_fold_matches_batchnorm() -> None:
-    rng = np.random.default_rng(0)
-    gamma, beta, mean = rng.normal(size=(3, 4))
-    var = rng.uniform(0.5, 1.5, 4)
-    g, h = bn_affine(gamma, beta, mean, var, 1e-3)
-    y = rng.normal(size=(2, 4))
-    np.testing.assert_allclose(g * y + h, gamma * (y - mean) / np.sqrt(var + 1e-3) + beta)
-    w, b = fold_affine_into_conv(np.ones((4, 2, 1, 1)), np.arange(4.0), g, h)
-    np.testing.assert_allclose(w[:, 0, 0, 0], g)
-    np.testing.assert_allclose(b, np.arange(4.0) * g + h)
