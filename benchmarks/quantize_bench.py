@@ -160,8 +160,8 @@ def _lazy_source(samples: int, size: int) -> FeedSource:
 
 def memory_child(samples: int) -> None:
     """In a fresh process: peak RSS growth (MiB) of calibrating the scaled model."""
-    from onnxopt.activations import collect_activation_stats
     from onnxopt.ir import from_proto
+    from onnxopt.passes.quantize.tensor_stats import collect_activation_stats
 
     model = from_proto(residual_blocks(**SCALED))
     names = [n.outputs[0].name for n in model.graph]

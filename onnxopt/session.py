@@ -1,9 +1,10 @@
 """onnxruntime sessions for models, and the one loop that streams batches through them.
 
 Every place that runs a model over a data set (the pass manager's validation, activation
-statistics, early-exit planning and evaluation) goes through :func:`stream`: batches cut by
-:meth:`FeedSource.batches <onnxopt.feeds.FeedSource.batches>`, each fed to one or more
-sessions, with a progress bar on long runs. Comparing what comes out is
+statistics, pruning refits, early-exit planning and evaluation) goes through :func:`stream`:
+batches cut by :meth:`FeedSource.batches <onnxopt.feeds.FeedSource.batches>`, each fed to one
+or more sessions, with a progress bar on long runs. :func:`stream_tensors` does the same for
+intermediate tensors, made extra outputs of a copy of the model. Comparing what comes out is
 :mod:`onnxopt.compare`'s job.
 """
 
@@ -19,8 +20,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxopt.feeds import FeedSource, InputSpec
-from onnxopt.ir import to_proto
+from onnxopt.cost import infer_shapes
+from onnxopt.feeds import FeedSource, InputSpec, input_specs
+from onnxopt.ir import clone_model, to_proto
 from onnxopt.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -216,3 +218,73 @@ def concat_batches(parts: Sequence[Any]) -> np.ndarray:
         return np.concatenate([np.asarray(p) for p in parts], axis=0)
     except ValueError:  # scalars or ragged outputs: keep them stacked as objects
         return np.asarray(parts, dtype=object)
+
+
+# -- intermediate tensors ---------------------------------------------------------------------
+
+
+def expose_tensors(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of ``model`` in which every tensor in ``names`` is also a graph output.
+
+    Graph inputs among ``names`` are left alone (they are read from the feeds).
+
+    Raises:
+        KeyError: A name is not a node output or graph input of the main graph.
+    """
+    copy = clone_model(model)
+    graph = copy.graph
+    produced = {v.name: v for node in graph for v in node.outputs if v.name}
+    inputs = {v.name for v in graph.inputs}
+    outputs = {v.name for v in graph.outputs}
+    missing = [n for n in names if n not in produced and n not in inputs]
+    if missing:
+        raise KeyError(f"no tensor named {missing[0]!r} in the main graph")
+    wanted = [produced[n] for n in dict.fromkeys(names) if n in produced and n not in outputs]
+    if any(v.type is None for v in wanted):
+        copy = infer_shapes(copy)
+        graph = copy.graph
+        produced = {v.name: v for node in graph for v in node.outputs if v.name}
+        wanted = [produced[v.name] for v in wanted]
+    for value in wanted:
+        if value.type is None:
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+        graph.outputs.append(value)
+    return copy
+
+
+def stream_tensors(
+    models: Sequence[ir.Model],
+    names: Sequence[Sequence[str]],
+    source: FeedSource,
+    *,
+    batch_size: int = 32,
+    limit: int | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    show_progress: bool = False,
+    desc: str = "calibrating",
+    threads: int = 0,
+) -> Iterator[tuple[list[dict[str, np.ndarray]], np.ndarray | None]]:
+    """Run each model on the same batches and yield the requested tensors of each.
+
+    Args:
+        models: Models sharing their graph inputs (e.g. a float model and its quantized copy).
+        names: For each model, the tensors to return per batch.
+        source: The feeds; batches are cut from it by :meth:`FeedSource.batches`.
+        batch_size: Batch size when the batch axis is dynamic.
+        limit: Stop after this many samples.
+        input_shapes: Concrete shapes for dynamic inputs.
+        show_progress: Whether a progress bar may be shown.
+        desc: Progress bar label.
+        threads: onnxruntime intra-op threads (0 = default).
+
+    Yields:
+        ``([tensors of model 0, tensors of model 1, ...], labels or None)`` per batch.
+    """
+    sessions = [make_session(expose_tensors(model, wanted), threads=threads)
+                for model, wanted in zip(models, names, strict=True)]
+    for _, labels, outputs in stream(
+            sessions, source, input_specs(models[0], input_shapes),
+            outputs=[list(wanted) for wanted in names], batch_size=batch_size, limit=limit,
+            show_progress=show_progress, desc=desc):
+        yield [dict(zip(wanted, arrays, strict=True))
+               for wanted, arrays in zip(names, outputs, strict=True)], labels

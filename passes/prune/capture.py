@@ -15,9 +15,9 @@ least-squares fits never build the full im2col matrix: memory is bounded by ``po
 sample x batch``. Views are built from a table keyed by op type (:data:`VIEWS`); each view can
 also write a refitted ``M`` and ``b`` back into its node.
 
-Activations themselves are captured with
-:func:`onnxopt.activations.stream_tensors` (intermediate tensors as extra outputs of a
-copy of the model, run batch by batch in onnxruntime).
+Activations themselves are captured with :func:`onnxopt.session.stream_tensors`
+(intermediate tensors as extra outputs of a copy of the model, run batch by batch in
+onnxruntime).
 """
 
 from __future__ import annotations

@@ -275,7 +275,7 @@ class PrunePass(Pass):
     def _calib_effect(original: ir.Model, unrefit: ir.Model, model: ir.Model, ctx: PassContext,
                       opts: PruneOptions, stats: dict[str, Any]) -> str:
         """Top-1 agreement (and accuracy) on calibration data before and after the refit."""
-        from onnxopt.activations import stream_tensors
+        from onnxopt.session import stream_tensors
 
         name = model.graph.outputs[0].name
         hits = np.zeros(3)

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.activations import stream_tensors
 from onnxopt.data import FeedSource
 from onnxopt.passes.prune.capture import LinearView, linear_view, truncated_copy
+from onnxopt.session import stream_tensors
 
 logger = logging.getLogger(__name__)
 

@@ -163,7 +163,7 @@ def pruned_copy(model: ir.Model, ctx: PassContext, opts: PruneOptions,
 def _output_errors(model: ir.Model, probes: list[ir.Model], ctx: PassContext,
                    opts: PruneOptions) -> np.ndarray:
     """``|y_probe - y|^2 / |y|^2`` of the first graph output on calibration data."""
-    from onnxopt.activations import stream_tensors
+    from onnxopt.session import stream_tensors
 
     name = model.graph.outputs[0].name
     models = [model, *probes]

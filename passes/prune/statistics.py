@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.activations import stream_tensors
 from onnxopt.channels.groups import ChannelGroup, Member
 from onnxopt.channels.tie import IN0, Role
 from onnxopt.data import FeedSource
 from onnxopt.passes.prune.capture import LinearView, linear_view, truncated_copy
+from onnxopt.session import stream_tensors
 
 __all__ = ["CalibStatistics", "ConsumerSystem", "collect_statistics"]
 

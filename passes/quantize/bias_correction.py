@@ -24,10 +24,10 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from onnxopt.activations import collect_activation_stats
 from onnxopt.data import FeedSource
 from onnxopt.ir import opset_version
 from onnxopt.passes.quantize.rewrite import BiasSite
+from onnxopt.passes.quantize.tensor_stats import collect_activation_stats
 from onnxopt.session import make_session
 
 logger = logging.getLogger(__name__)

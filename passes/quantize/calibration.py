@@ -14,11 +14,11 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 
-from onnxopt.activations import TensorStats, collect_activation_stats
 from onnxopt.data import FeedSource
 from onnxopt.passes.quantize.placement import Plan
 from onnxopt.passes.quantize.ranges import select_range
 from onnxopt.passes.quantize.scheme import QuantParams, activation_params
+from onnxopt.passes.quantize.tensor_stats import TensorStats, collect_activation_stats
 
 logger = logging.getLogger(__name__)
 

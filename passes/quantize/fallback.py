@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.activations import stream_tensors
 from onnxopt.data import FeedSource
+from onnxopt.session import stream_tensors
 
 logger = logging.getLogger(__name__)
 

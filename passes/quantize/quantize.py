@@ -5,7 +5,7 @@ Steps, each in its own module:
 1. optional cross-layer equalization of the float weights (:mod:`.equalize`);
 2. placement: which nodes and tensors get QuantizeLinear/DequantizeLinear (:mod:`.placement`);
 3. calibration: streaming statistics of those tensors and a range per parameter group
-   (:mod:`.calibration`, :mod:`onnxopt.activations`);
+   (:mod:`.calibration`, :mod:`.tensor_stats`, :mod:`.ranges`);
 4. rewrite: Q/DQ nodes, int8 weights, int32 biases (:mod:`.rewrite`, :mod:`.scheme`);
 5. optional bias correction of each layer's expected output shift (:mod:`.bias_correction`);
 6. optional accuracy-aware fallback to float for the most sensitive nodes, and the per-node
@@ -24,7 +24,6 @@ from typing import Literal
 import onnx
 import onnx_ir as ir
 
-from onnxopt.activations import TensorStats
 from onnxopt.cost import infer_shapes
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, node_label, opset_version, unmatched
@@ -37,6 +36,7 @@ from onnxopt.passes.quantize.equalize import equalize
 from onnxopt.passes.quantize.fallback import choose_float_nodes, reference, tensor_sqnr
 from onnxopt.passes.quantize.placement import COMPUTE_OPS, SAME, Plan, plan_quantization
 from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
+from onnxopt.passes.quantize.tensor_stats import TensorStats
 
 logger = logging.getLogger(__name__)
 

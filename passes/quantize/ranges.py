@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from onnxopt.activations import StreamingHistogram, TensorStats
+from onnxopt.passes.quantize.tensor_stats import StreamingHistogram, TensorStats
 
 _GRID = 128  # candidate clipping fractions c = k / _GRID
 

@@ -15,22 +15,21 @@ range the width doubles and adjacent bin pairs merge, extending the range up
 of the new ones, so no count is ever re-interpolated: the streamed histogram equals a one-shot
 histogram of all the values over its final bin edges.
 
-Clipping ranges are chosen from these statistics by :mod:`onnxopt.passes.quantize.ranges`.
+Clipping ranges are chosen from these statistics by :mod:`.ranges`; the tensors are streamed
+by :func:`onnxopt.session.stream_tensors`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.cost import infer_shapes
-from onnxopt.data import FeedSource, input_specs
-from onnxopt.ir import clone_model
-from onnxopt.session import make_session, stream
+from onnxopt.data import FeedSource
+from onnxopt.session import stream_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -190,76 +189,6 @@ class TensorStats:
         if self._sample_sum is None or not self.samples:
             return None
         return self._sample_sum / self.samples
-
-
-# -- running models with intermediate outputs -------------------------------------------------
-
-
-def expose_tensors(model: ir.Model, names: Sequence[str]) -> ir.Model:
-    """A copy of ``model`` in which every tensor in ``names`` is also a graph output.
-
-    Graph inputs among ``names`` are left alone (they are read from the feeds).
-
-    Raises:
-        KeyError: A name is not a node output or graph input of the main graph.
-    """
-    copy = clone_model(model)
-    graph = copy.graph
-    produced = {v.name: v for node in graph for v in node.outputs if v.name}
-    inputs = {v.name for v in graph.inputs}
-    outputs = {v.name for v in graph.outputs}
-    missing = [n for n in names if n not in produced and n not in inputs]
-    if missing:
-        raise KeyError(f"no tensor named {missing[0]!r} in the main graph")
-    wanted = [produced[n] for n in dict.fromkeys(names) if n in produced and n not in outputs]
-    if any(v.type is None for v in wanted):
-        copy = infer_shapes(copy)
-        graph = copy.graph
-        produced = {v.name: v for node in graph for v in node.outputs if v.name}
-        wanted = [produced[v.name] for v in wanted]
-    for value in wanted:
-        if value.type is None:
-            value.type = ir.TensorType(ir.DataType.FLOAT)
-        graph.outputs.append(value)
-    return copy
-
-
-def stream_tensors(
-    models: Sequence[ir.Model],
-    names: Sequence[Sequence[str]],
-    source: FeedSource,
-    *,
-    batch_size: int = 32,
-    limit: int | None = None,
-    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    show_progress: bool = False,
-    desc: str = "calibrating",
-    threads: int = 0,
-) -> Iterator[tuple[list[dict[str, np.ndarray]], np.ndarray | None]]:
-    """Run each model on the same batches and yield the requested tensors of each.
-
-    Args:
-        models: Models sharing their graph inputs (e.g. a float model and its quantized copy).
-        names: For each model, the tensors to return per batch.
-        source: The feeds; batches are cut from it by :meth:`FeedSource.batches`.
-        batch_size: Batch size when the batch axis is dynamic.
-        limit: Stop after this many samples.
-        input_shapes: Concrete shapes for dynamic inputs.
-        show_progress: Whether a progress bar may be shown.
-        desc: Progress bar label.
-        threads: onnxruntime intra-op threads (0 = default).
-
-    Yields:
-        ``([tensors of model 0, tensors of model 1, ...], labels or None)`` per batch.
-    """
-    sessions = [make_session(expose_tensors(model, wanted), threads=threads)
-                for model, wanted in zip(models, names, strict=True)]
-    for _, labels, outputs in stream(
-            sessions, source, input_specs(models[0], input_shapes),
-            outputs=[list(wanted) for wanted in names], batch_size=batch_size, limit=limit,
-            show_progress=show_progress, desc=desc):
-        yield [dict(zip(wanted, arrays, strict=True))
-               for wanted, arrays in zip(names, outputs, strict=True)], labels
 
 
 def collect_activation_stats(

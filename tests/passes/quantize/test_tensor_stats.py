@@ -1,4 +1,4 @@
-"""Tests of streaming activation statistics (activations) and range selection (ranges)."""
+"""Streaming activation statistics (tensor_stats) and range selection (ranges) of quantize."""
 
 from __future__ import annotations
 
@@ -6,16 +6,14 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.activations import (
-    StreamingHistogram,
-    TensorStats,
-    collect_activation_stats,
-    expose_tensors,
-)
 from onnxopt.data import from_arrays
 from onnxopt.ir import from_proto
 from onnxopt.passes.quantize.ranges import RANGE_METHODS, select_range
-from onnxopt.session import run_model
+from onnxopt.passes.quantize.tensor_stats import (
+    StreamingHistogram,
+    TensorStats,
+    collect_activation_stats,
+)
 
 
 def _batches(seed: int = 0) -> list[np.ndarray]:
@@ -127,16 +125,3 @@ def test_collect_through_onnxruntime_matches_numpy() -> None:
     assert stats["h"].samples == 50
     assert stats["h"].min == pytest.approx(h.min(), rel=1e-5)
     np.testing.assert_allclose(stats["r"].zero_fraction, (np.maximum(h, 0) == 0).mean(axis=0))
-
-
-def test_expose_tensors_adds_outputs_on_a_copy() -> None:
-    proto, _ = _two_layer_model()
-    model = from_proto(proto)
-    exposed = expose_tensors(model, ["h"])
-    assert [v.name for v in exposed.graph.outputs] == ["y", "h"]
-    assert [v.name for v in model.graph.outputs] == ["y"]
-    x = np.ones((2, 4), np.float32)
-    y, h = run_model(exposed, {"x": x})
-    assert h.shape == (2, 6)
-    with pytest.raises(KeyError, match="no tensor"):
-        expose_tensors(model, ["nope"])

@@ -1,0 +1,70 @@
+"""onnxopt.session: the one streaming loop, and intermediate tensors exposed as outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.data import from_arrays
+from onnxopt.feeds import input_specs
+from onnxopt.ir import from_proto
+from onnxopt.session import expose_tensors, make_session, run_model, stream, stream_tensors
+
+
+def _two_layer_model():
+    w = np.random.default_rng(3).standard_normal((4, 6)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("ReduceSum", ["r"], ["y"], keepdims=0)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, w
+
+
+def test_stream_feeds_every_session_the_same_batches() -> None:
+    proto, w = _two_layer_model()
+    model = from_proto(proto)
+    x = np.random.default_rng(1).standard_normal((20, 4)).astype(np.float32)
+    labels = np.arange(20)
+    source = from_arrays({"x": x, "labels": labels}, "x")
+    sessions = [make_session(model), make_session(expose_tensors(model, ["h"]))]
+    batches = list(stream(sessions, source, input_specs(model), outputs=[None, ["x", "h"]],
+                          batch_size=8, limit=18))
+    assert [len(b.feeds["x"]) for b in batches] == [8, 8, 2]
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), labels[:18])
+    for batch in batches:
+        (y,), (x_out, h) = batch.outputs
+        assert x_out is batch.feeds["x"]  # a wanted input comes from the feeds
+        np.testing.assert_allclose(h, batch.feeds["x"] @ w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y, np.maximum(h, 0).sum(), rtol=1e-5)  # ReduceSum of all
+    with pytest.raises(ValueError, match="one output list per session"):
+        next(stream(sessions, source, input_specs(model), outputs=[None]))
+
+
+def test_stream_tensors_runs_two_models_side_by_side() -> None:
+    proto, w = _two_layer_model()
+    model = from_proto(proto)
+    x = np.random.default_rng(2).standard_normal((10, 4)).astype(np.float32)
+    got = list(stream_tensors([model, model], [["h"], ["r", "x"]], from_arrays({"x": x}, "x"),
+                              batch_size=4))
+    assert len(got) == 3
+    (first, second), labels = got[0]
+    assert labels is None and set(first) == {"h"} and set(second) == {"r", "x"}
+    np.testing.assert_allclose(second["r"], np.maximum(first["h"], 0), rtol=1e-6)
+
+
+def test_expose_tensors_adds_outputs_on_a_copy() -> None:
+    proto, _ = _two_layer_model()
+    model = from_proto(proto)
+    exposed = expose_tensors(model, ["h"])
+    assert [v.name for v in exposed.graph.outputs] == ["y", "h"]
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    x = np.ones((2, 4), np.float32)
+    y, h = run_model(exposed, {"x": x})
+    assert h.shape == (2, 6)
+    with pytest.raises(KeyError, match="no tensor"):
+        expose_tensors(model, ["nope"])
