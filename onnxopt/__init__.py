@@ -18,7 +18,7 @@ from onnxopt.pass_base import (
     registered_passes,
 )
 from onnxopt.pipeline import parse_pipeline
-from onnxopt.report import PassRecord, RunReport
+from onnxopt.report import PassRecord, RunReport, Status
 
 __all__ = [
     "DataError",
@@ -33,6 +33,7 @@ __all__ = [
     "PipelineError",
     "Refusal",
     "RunReport",
+    "Status",
     "Tolerance",
     "UserError",
     "get_pass",

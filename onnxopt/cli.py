@@ -78,10 +78,10 @@ def _info_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used as the console script)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] not in ("info",) and not args_list[0].startswith("-"):
+    if args_list and args_list[0] != "info" and not args_list[0].startswith("-"):
         from onnxopt.pass_base import registered_commands
 
-        command = registered_commands().get(args_list[0])
+        command = registered_commands().get(args_list[0])  # e.g. 'split' (early exit)
         if command is not None:
             return command(args_list[1:])
     return run_reporting_user_errors("onnxopt", lambda: _dispatch(args_list))

@@ -90,12 +90,14 @@ def set_weight(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) ->
 
 def _fold_conv(graph: ir.Graph, node: ir.Node, removed: np.ndarray, values: np.ndarray) -> int:
     weight = const_array(node.inputs[1])
-    if int(attr(node, "group", 1)) != 1:
+    layout = weight_layout(node, weight.ndim)
+    if layout.group != 1:
         raise ValueError(f"cannot fold constant channels into grouped {node.name}")
-    summed = weight[:, removed].astype(np.float64).sum(axis=tuple(range(2, weight.ndim)))
+    rows = layout.by_output(weight)  # [out, in, k...]
+    summed = rows[:, removed].astype(np.float64).sum(axis=tuple(range(2, weight.ndim)))
     delta = summed @ values
     bias = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
-    base = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+    base = np.zeros(len(rows)) if bias is None else bias.astype(np.float64)
     return set_weight(graph, node, 2, (base + delta).astype(weight.dtype))
 
 

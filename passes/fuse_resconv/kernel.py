@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.ir import attr
+from onnxopt.layouts import weight_layout
 
 
 class KernelMismatch(ValueError):
@@ -101,10 +102,10 @@ def conv_geometry(node: ir.Node, weight_shape: tuple[int, ...]) -> Geometry:
     else:
         pads = tuple(attr(node, "pads", None) or (0,) * (2 * n))
         begin, end = pads[:n], pads[n:]
-    group = int(attr(node, "group", 1))
+    layout = weight_layout(node, len(weight_shape))
     dils = tuple(d if k > 1 else 1 for d, k in zip(dils, spatial, strict=True))
-    return Geometry(spatial, strides, dils, begin, end, group, int(weight_shape[1]) * group,
-                    int(weight_shape[0]))
+    return Geometry(spatial, strides, dils, begin, end, layout.group,
+                    layout.in_channels(weight_shape), layout.out_channels(weight_shape))
 
 
 def embed_kernel(weight: np.ndarray, size: tuple[int, ...]) -> np.ndarray:

@@ -179,7 +179,8 @@ def _conv_view(node: ir.Node) -> LinearView | str:
     weight = const_array(node.inputs[1])
     if weight is None or weight.ndim < 3:
         return "Conv weight is not a constant"
-    if int(attr(node, "group", 1)) != 1:
+    layout = weight_layout(node, weight.ndim)
+    if layout.group != 1:
         return "grouped Conv"
     nd = weight.ndim - 2
     bias = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
@@ -187,9 +188,9 @@ def _conv_view(node: ir.Node) -> LinearView | str:
         return "Conv bias is not a constant"
     auto_pad = attr(node, "auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    out = weight.shape[0]
+    out, cin = layout.out_channels(weight.shape), layout.in_channels(weight.shape)
     return ConvView(
-        node, weight.reshape(out, weight.shape[1], -1).astype(np.float64),
+        node, layout.by_output(weight).reshape(out, cin, -1).astype(np.float64),
         np.zeros(out) if bias is None else bias.astype(np.float64).reshape(out),
         kernel=tuple(weight.shape[2:]),
         strides=tuple(attr(node, "strides", None) or [1] * nd),
