@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.compare import compare_outputs
 from onnxopt.data import input_specs
@@ -67,3 +68,17 @@ def assert_same_outputs(before: onnx.ModelProto | ir.Model, after: onnx.ModelPro
     names = [o.name for o in proto.graph.output]
     cmp = compare_outputs(ref, got, names, Tolerance(rtol=rtol, atol=atol))
     assert cmp, cmp.summary()
+
+
+def two_layer_model() -> tuple[onnx.ModelProto, np.ndarray]:
+    """``y = ReduceSum(Relu(x @ w))`` over ``x [N, 4]``, with its weight ``w [4, 6]``."""
+    w = np.random.default_rng(3).standard_normal((4, 6)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("ReduceSum", ["r"], ["y"], keepdims=0)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, w

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.data import from_arrays
 from onnxopt.feeds import input_specs
 from onnxopt.ir import from_proto
 from onnxopt.session import expose_tensors, make_session, run_model, stream, stream_tensors
-
-
-def _two_layer_model():
-    w = np.random.default_rng(3).standard_normal((4, 6)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("ReduceSum", ["r"], ["y"], keepdims=0)],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model, w
+from tests.helpers import two_layer_model
 
 
 def test_stream_feeds_every_session_the_same_batches() -> None:
-    proto, w = _two_layer_model()
+    proto, w = two_layer_model()
     model = from_proto(proto)
     x = np.random.default_rng(1).standard_normal((20, 4)).astype(np.float32)
     labels = np.arange(20)
@@ -46,7 +33,7 @@ def test_stream_feeds_every_session_the_same_batches() -> None:
 
 
 def test_stream_tensors_runs_two_models_side_by_side() -> None:
-    proto, w = _two_layer_model()
+    proto, w = two_layer_model()
     model = from_proto(proto)
     x = np.random.default_rng(2).standard_normal((10, 4)).astype(np.float32)
     got = list(stream_tensors([model, model], [["h"], ["r", "x"]], from_arrays({"x": x}, "x"),
@@ -58,7 +45,7 @@ def test_stream_tensors_runs_two_models_side_by_side() -> None:
 
 
 def test_expose_tensors_adds_outputs_on_a_copy() -> None:
-    proto, _ = _two_layer_model()
+    proto, _ = two_layer_model()
     model = from_proto(proto)
     exposed = expose_tensors(model, ["h"])
     assert [v.name for v in exposed.graph.outputs] == ["y", "h"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.data import from_arrays
 from onnxopt.ir import from_proto
@@ -14,6 +13,7 @@ from onnxopt.passes.quantize.tensor_stats import (
     TensorStats,
     collect_activation_stats,
 )
+from tests.helpers import two_layer_model
 
 
 def _batches(seed: int = 0) -> list[np.ndarray]:
@@ -102,21 +102,8 @@ def test_unknown_method() -> None:
         select_range(TensorStats("t"), "magic")
 
 
-def _two_layer_model():
-    w = np.random.default_rng(3).standard_normal((4, 6)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("ReduceSum", ["r"], ["y"], keepdims=0)],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model, w
-
-
 def test_collect_through_onnxruntime_matches_numpy() -> None:
-    proto, w = _two_layer_model()
+    proto, w = two_layer_model()
     x = np.random.default_rng(4).standard_normal((50, 4)).astype(np.float32)
     stats = collect_activation_stats(from_proto(proto), from_arrays({"x": x}, "x"),
                                      ["x", "h", "r"], batch_size=8, channel_stats=True)
