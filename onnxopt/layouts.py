@@ -63,6 +63,10 @@ class WeightLayout:
         n = int(shape[self.in_axis])
         return n if self.out_per_group else n * self.group
 
+    def _holds_all(self, outputs: bool) -> bool:
+        """Whether the output (or input) axis holds every channel of its side."""
+        return self.group == 1 or outputs != self.out_per_group
+
     def _split(self, w: np.ndarray) -> tuple[np.ndarray, int, int]:
         """``w`` with the full channel axis split into ``[group, per group]`` (a view).
 
@@ -76,24 +80,28 @@ class WeightLayout:
         return view, full, share + (share > full)
 
     def _scale(self, w: np.ndarray, s: np.ndarray, outputs: bool, in_place: bool) -> np.ndarray:
-        axis = self.out_axis if outputs else self.in_axis
-        if self.group == 1 or (outputs != self.out_per_group):
-            # The axis holds all channels of its side: scale along it.
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            factor = s.reshape(shape)
+        if self._holds_all(outputs):
             target = w
+            shape = [1] * w.ndim
+            shape[self.out_axis if outputs else self.in_axis] = -1
         else:
             target, group_axis, share_axis = self._split(w)
             shape = [1] * target.ndim
             shape[group_axis], shape[share_axis] = self.group, -1
-            factor = s.reshape(shape)
+        factor = s.reshape(shape)
         if in_place:
             if not np.shares_memory(target, w):
                 raise ValueError("in-place scaling needs a contiguous weight")
             target *= factor
             return w
         return (target * factor).reshape(w.shape)
+
+    def _rows(self, w: np.ndarray, outputs: bool) -> np.ndarray:
+        if self._holds_all(outputs):
+            return np.moveaxis(w, self.out_axis if outputs else self.in_axis, 0)
+        view, group_axis, share_axis = self._split(w)
+        count = self.out_channels(w.shape) if outputs else self.in_channels(w.shape)
+        return np.moveaxis(view, (group_axis, share_axis), (0, 1)).reshape((count, -1))
 
     def scale_outputs(self, w: np.ndarray, s: np.ndarray, *, in_place: bool = False,
                       ) -> np.ndarray:
@@ -110,11 +118,11 @@ class WeightLayout:
 
     def by_output(self, w: np.ndarray) -> np.ndarray:
         """``w`` as ``[Cout, ...]``: row ``o`` holds every weight that makes output ``o``."""
-        if self.group == 1 or not self.out_per_group:
-            return np.moveaxis(w, self.out_axis, 0)
-        view, group_axis, share_axis = self._split(w)
-        return np.moveaxis(view, (group_axis, share_axis), (0, 1)).reshape(
-            (self.out_channels(w.shape), -1))
+        return self._rows(w, True)
+
+    def by_input(self, w: np.ndarray) -> np.ndarray:
+        """``w`` as ``[Cin, ...]``: row ``c`` holds every weight that reads input ``c``."""
+        return self._rows(w, False)
 
     def from_output(self, rows: np.ndarray) -> np.ndarray:
         """The inverse of :meth:`by_output` (row ``o`` back to output channel ``o``).
@@ -122,27 +130,17 @@ class WeightLayout:
         Only for layouts whose output axis holds every output (all but grouped
         ConvTranspose), where :meth:`by_output` only moved that axis to the front.
         """
-        if self.out_per_group and self.group > 1:
+        if not self._holds_all(True):
             raise ValueError("a grouped ConvTranspose weight has no single output axis")
         return np.moveaxis(rows, 0, self.out_axis)
 
-    def by_input(self, w: np.ndarray) -> np.ndarray:
-        """``w`` as ``[Cin, ...]``: row ``c`` holds every weight that reads input ``c``."""
-        if self.group == 1 or self.out_per_group:
-            return np.moveaxis(w, self.in_axis, 0)
-        view, group_axis, share_axis = self._split(w)
-        return np.moveaxis(view, (group_axis, share_axis), (0, 1)).reshape(
-            (self.in_channels(w.shape), -1))
-
     def out_abs_max(self, w: np.ndarray) -> np.ndarray:
         """``max |w|`` per output channel."""
-        rows = self.by_output(np.abs(w))
-        return rows.reshape(rows.shape[0], -1).max(axis=1)
+        return _row_max(self.by_output(np.abs(w)))
 
     def in_abs_max(self, w: np.ndarray) -> np.ndarray:
         """``max |w|`` per input channel."""
-        rows = self.by_input(np.abs(w))
-        return rows.reshape(rows.shape[0], -1).max(axis=1)
+        return _row_max(self.by_input(np.abs(w)))
 
     def per_channel_axis(self) -> int | None:
         """The axis for one scale per output channel (DequantizeLinear's ``axis``).
@@ -150,9 +148,11 @@ class WeightLayout:
         None when no single axis holds every output channel of one linear map: grouped
         ConvTranspose, and batched MatMul weights.
         """
-        if (self.out_per_group and self.group > 1) or self.batched:
-            return None
-        return self.out_axis
+        return self.out_axis if self._holds_all(True) and not self.batched else None
+
+
+def _row_max(rows: np.ndarray) -> np.ndarray:
+    return rows.reshape(rows.shape[0], -1).max(axis=1)
 
 
 def _group(node: ir.Node) -> int:

@@ -266,7 +266,7 @@ class _Validator:
         record.vs_original = compare_outputs(self.original, outputs, names, tol, self.labels)
         if exact and not record.vs_previous:
             return Status.ROLLED_BACK, ("exact pass changed the outputs, rolled back: "
-                                 + record.vs_previous.summary())
+                                        + record.vs_previous.summary())
         if not exact:
             message = _gate_message(record.vs_original, gates, self.original_accuracy)
             if message is not None:

@@ -62,7 +62,7 @@ _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
 _BN_PARAMS = ("scale", "bias", "mean", "var")
 
 
-#: Ops a BatchNormalization folds into; where their channels are is :mod:`onnxopt.layouts`'.
+#: Ops a BatchNormalization folds into (where their channels are: :mod:`onnxopt.layouts`).
 _PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 _BIAS_INPUT = 2
 

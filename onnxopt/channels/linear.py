@@ -6,7 +6,7 @@ These are where groups begin and end. A weighted op with a constant weight has t
   bias;
 - its input channels are a *consumer* tie with the weight's input-channel axis.
 
-Which weight axis that is, per op, is :mod:`onnxopt.layouts`' table.
+Which weight axis that is, per op, is the table in :mod:`onnxopt.layouts`.
 
 A depthwise convolution (``group == C_in``, ``C_out = m * C_in``) is neither: output
 channel ``o`` only reads input channel ``o // m``, so input and output are one pass-through

@@ -1,8 +1,8 @@
 """The ``early-exit`` pass: exit heads at cut points, later stages inside ``If`` branches.
 
-The model is split at cut points (:mod:`onnxopt.passes.early_exit.cuts`) into stages ``S_0 .. S_K``;
+The model is split at cut points (:mod:`.cuts`) into stages ``S_0 .. S_K``;
 at the end of each stage ``k < K`` an exit head fitted on calibration data
-(:mod:`onnxopt.passes.early_exit.exits`) gives logits ``h_k`` and a confidence ``c_k``, and
+(:mod:`.exits`) gives logits ``h_k`` and a confidence ``c_k``, and
 ``m_k = c_k >= t_k`` says which samples may stop there. The rewrite nests the stages in ``If``
 branches so that a plain onnxruntime session skips the later stages when every sample in the
 batch is done (at batch 1: when the one sample is confident):

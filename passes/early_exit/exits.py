@@ -26,9 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.compare import classifier_like
-from onnxopt.data import FeedSource, input_specs
+from onnxopt.data import FeedSource
 from onnxopt.errors import DataError, UserError
-from onnxopt.ir import clone_model
 from onnxopt.passes.early_exit.cuts import CutPoint
 from onnxopt.passes.early_exit.heads import (
     HeadKind,
@@ -38,7 +37,7 @@ from onnxopt.passes.early_exit.heads import (
     pool,
     softmax,
 )
-from onnxopt.session import make_session, stream
+from onnxopt.session import stream_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -207,18 +206,16 @@ def collect_features(model: ir.Model, source: FeedSource, cuts: Sequence[str], *
     if len(model.graph.outputs) != 1:
         raise ExitPlanError(f"early exit needs a model with one output, this one has "
                             f"{len(model.graph.outputs)}")
-    probe = clone_model(model)
-    values = {v.name: v for n in probe.graph for v in n.outputs}
-    probe.graph.outputs.extend(values[name] for name in cuts)
+    output = model.graph.outputs[0].name or ""
     pooled: list[list[np.ndarray]] = [[] for _ in cuts]
     logits, labels = [], []
-    for _, batch_labels, (outputs,) in stream([make_session(probe)], source,
-                                              input_specs(model, input_shapes),
-                                              batch_size=batch_size, limit=limit):
-        logits.append(outputs[0])
+    for (tensors,), batch_labels in stream_tensors([model], [[output, *cuts]], source,
+                                                   batch_size=batch_size, limit=limit,
+                                                   input_shapes=input_shapes):
+        logits.append(tensors[output])
         labels.append(batch_labels)
-        for k, out in enumerate(outputs[1:]):
-            pooled[k].append(pool(out))
+        for k, name in enumerate(cuts):
+            pooled[k].append(pool(tensors[name]))
     if not logits:
         raise DataError(f"{source.description}: no samples")
     full = np.concatenate(logits)

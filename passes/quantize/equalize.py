@@ -41,7 +41,7 @@ from onnxopt.pass_base import PassResult
 logger = logging.getLogger(__name__)
 
 
-#: The linear ops equalized; where their channels are is :mod:`onnxopt.layouts`'.
+#: The linear ops equalized (where their channels are: :mod:`onnxopt.layouts`).
 _EQUALIZED = frozenset({"Conv", "Gemm"})
 
 
@@ -136,9 +136,10 @@ def equalize(graph: ir.Graph, result: PassResult, max_sweeps: int = 20,
         return 0
     nodes = {id(n): n for p in pairs for n in (p.first, p.second)}
     weights = {k: const_array(n.inputs[1]).astype(np.float64) for k, n in nodes.items()}
+    layouts = {k: _layout(n, weights[k]) for k, n in nodes.items()}
     biases = {}
     for k, n in nodes.items():
-        channels = _layout(n, weights[k]).out_channels(weights[k].shape)
+        channels = layouts[k].out_channels(weights[k].shape)
         biases[k] = _bias_of(n, channels)
     usable = [p for p in pairs if not (len(p.first.inputs) > 2 and p.first.inputs[2] is not None
                                        and biases[id(p.first)] is None)]
@@ -146,7 +147,7 @@ def equalize(graph: ir.Graph, result: PassResult, max_sweeps: int = 20,
         change = 0.0
         for p in usable:
             a, c = id(p.first), id(p.second)
-            la, lc = _layout(p.first, weights[a]), _layout(p.second, weights[c])
+            la, lc = layouts[a], layouts[c]
             r1 = la.out_abs_max(weights[a])
             r2 = lc.in_abs_max(weights[c])
             s = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / np.where(r2 > 0, r2, 1.0)), 1.0)
