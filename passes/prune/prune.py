@@ -98,6 +98,9 @@ class PruneOptions:
             channels by the measured change of the graph output (``measured_scores``)
             instead of the criterion's per-layer scores (None: when calibration data is given).
         probes: Kept widths measured per group by ``sensitivity`` (interpolated between).
+        data_free: Prune without calibration data: channels chosen by weight magnitude,
+            nothing refitted. The result usually needs fine-tuning afterwards, so it is
+            an explicit opt-in; without it, prune refuses to run without ``--calib``.
     """
 
     ratio: float | None = None
@@ -117,6 +120,7 @@ class PruneOptions:
     refit_aware: bool = True
     sensitivity: bool | None = None
     probes: int = 3
+    data_free: bool = False
 
     def __post_init__(self) -> None:
         given = [k for k in ("ratio", "macs", "params") if getattr(self, k) is not None]
@@ -150,7 +154,16 @@ class PrunePass(Pass):
                    "refitting the next layers on calibration data")
     Options = PruneOptions
     exact = False
+    needs_data = True
     supports_dry_run = True
+
+    def requires_data(self) -> bool:
+        return not self.options.data_free
+
+    def missing_data_message(self) -> str:
+        return (f"pass {self!r} needs calibration data to choose channels and refit the next "
+                f"layers; give --calib DATA, or opt in to magnitude pruning without data "
+                f"with prune(data_free=true) and fine-tune the result afterwards")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts: PruneOptions = self.options
