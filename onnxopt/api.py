@@ -27,6 +27,8 @@ def optimize(
     validate: bool = True,
     min_agreement: float | None = None,
     max_accuracy_drop: float | None = None,
+    min_sqnr_db: float | None = None,
+    quality_floor: bool = True,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     batch_size: int = 32,
     max_samples: int | None = None,
@@ -44,12 +46,17 @@ def optimize(
         calib: Calibration data for passes that need it: ``.npz`` path, folder of
             ``.npy``, ``"random:N"``, a ``CalibrationDataReader``, a dict of arrays, or an
             iterable of feed dicts.
-        eval: Validation data (same forms; labels give accuracy). Defaults to ``calib``,
-            then to ``random:16``.
+        eval: Validation data (same forms; labels give accuracy). Without it, a pipeline
+            that learns from ``calib`` is validated on every 4th calibration sample, held
+            out from the passes; otherwise on ``calib``, then on ``random:16``.
         output: If given, the optimized model is written there atomically.
         validate: False skips checks and onnxruntime comparisons.
-        min_agreement: Gate for lossy passes (top-1 agreement with the original).
-        max_accuracy_drop: Gate for lossy passes (fraction, 0.01 = one point).
+        min_agreement: Quality floor for classifier-like outputs: a lossy pass whose
+            top-1 agreement with the original falls below it is rolled back (default 0.9).
+        max_accuracy_drop: Gate for lossy passes (fraction, 0.01 = one point); needs
+            labelled validation data.
+        min_sqnr_db: Quality floor (dB) for other float outputs (default 10).
+        quality_floor: False removes the default floor (explicit values still apply).
         input_shapes: Concrete shapes for dynamic inputs.
         batch_size: Validation batch size when the batch axis is dynamic.
         max_samples: Cap on validation samples.
@@ -71,7 +78,8 @@ def optimize(
         eval, loaded, seed=seed, input_shapes=input_shapes)
     manager = PassManager(
         passes, validation=eval_source, calib=calib_source, validate=validate,
-        gates=Gates(min_agreement, max_accuracy_drop), batch_size=batch_size,
+        gates=Gates(min_agreement, max_accuracy_drop, min_sqnr_db, quality_floor),
+        batch_size=batch_size,
         max_samples=max_samples, input_shapes=input_shapes, progress=progress,
         instruments=instruments, seed=seed, dry_run=dry_run)
     result, report = manager.run(loaded)

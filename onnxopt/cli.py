@@ -47,7 +47,15 @@ def _main_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true",
                    help="proceed even if the input fails onnx.checker or has NaN/Inf weights")
     p.add_argument("--min-agreement", type=float, metavar="X",
-                   help="lossy passes must keep top-1 agreement with the original >= X")
+                   help="quality floor for classifier outputs: lossy passes must keep top-1 "
+                        "agreement with the original >= X, else they are rolled back and "
+                        "the run exits 1 (default 0.9; 0 removes it)")
+    p.add_argument("--min-sqnr", type=float, metavar="DB",
+                   help="quality floor for other float outputs (maps, boxes, embeddings): "
+                        "SQNR against the original >= DB (default 10)")
+    p.add_argument("--no-quality-floor", action="store_true",
+                   help="no default quality floor on lossy passes (explicit "
+                        "--min-agreement/--min-sqnr still apply)")
     p.add_argument("--max-accuracy-drop", type=float, metavar="X",
                    help="lossy passes may lose at most X accuracy (fraction, 0.01 = 1 point)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
@@ -146,7 +154,8 @@ def _optimize(args: argparse.Namespace) -> int:
         model, passes, calib=args.calib, eval=args.eval_data,
         output=None if args.dry_run else output,
         validate=not args.no_validate, min_agreement=args.min_agreement,
-        max_accuracy_drop=args.max_accuracy_drop,
+        max_accuracy_drop=args.max_accuracy_drop, min_sqnr_db=args.min_sqnr,
+        quality_floor=not args.no_quality_floor,
         input_shapes=parse_input_shapes(args.input_shape), batch_size=args.batch_size,
         max_samples=args.max_samples, progress=show_progress, seed=args.seed,
         dry_run=args.dry_run)
@@ -159,6 +168,11 @@ def _optimize(args: argparse.Namespace) -> int:
     print("dry run: nothing written" if args.dry_run else f"wrote {output}")
     if args.report:
         write_text(args.report, report.to_json())
+    crashed = [r for r in report.failures if r.status is Status.CRASHED]
+    if crashed:
+        print(f"onnxopt: pass {crashed[0].name} crashed, which is a bug (-v shows the "
+              f"traceback); the model written is the one before it", file=sys.stderr)
+        return EXIT_VALIDATION
     gate_failures = [r for r in report.failures if r.status is Status.GATE_FAILED]
     if gate_failures:
         print(f"onnxopt: gate missed by pass {gate_failures[0].name}: "

@@ -11,12 +11,15 @@ from typing import Protocol
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
 from onnxopt.compare import (
     Comparison,
+    QualityFloor,
     accuracy_of,
     as_comparable,
     compare_outputs,
+    runtime_noise,
     scaled_tolerance,
 )
 from onnxopt.cost import infer_shapes, model_cost
@@ -32,6 +35,15 @@ logger = logging.getLogger(__name__)
 
 #: Validation samples drawn at random when the user gives no data.
 DEFAULT_RANDOM_SAMPLES = 16
+#: Exact passes are validated on this many samples (the first of the validation set).
+EXACT_SAMPLES = 16
+#: An exact rewrite may differ from the previous stage by this many times the runtime's
+#: own noise (onnxruntime with all graph optimizations against none, on the same data).
+NOISE_MULTIPLE = 8.0
+#: Without ``--eval``, every this-many-th calibration sample is held out for validation.
+HOLDOUT_EVERY = 4
+#: Calibration sets smaller than this are not split (too few to hold samples out).
+MIN_SAMPLES_TO_HOLD_OUT = 8
 
 
 class Instrumentation(Protocol):
@@ -48,13 +60,32 @@ class Instrumentation(Protocol):
 class Gates:
     """Limits on lossy passes, checked against the original model.
 
+    Every lossy pass is held to a quality floor (:class:`~onnxopt.compare.QualityFloor`):
+    top-1 agreement for classifier-like outputs, SQNR for other float outputs. The
+    defaults apply unless ``quality_floor`` is False; ``min_agreement`` and
+    ``min_sqnr_db`` replace them (and still apply without the default floor).
+
     Attributes:
         min_agreement: Lowest allowed top-1 agreement with the original model.
-        max_accuracy_drop: Largest allowed accuracy drop (fraction, 0.01 = 1 point).
+        max_accuracy_drop: Largest allowed accuracy drop (fraction, 0.01 = 1 point); needs
+            labelled validation data.
+        min_sqnr_db: Lowest allowed SQNR (dB) of non-classifier float outputs.
+        quality_floor: Whether the default floor applies where no value is given.
     """
 
     min_agreement: float | None = None
     max_accuracy_drop: float | None = None
+    min_sqnr_db: float | None = None
+    quality_floor: bool = True
+
+    def floor(self) -> QualityFloor:
+        """The floor in force: defaults, replaced by the values the user gave."""
+        default = QualityFloor() if self.quality_floor else QualityFloor(0.0, -np.inf)
+        return QualityFloor(
+            default.min_agreement if self.min_agreement is None else self.min_agreement,
+            default.min_sqnr_db if self.min_sqnr_db is None else self.min_sqnr_db,
+            agreement_given=self.min_agreement is not None,
+            sqnr_given=self.min_sqnr_db is not None)
 
 
 class PassManager:
@@ -103,38 +134,94 @@ class PassManager:
         """Run every pass; returns the final model and the report.
 
         Raises:
-            UserError: A pass needs calibration data that was not given, or the data
-                does not fit the model.
+            UserError: A pass needs calibration data that was not given, the data does not
+                fit the model, or a gate needs labels the validation data lacks.
         """
         for p in self.passes:
-            if p.needs_data and self.calib is None:
-                raise UserError(f"pass {p!r} needs calibration data; give --calib DATA")
-        self._check_sample_count(model)
+            if p.requires_data() and self.calib is None:
+                raise UserError(p.missing_data_message())
+        specs = input_specs(model, self.input_shapes)
+        self._check_sample_count(self.calib, specs)
+        calib, validation, data_note = self._split_data(specs)
+        self._check_gates(validation)
         model = infer_shapes(model)
         report = RunReport(original=_snapshot(model))
-        ctx = PassContext(calib=self.calib, input_shapes=self.input_shapes, seed=self.seed,
+        ctx = PassContext(calib=calib, input_shapes=self.input_shapes, seed=self.seed,
                           progress=self.show_progress, dry_run=self.dry_run)
         validator = None
         if self.validate:
-            validator = _Validator(model, self)
+            validator = _Validator(model, self, validation)
             report.original_accuracy = validator.original_accuracy
             report.validated_samples = validator.samples
             report.validation_source = validator.source.description
+            report.noise_floor = validator.noise
+            report.quality_floor = self.gates.floor().describe()
+            report.validation_note = data_note
         for pass_ in self.passes:
             model, record = self._run_one(pass_, model, ctx, validator)
             report.records.append(record)
         return model, report
 
-    def _check_sample_count(self, model: ir.Model) -> None:
+    def _split_data(self, specs: list) -> tuple[FeedSource | None, FeedSource | None,
+                                                 str | None]:
+        """(calibration, validation, note): hold validation samples out of the calibration.
+
+        Without ``--eval``, a pipeline whose passes learn from the calibration data is
+        validated on every ``HOLDOUT_EVERY``-th calibration sample, which the passes never
+        see, so the gates judge what the passes did on data they did not fit.
+        """
+        calib, validation = self.calib, self.validation
+        if not self.validate:
+            return calib, validation, None
+        if validation is not None:
+            if calib is None:
+                return calib, validation, None
+            return calib, validation, (f"passes calibrated on {calib.description}; "
+                                       f"validated on {validation.description}")
+        learns = any(p.requires_data() or not p.exact for p in self.passes)
+        if calib is None:
+            return calib, None, None
+        if not learns:  # nothing is fitted to the calibration data: validate on all of it
+            return calib, calib, None
+        count = calib.count(specs)
+        need = max(MIN_SAMPLES_TO_HOLD_OUT, max(p.min_samples for p in self.passes))
+        fit_count = count - -(-count // HOLDOUT_EVERY)
+        if not calib.rebatch or fit_count < need:
+            why = ("its runs are fed as given" if not calib.rebatch
+                   else f"{_samples(count)} are too few to hold any out")
+            logger.warning("validating on the calibration samples themselves (%s): the "
+                           "metrics are optimistic; give --eval DATA for honest ones", why)
+            return calib, calib, (f"validated on the samples the passes calibrated on "
+                                  f"({why}); give --eval for held-out metrics")
+        fit, held = calib.holdout(HOLDOUT_EVERY)
+        return fit, held, (f"validated on {_samples(held.num_samples or 0)} held out of "
+                           f"{calib.description} (every {HOLDOUT_EVERY}th, never seen by the "
+                           f"passes); passes calibrated on the other "
+                           f"{_samples(fit.num_samples or 0)}")
+
+    def _check_gates(self, validation: FeedSource | None) -> None:
+        """Refuse gates that cannot be checked, before any work is done."""
+        if self.gates.max_accuracy_drop is None:
+            return
+        if not self.validate:
+            raise UserError("--max-accuracy-drop needs validation; drop --no-validate")
+        source = validation or self.calib
+        if source is None or not _has_labels(source):
+            where = "random data" if source is None else source.description
+            raise DataError(f"--max-accuracy-drop needs labelled validation data, but {where} "
+                            f"has no 'labels'; give --eval DATA with a 'labels' array, or "
+                            f"gate on --min-agreement instead")
+
+    def _check_sample_count(self, calib: FeedSource | None, specs: list) -> None:
         """Refuse calibration data with fewer samples than a pass of the pipeline needs."""
         need = max((p.min_samples for p in self.passes), default=1)
-        if self.calib is None or need <= 1:
+        if calib is None or need <= 1:
             return
-        have = self.calib.count(input_specs(model, self.input_shapes))
+        have = calib.count(specs)
         if have < need:
             name = next(p for p in self.passes if p.min_samples == need)
             raise DataError(f"pass {name!r} needs at least {need} calibration samples; "
-                            f"{self.calib.description} has {have}")
+                            f"{calib.description} has {have}")
 
     def _run_one(self, pass_: Pass, model: ir.Model, ctx: PassContext,
                  validator: _Validator | None) -> tuple[ir.Model, PassRecord]:
@@ -147,10 +234,13 @@ class PassManager:
         except UserError:
             raise
         except Exception as exc:  # a crashing pass must not lose the user's model
-            logger.exception("pass %r crashed; rolled back", pass_)
+            text = " ".join(f"{type(exc).__name__}: {exc}".split())
+            logger.error("pass %s crashed (a bug; -v shows the traceback): %s", pass_,
+                         text[:300])
+            logger.info("traceback of the crash in pass %s", pass_, exc_info=True)
             record = PassRecord(repr(pass_), pass_.exact, Status.CRASHED, _snapshot(snapshot),
                                 time.perf_counter() - start,
-                                message=f"crashed, rolled back: {type(exc).__name__}: {exc}")
+                                message=f"crashed (the model before it is kept): {text[:300]}")
             self._notify_failed(pass_, snapshot, record)
             return snapshot, record
         exact = pass_.exact if result.exact is None else result.exact
@@ -194,24 +284,31 @@ class PassManager:
 
 
 class _Validator:
-    """Holds the reference outputs and compares each stage against them."""
+    """Holds the reference outputs and compares each stage against them.
 
-    def __init__(self, model: ir.Model, manager: PassManager) -> None:
+    Lossy passes are judged on every validation sample; exact passes on the first
+    ``EXACT_SAMPLES`` of them, with a tolerance widened to ``NOISE_MULTIPLE`` times the
+    runtime's own noise on those samples. The previous stage's outputs are kept, so a
+    pass costs one run of the new model.
+    """
+
+    def __init__(self, model: ir.Model, manager: PassManager,
+                 validation: FeedSource | None) -> None:
         from onnxopt.data import random_source
 
         self.manager = manager
-        if manager.validation is not None:
-            self.source = manager.validation
-        elif manager.calib is not None:
-            self.source = manager.calib
+        if validation is not None:
+            self.source = validation
         else:
-            # Without user data, exact passes are still checked on random inputs; this is
-            # not a representativeness claim, so no warning (the report names the source).
             self.source = random_source(input_specs(model, manager.input_shapes),
                                         DEFAULT_RANDOM_SAMPLES, manager.seed)
+            if any(not p.exact for p in manager.passes):
+                logger.warning("no --eval or --calib: lossy passes are validated on %d random "
+                               "samples, which are not representative of real inputs",
+                               DEFAULT_RANDOM_SAMPLES)
         self.limit = manager.max_samples
-        if self.limit is None and self.source is manager.calib:
-            self.limit = 256
+        if self.limit is None and validation is not None and validation is not manager.validation:
+            self.limit = 256  # validating on (part of) the calibration data: a bounded run
         self.specs = input_specs(model, manager.input_shapes)
         self.output_names = [v.name or "" for v in model.graph.outputs]
         outputs, labels, samples = self._run(model, "validating original", original=True)
@@ -220,11 +317,27 @@ class _Validator:
         self.labels = labels
         self.samples = samples
         self.original_accuracy = accuracy_of(outputs, labels) if labels is not None else None
+        self.exact_samples = min(EXACT_SAMPLES, samples)
+        self.noise: list[float] | None = None
+        if any(p.exact for p in manager.passes):
+            try:
+                plain, _, _ = self._run(model, "measuring runtime noise",
+                                        limit=self.exact_samples,
+                                        optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+                self.noise = runtime_noise(self._head(outputs), plain)
+            except Exception as exc:  # noqa: BLE001 - the floor is an aid, not a requirement
+                logger.info("could not measure the runtime's noise floor: %s", exc)
+
+    def _head(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """The rows of the samples exact passes are judged on."""
+        return [_rows(o, self.exact_samples, self.samples) for o in outputs]
 
     def _run(self, model: ir.Model, desc: str, original: bool = False,
+             limit: int | None = None,
+             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
              ) -> tuple[list[np.ndarray], np.ndarray | None, int]:
         try:
-            session = make_session(model)
+            session = make_session(model, graph_optimization=optimization)
         except Exception as exc:  # e.g. an opset or IR version newer than onnxruntime knows
             if not original:
                 raise
@@ -237,7 +350,7 @@ class _Validator:
         count = 0
         for feeds, labels, (outputs,) in stream([session], self.source, self.specs,
                                                 batch_size=self.manager.batch_size,
-                                                limit=self.limit,
+                                                limit=self.limit if limit is None else limit,
                                                 show_progress=self.manager.show_progress,
                                                 desc=desc):
             chunks.append([as_comparable(o) for o in outputs])
@@ -257,36 +370,74 @@ class _Validator:
         if names != self.output_names:
             return Status.ROLLED_BACK, (f"graph outputs changed from {self.output_names} to "
                                         f"{names}, rolled back")
+        limit = self.exact_samples if exact else None
         try:
-            outputs, _, _ = self._run(model, f"validating {pass_.name}")
+            outputs, _, _ = self._run(model, f"validating {pass_.name}", limit=limit)
         except Exception as exc:  # onnxruntime refused the rewritten model
             return Status.ROLLED_BACK, f"onnxruntime cannot run the result, rolled back: {exc}"
         tol = scaled_tolerance(pass_.tolerance, self.previous)
+        if exact:
+            labels = None if self.labels is None else self.labels[: self.exact_samples]
+            noise: dict = dict(noise=self.noise, noise_multiple=NOISE_MULTIPLE)
+            record.vs_previous = compare_outputs(self._head(self.previous), outputs, names,
+                                                 tol, labels, **noise)
+            record.vs_original = compare_outputs(self._head(self.original), outputs, names,
+                                                 tol, labels, **noise)
+            if not record.vs_previous:
+                return Status.ROLLED_BACK, ("exact pass changed the outputs, rolled back: "
+                                            + record.vs_previous.summary())
+            self.previous = [_replace_rows(p, o, self.samples)
+                             for p, o in zip(self.previous, outputs, strict=True)]
+            if self.labels is not None:  # the other rows are the equivalent previous stage's
+                record.vs_original.accuracy = accuracy_of(self.previous, self.labels)
+            return None
         record.vs_previous = compare_outputs(self.previous, outputs, names, tol, self.labels)
         record.vs_original = compare_outputs(self.original, outputs, names, tol, self.labels)
-        if exact and not record.vs_previous:
-            return Status.ROLLED_BACK, ("exact pass changed the outputs, rolled back: "
-                                        + record.vs_previous.summary())
-        if not exact:
-            message = _gate_message(record.vs_original, gates, self.original_accuracy)
-            if message is not None:
-                return Status.GATE_FAILED, message + ", rolled back"
+        message = _gate_message(record.vs_original, gates, self.original_accuracy)
+        if message is not None:
+            return Status.GATE_FAILED, message + ", rolled back"
         self.previous = outputs
         return None
 
 
+def _rows(output: np.ndarray, n: int, samples: int) -> np.ndarray:
+    """The first ``n`` samples of a batched output (unbatched outputs are returned whole)."""
+    if output.ndim and output.shape[0] == samples:
+        return output[:n]
+    return output
+
+
+def _replace_rows(previous: np.ndarray, head: np.ndarray, samples: int) -> np.ndarray:
+    """``previous`` with its first rows replaced by ``head`` (the rows an exact pass ran)."""
+    if not previous.ndim or previous.shape[0] != samples or head.shape == previous.shape:
+        return head
+    merged = previous.copy()
+    merged[: head.shape[0]] = head
+    return merged
+
+
 def _gate_message(cmp: Comparison, gates: Gates, original_accuracy: float | None) -> str | None:
-    if gates.min_agreement is not None and cmp.agreement is not None \
-            and cmp.agreement < gates.min_agreement:
-        return (f"top-1 agreement {cmp.agreement:.4f} is below --min-agreement "
-                f"{gates.min_agreement}")
+    violation = gates.floor().violation(cmp)
+    if violation is not None:
+        return violation
     if gates.max_accuracy_drop is not None and cmp.accuracy is not None \
             and original_accuracy is not None:
         drop = original_accuracy - cmp.accuracy
         if drop > gates.max_accuracy_drop:
-            return (f"accuracy dropped {100 * drop:.2f} points, more than --max-accuracy-drop "
-                    f"{100 * gates.max_accuracy_drop:.2f}")
+            return (f"accuracy dropped {drop:.4f} ({100 * drop:.2f} points), more than "
+                    f"--max-accuracy-drop {gates.max_accuracy_drop:g}")
     return None
+
+
+def _has_labels(source: FeedSource) -> bool:
+    """Whether ``source`` carries labels (looks at its first chunk only)."""
+    for _, labels in source.chunks():
+        return labels is not None
+    return False
+
+
+def _samples(n: int) -> str:
+    return f"{n} sample" + ("" if n == 1 else "s")
 
 
 def _check_structure(proto: onnx.ModelProto) -> None:

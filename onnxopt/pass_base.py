@@ -122,6 +122,17 @@ class Pass:
         """Rewrite ``model`` in place and say what changed."""
         raise NotImplementedError
 
+    def requires_data(self) -> bool:
+        """Whether this instance cannot run safely without calibration data.
+
+        ``needs_data`` by default; a pass whose options allow a data-free mode overrides it.
+        """
+        return self.needs_data
+
+    def missing_data_message(self) -> str:
+        """The one-line error when calibration data is required but not given."""
+        return f"pass {self!r} needs calibration data; give --calib DATA"
+
     def __repr__(self) -> str:
         changed = {
             f.name: getattr(self.options, f.name)

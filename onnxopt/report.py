@@ -73,6 +73,9 @@ class RunReport:
     validation_source: str = ""
     output_path: str | None = None
     messages: list[str] = field(default_factory=list)
+    noise_floor: list[float] | None = None
+    quality_floor: str | None = None
+    validation_note: str | None = None
 
     @property
     def final(self) -> Snapshot:
@@ -98,6 +101,9 @@ class RunReport:
             "validation_source": self.validation_source,
             "output_path": self.output_path,
             "messages": self.messages,
+            "noise_floor": self.noise_floor,
+            "quality_floor": self.quality_floor,
+            "validation_note": self.validation_note,
             "passes": [_record_dict(r) for r in self.records],
             "final": asdict(self.final),
         }
@@ -152,9 +158,23 @@ class RunReport:
                 text = "; ".join(f"{k} (x{v})" if v > 1 else k for k, v in reasons.items())
                 notes.append(f"{r.name}: refused {len(r.refusals)}: {text}")
         if self.validated_samples:
-            notes.append(f"validated on {self.validated_samples} samples from "
-                         f"{self.validation_source}; '~' marks lossy passes")
+            notes.append((self.validation_note or
+                          f"validated on {_count(self.validated_samples, 'sample')} from "
+                          f"{self.validation_source}") + "; '~' marks lossy passes")
+            exact = [r.vs_previous for r in self.records if r.exact and r.vs_previous]
+            if exact and exact[0].noise_multiple is not None:
+                floor = exact[0].noise_floor or 0.0
+                notes.append(f"exact passes: checked on the first samples, within their "
+                             f"rtol or {exact[0].noise_multiple:g}x onnxruntime's own noise "
+                             f"on this model (max abs {floor:.2g}, all graph optimizations "
+                             f"against none)")
+            if self.quality_floor and any(not r.exact for r in self.records):
+                notes.append(f"lossy passes: quality floor {self.quality_floor}")
         return "\n".join(lines + notes + self.messages)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _line(cells: list[str], widths: list[int]) -> str:
@@ -200,6 +220,7 @@ def _comparison_dict(c: Comparison | None) -> dict[str, Any] | None:
         return None
     return {
         "passed": c.passed, "rtol": c.tolerance.rtol, "atol": c.tolerance.atol,
+        "noise_floor": c.noise_floor, "noise_multiple": c.noise_multiple,
         "max_abs_error": c.max_abs_error, "needed_rtol": c.needed_rtol, "cosine": c.cosine,
         "sqnr_db": c.sqnr_db, "agreement": c.agreement, "accuracy": c.accuracy,
     }

@@ -119,7 +119,7 @@ def test_gate_missed_rolls_back_and_names_the_pass():
                          min_agreement=0.99)
     record = report.records[0]
     assert record.status == Status.GATE_FAILED
-    assert "below --min-agreement" in record.message
+    assert "below --min-agreement 0.99" in record.message
     assert record in report.failures
 
 
