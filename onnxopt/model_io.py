@@ -24,7 +24,7 @@ EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 #: Tensors smaller than this stay inline when external data is written.
 _INLINE_LIMIT = 1024
 #: Up to this many bytes of weights, :func:`serialized_size` serializes the model to count.
-_EXACT_SIZE_LIMIT = 64_000_000
+_EXACT_SIZE_LIMIT = 4_000_000
 
 ModelLike = "str | os.PathLike | onnx.ModelProto | ir.Model"
 
