@@ -1,4 +1,5 @@
-"""Model I/O: sources, external data (lazy, size threshold, path safety), old IR, atomic save."""
+"""Model I/O: sources, external data (lazy, size threshold, path safety), old IR, atomic save,
+opset conversion."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 from onnxopt import model_io
 from onnxopt.errors import ModelError
 from onnxopt.ir import to_proto
-from onnxopt.model_io import load, save
+from onnxopt.model_io import OpsetConversionError, convert_opset, load, save
+from testmodels.old_opsets import conv_relu_gemm, conv_then_scan8
 from testmodels.structures import conv_chain
 from tests.helpers import assert_same_outputs, random_feeds
 
@@ -89,3 +91,50 @@ def test_serialized_size_matches_file(tmp_path):
     assert abs(model_io.serialized_size(model) - out.stat().st_size) < 64
     assert np.isclose(model_io.file_size(out), out.stat().st_size)
     assert to_proto(model).graph.name == onnx.load(out).graph.name
+
+
+def test_convert_opset_hands_the_same_weight_tensors_to_the_new_graph():
+    proto = conv_relu_gemm(9)
+    model = load(proto)
+    before = {name: v.const_value for name, v in model.graph.initializers.items()}
+    convert_opset(model, 13)
+    assert model.opset_imports[""] == 13 and model.ir_version == 7
+    assert list(model.graph.initializers) == list(before)  # order kept
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    large = [n for n, t in before.items() if t.nbytes > 1024]
+    assert large  # the conv and gemm weights never went through the converter
+    assert all(model.graph.initializers[n].const_value is before[n] for n in large)
+    assert_same_outputs(proto, model, random_feeds(proto), rtol=0, atol=0)
+
+
+def test_convert_opset_keeps_external_weights_mapped(tmp_path):
+    proto = conv_relu_gemm(11)
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    model = load(src)
+    convert_opset(model, 13)
+    tensors = [v.const_value for v in model.graph.initializers.values()]
+    assert tensors and all(isinstance(t, ir.ExternalTensor) for t in tensors)
+    fresh = conv_relu_gemm(11)
+    assert_same_outputs(fresh, model, random_feeds(fresh), rtol=0, atol=0)
+
+
+def test_convert_opset_failure_names_the_op_and_leaves_the_model_alone():
+    proto = conv_then_scan8()
+    model = load(proto)
+    graph = model.graph
+    with pytest.raises(OpsetConversionError) as caught:
+        convert_opset(model, 13)
+    assert caught.value.op_type == "Scan"
+    assert str(caught.value).startswith("cannot convert opset 8 to 13: Scan has no conversion")
+    assert model.graph is graph and model.opset_imports[""] == 8
+    assert_same_outputs(proto, model, random_feeds(proto), rtol=0, atol=0)
+
+
+def test_convert_opset_finds_the_op_when_the_message_does_not_name_it():
+    from onnxopt.model_io import _conversion_error
+
+    proto = conv_then_scan8()
+    error = _conversion_error(RuntimeError("Assertion failed: something else"), proto, 8, 13)
+    assert error.op_type == "Scan"  # found by converting one node at a time
+    assert "Scan has no conversion (something else)" in str(error)

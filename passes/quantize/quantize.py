@@ -27,7 +27,7 @@ import onnx_ir as ir
 from onnxopt.cost import infer_shapes
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, node_label, opset_version, unmatched
-from onnxopt.model_io import serialized_size
+from onnxopt.model_io import OpsetConversionError, convert_opset, serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 from onnxopt.passes.quantize.bias_correction import correct_biases
 from onnxopt.passes.quantize.calibration import calibrate, group_params
@@ -40,6 +40,10 @@ from onnxopt.passes.quantize.tensor_stats import TensorStats
 
 logger = logging.getLogger(__name__)
 
+#: The opset that has QuantizeLinear/DequantizeLinear, and the one that gives them ``axis``.
+QDQ_OPSET = 10
+PER_CHANNEL_OPSET = 13
+
 
 @dataclass(frozen=True)
 class QuantizeOptions:
@@ -48,7 +52,9 @@ class QuantizeOptions:
     Attributes:
         method: Range selection: ``minmax``, ``percentile``, ``entropy`` (KL) or ``mse``.
         percentile: Percentile for ``method=percentile``.
-        per_channel: Per-output-channel weight scales (False: one scale per weight).
+        per_channel: Per-output-channel weight scales (False: one scale per weight). They
+            need opset 13; an older model is upgraded with onnx's version converter
+            (per-tensor weights need 10), and the report says so.
         activations: ``uint8`` (asymmetric) or ``int8`` (symmetric).
         reduce_range: 7-bit weights (``|q| <= 63``), so that onnxruntime's u8*s8 kernels on
             x86 without VNNI cannot saturate (:mod:`.cpu`). None: 7-bit when the CPU running
@@ -115,19 +121,19 @@ class QuantizePass(Pass):
         if ctx.calib is None:
             result.refuse("model", "no calibration data")
             return result
-        if any(v.type is None for node in model.graph for v in node.outputs):
-            infer_shapes(model)  # in place; the manager has usually done it already
-        opset = opset_version(model)
-        if opset < 10:
-            result.refuse("model", f"opset {opset} has no QuantizeLinear (needs 10)")
-            return result
-        per_channel = o.per_channel
-        if per_channel and opset < 13:
-            result.refuse("model", f"per-channel weights need opset 13, model has {opset}; "
-                                   "using per-tensor weights")
-            per_channel = False
         size_before = serialized_size(model)
         stats: dict[str, object] = {}
+        found = opset_version(model)
+        upgrade = _upgrade_opset(model, o.per_channel, result)
+        if upgrade is None:
+            return result
+        opset, per_channel, why = upgrade
+        notes = []
+        if opset != found:
+            stats["opset_upgraded"] = {"from": found, "to": opset}
+            notes.append(f"opset {found} -> {opset} by onnx's version converter ({why})")
+        if any(v.type is None for node in model.graph for v in node.outputs):
+            infer_shapes(model)  # in place; the manager has usually done it already
         if o.equalize:
             stats["equalized_pairs"] = equalize(model.graph, result)
         float_model = clone_model(model)
@@ -145,14 +151,16 @@ class QuantizePass(Pass):
         if not plan.nodes:
             stats["quantized"] = 0
             result.stats = stats
-            result.modified = bool(stats.get("equalized_pairs"))
+            result.modified = bool(stats.get("equalized_pairs")) or opset != found
+            result.summary = "; ".join(notes) or None
             return result
         result.modified = True
         stats.update(_summary(plan, rewritten))
         stats["reduce_range"] = build.reduce_range
         if o.reduce_range is None and build.reduce_range:
-            result.summary = ("7-bit weights (reduce_range): this x86 CPU has no VNNI, so "
-                              "8-bit u8*s8 products would saturate in onnxruntime")
+            notes.append("7-bit weights (reduce_range): this x86 CPU has no VNNI, so 8-bit "
+                         "u8*s8 products would saturate in onnxruntime")
+        result.summary = "; ".join(notes) or None
         stats["kept_float"] = [node_label(n) for i, n in enumerate(float_model.graph)
                                if i in keep_float]
         stats["bias_corrections"] = build.last_corrections
@@ -220,6 +228,39 @@ class _Builder:
         return plan, rewritten
 
 
+def _upgrade_opset(model: ir.Model, per_channel: bool, result: PassResult,
+                   ) -> tuple[int, bool, str] | None:
+    """Bring the model to the opset quantization needs, with onnx's version converter.
+
+    Per-channel weight scales need opset 13 (``axis`` on DequantizeLinear), QuantizeLinear
+    itself 10. When the conversion to 13 fails, weights are quantized per tensor instead
+    (at the model's opset, or 10); the refusal names the op that blocked it.
+
+    Returns:
+        The opset, whether weights are per channel and why the opset was raised (if it
+        was), or None when the model cannot get QuantizeLinear (refusal recorded).
+    """
+    opset = opset_version(model)
+    if opset == 0:
+        result.refuse("model", "no default-domain opset is imported: nothing to quantize")
+        return None
+    if per_channel and opset < PER_CHANNEL_OPSET:
+        try:
+            convert_opset(model, PER_CHANNEL_OPSET)
+            return PER_CHANNEL_OPSET, True, "per-channel weight scales need 13"
+        except OpsetConversionError as exc:
+            result.refuse("model", f"per-channel weights need opset 13, {exc}; using "
+                                   "per-tensor weights")
+    if opset >= QDQ_OPSET:
+        return opset, per_channel and opset >= PER_CHANNEL_OPSET, ""
+    try:
+        convert_opset(model, QDQ_OPSET)
+    except OpsetConversionError as exc:
+        result.refuse("model", f"QuantizeLinear needs opset 10, {exc}")
+        return None
+    return QDQ_OPSET, False, "QuantizeLinear needs 10"
+
+
 def _summary(plan: Plan, rewritten: Rewritten) -> dict[str, object]:
     ops = Counter(p.node.op_type for p in plan.nodes)
     return {
@@ -229,6 +270,7 @@ def _summary(plan: Plan, rewritten: Rewritten) -> dict[str, object]:
         "absorbed_activations": sum(1 for p in plan.nodes if p.absorbed is not None),
         "parameter_groups": len(plan.groups()),
         "inserted": dict(sorted(rewritten.counts.items())),
+        "float_constants_removed": rewritten.float_removed,
     }
 
 

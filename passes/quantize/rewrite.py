@@ -10,7 +10,8 @@ and a graph output ``t`` is renamed so that the DequantizeLinear output carries 
 inputs and outputs stay float. Weights become int8 initializers behind a DequantizeLinear
 (``axis`` = output channel when per channel), biases int32 initializers with scale
 ``s_x * s_w`` and zero point 0, and a constant activation operand (``x + c``) is quantized
-offline with its own range.
+offline with its own range. The float constant a quantized copy replaces (an initializer or a
+Constant node) goes when nothing else reads it, so the model never carries both copies.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from onnxopt.ir import (
     FreshNames,
     const_array,
     is_constant,
+    is_standard,
     remove_unused_initializers,
 )
 from onnxopt.layouts import gemm_bias, weight_layout
@@ -74,11 +76,14 @@ class Rewritten:
             (they differ only for renamed graph outputs).
         bias_sites: Nodes with an int32 bias.
         counts: Inserted QuantizeLinear/DequantizeLinear and quantized weights and biases.
+        float_removed: Float constants (initializers or Constant nodes) that the integer
+            copies replaced and nothing else read, removed from the graph.
     """
 
     names: dict[str, str] = field(default_factory=dict)
     bias_sites: list[BiasSite] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
+    float_removed: int = 0
 
 
 class _Builder:
@@ -88,6 +93,7 @@ class _Builder:
         self.graph = graph
         self.name = FreshNames(graph)
         self.counts: Counter = Counter()
+        self.removed = 0
 
     def const(self, base: str, array: np.ndarray) -> ir.Value:
         name = self.name(base)
@@ -130,6 +136,24 @@ class _Builder:
         """An integer initializer behind its own DequantizeLinear."""
         scale, zp = self.params(base, p)
         return self.dequantize(self.const(f"{base}_quantized", q), scale, zp, base, axis)
+
+    def replace_constant(self, node: ir.Node, index: int, new: ir.Value) -> None:
+        """Make ``node`` read ``new`` instead of its float constant input ``index``.
+
+        A Constant node left without readers goes at once (float initializers without
+        readers go at the end), so the model never carries both copies of a weight.
+        """
+        old = node.inputs[index]
+        node.replace_input_with(index, new)
+        if old is None or old.uses() or old.is_graph_output() or old.is_graph_input():
+            return
+        producer = old.producer()
+        if (producer is not None and producer.op_type == "Constant" and is_standard(producer)
+                and producer.graph is self.graph):
+            self.graph.remove(producer)
+            self.removed += 1
+        elif old.is_initializer():
+            self.removed += 1  # remove_unused_initializers drops it at the end
 
 
 def apply_plan(graph: ir.Graph, plan: Plan, params: dict[str, QuantParams], *,
@@ -177,6 +201,7 @@ def apply_plan(graph: ir.Graph, plan: Plan, params: dict[str, QuantParams], *,
     remove_unused_initializers(graph)
     graph.sort()
     done.counts.update(b.counts)
+    done.float_removed = b.removed
     return done
 
 
@@ -215,7 +240,7 @@ def _quantize_constant_input(b: _Builder, node: ir.Node, index: int, activation_
     p = activation_params(float(array.min(initial=0.0)), float(array.max(initial=0.0)),
                           activation_type)
     base = (value.name if value is not None else None) or f"{node.name}_const{index}"
-    node.replace_input_with(index, b.dequantized_const(base, p.quantize(array), p))
+    b.replace_constant(node, index, b.dequantized_const(base, p.quantize(array), p))
     b.counts["constant operands"] += 1
 
 
@@ -256,7 +281,7 @@ def _quantize_weight_and_bias(b: _Builder, np_: NodePlan, x_params: QuantParams 
     if bias is not None and x_params is not None:
         wp = fit_weight_scale_to_bias(bias, x_params.scale, wp)
     base = w_value.name or f"{node.name}_weight"
-    node.replace_input_with(w_index, b.dequantized_const(
+    b.replace_constant(node, w_index, b.dequantized_const(
         base, quantize_weight(weight, wp), wp, axis if wp.scale.ndim else None))
     b.counts["weights"] += 1
     if bias is None or x_params is None or b_index is None:
@@ -269,6 +294,6 @@ def _quantize_weight_and_bias(b: _Builder, np_: NodePlan, x_params: QuantParams 
     q_value = b.const(f"{bias_base}_quantized", q_bias)
     if len(node.inputs) <= b_index:
         node.resize_inputs(b_index + 1)
-    node.replace_input_with(b_index, b.dequantize(q_value, scale_v, zp_v, bias_base, bias_axis))
+    b.replace_constant(node, b_index, b.dequantize(q_value, scale_v, zp_v, bias_base, bias_axis))
     b.counts["biases"] += 1
     return BiasSite(node, q_value, bias, scale, weight, "", node.outputs[0].name or "")

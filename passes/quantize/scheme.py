@@ -132,4 +132,6 @@ def quantize_bias(bias: np.ndarray, x_scale: np.ndarray, w_scale: np.ndarray,
     scale = bias_scale(x_scale, w_scale)
     full = np.broadcast_to(scale, np.shape(bias)).astype(np.float64)
     q = np.rint(np.asarray(bias, np.float64) / full)
-    return np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32), np.ascontiguousarray(scale)
+    # ascontiguousarray alone turns a 0-d scale into shape (1,), which reads as per axis.
+    return (np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32),
+            np.ascontiguousarray(scale).reshape(np.shape(scale)))
