@@ -50,6 +50,7 @@ class ConsumerSystem:
     columns: tuple[np.ndarray, np.ndarray]
     moment: np.ndarray
     energy: float = 0.0
+    name: str = ""
 
 
 @dataclass
@@ -69,6 +70,7 @@ class CalibStatistics:
     seen: dict[int, np.ndarray] = field(default_factory=dict)
     gram: dict[int, np.ndarray] = field(default_factory=dict)
     systems: dict[int, list[ConsumerSystem]] = field(default_factory=dict)
+    consumers: dict[str, tuple[int, ConsumerSystem]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -101,7 +103,7 @@ def _system(view: LinearView, member: Member) -> ConsumerSystem | None:
     weight = view.weight.reshape(out, -1)
     if view.fits_bias:
         weight = np.concatenate([weight, view.bias[:, None]], axis=1)
-    return ConsumerSystem(weight, columns, np.zeros((size, size)))
+    return ConsumerSystem(weight, columns, np.zeros((size, size)), name=view.node.name or "")
 
 
 def _consumers(groups: Sequence[ChannelGroup], systems: bool) -> list[_Consumer]:
@@ -221,6 +223,9 @@ def collect_statistics(model: ir.Model, groups: Sequence[ChannelGroup], source: 
         if consumer.energy > 0 and consumer.needs_gram:
             index = consumer.group.index
             stats.gram[index] = stats.gram.get(index, 0.0) + consumer.gram / consumer.energy
+    for consumer in consumers:
+        if consumer.system is not None and consumer.energy > 0 and consumer.system.name:
+            stats.consumers[consumer.system.name] = (consumer.group.index, consumer.system)
     for group in groups:
         mine = [c for c in consumers if c.group is group]
         if mine and all(c.system is not None and c.energy > 0 for c in mine):
