@@ -157,6 +157,11 @@ class RunReport:
         return "\n".join(lines + notes + self.messages)
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 sample``, ``2 samples`` (``nouns`` for irregular plurals)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def _line(cells: list[str], widths: list[int]) -> str:
     return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                      for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()

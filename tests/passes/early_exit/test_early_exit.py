@@ -318,4 +318,4 @@ def test_dry_run_plans_exits_and_leaves_the_model_alone(digits_model: Path,
     work, result = apply_pass(get_pass("early-exit")(exits=("relu2",)), model, ctx)
     assert not result.modified and "If" not in op_counts(work)
     assert [e["cut"] for e in result.stats["exits"]] == ["relu2"]
-    assert result.summary.startswith("1 exits at relu2")
+    assert result.summary.startswith("1 exit at relu2")
