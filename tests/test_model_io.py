@@ -89,3 +89,13 @@ def test_serialized_size_matches_file(tmp_path):
     assert abs(model_io.serialized_size(model) - out.stat().st_size) < 64
     assert np.isclose(model_io.file_size(out), out.stat().st_size)
     assert to_proto(model).graph.name == onnx.load(out).graph.name
+
+
+def test_written_files_follow_the_umask(tmp_path, umask_027):
+    """Atomic writes go through tempfile (0600/0700); the results get the user's umask."""
+    text = model_io.write_text(tmp_path / "report.json", "{}")
+    model = save(load(conv_chain()), tmp_path / "m.onnx")
+    external = save(load(conv_chain()), tmp_path / "e.onnx", external_data=True)
+    for path in (text, model, external, tmp_path / "e.onnx.data"):
+        assert path.stat().st_mode & 0o777 == 0o640, path
+    assert model_io.current_umask() == 0o027
