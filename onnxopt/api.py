@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from onnxopt.data import open_feeds
 from onnxopt.manager import Gates, Instrumentation, PassManager
-from onnxopt.model_io import load, save
+from onnxopt.model_io import SOURCE_BYTES, load, save
 from onnxopt.pass_base import Pass
 from onnxopt.pipeline import parse_pipeline
 from onnxopt.report import RunReport
@@ -64,11 +64,13 @@ def optimize(
         instruments: Extra before/after-pass hooks.
         seed: Seed for random data and passes.
         dry_run: Passes that can plan without rewriting (``Pass.supports_dry_run``) only
-            report their plan; give no ``output`` then.
+            report their plan; exact passes before the first plan run, the others do not
+            (status ``not run``). Give no ``output`` then.
 
     Returns:
-        The optimized model and the run report (``report.failures`` lists rolled-back
-        passes and missed gates).
+        The optimized model, an ``onnx_ir.Model`` (``onnxopt.save`` writes it,
+        ``onnx_ir.to_proto`` makes it a ``ModelProto``), and the run report
+        (``report.failures`` lists rolled-back passes and missed gates).
     """
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     loaded = load(model)
@@ -82,7 +84,11 @@ def optimize(
         batch_size=batch_size,
         max_samples=max_samples, input_shapes=input_shapes, progress=progress,
         instruments=instruments, seed=seed, dry_run=dry_run)
+    # Read from a file and not yet rewritten (the pass manager rewrites it in place).
+    source_bytes = loaded.meta.pop(SOURCE_BYTES, None)
     result, report = manager.run(loaded)
+    if source_bytes is not None:  # read from a file: its size, as `onnxopt info` shows it
+        report.original.bytes = source_bytes
     if output is not None:
         report.output_path = os.fspath(save(result, output))
     return result, report

@@ -71,7 +71,8 @@ def from_arrays(arrays: Mapping[str, np.ndarray], description: str,
         raise DataError(f"{description}: arrays differ in sample count: {counts}")
     n = next(iter(counts.values()))
     if labels is not None and len(labels) != n:
-        raise DataError(f"{description}: {len(labels)} labels for {n} samples")
+        raise DataError(f"{description}: {len(labels)} labels for {n} "
+                        f"sample{'' if n == 1 else 's'}")
 
     def chunks() -> Iterator[Chunk]:
         for start in range(0, n, chunk):

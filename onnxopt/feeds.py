@@ -123,8 +123,8 @@ class FeedSource:
                     return
         if buffered and (limit is None or produced < limit):
             if static and buffered % size:
-                logger.warning("dropping %d samples that do not fill the model's fixed batch",
-                               buffered)
+                logger.warning("dropping the last %d sample%s: too few to fill the model's "
+                               "fixed batch", buffered, "" if buffered == 1 else "s")
                 return
             batch, _, _ = _take(buffer, buffered)
             if limit is not None:

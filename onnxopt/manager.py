@@ -107,7 +107,8 @@ class PassManager:
         progress: Show progress bars (only on a terminal).
         instruments: Extra hooks.
         seed: Seed for random validation data and for passes.
-        dry_run: Passes that support it only report their plan (``PassContext.dry_run``).
+        dry_run: Passes that support it only report their plan (``PassContext.dry_run``);
+            exact passes before the first plan run, the others do not (``Status.NOT_RUN``).
     """
 
     def __init__(self, passes: Sequence[Pass], *, validation: FeedSource | None = None,
@@ -157,8 +158,19 @@ class PassManager:
             report.noise_floor = validator.noise
             report.quality_floor = self.gates.floor().describe()
             report.validation_note = data_note
+        # A dry run rewrites only while the model is the one a real run would have: exact
+        # passes up to the first plan run (the plan must see what it would prune), a lossy
+        # pass without a plan mode never runs, and nothing runs after a plan but more plans.
+        as_real_run = True
         for pass_ in self.passes:
-            model, record = self._run_one(pass_, model, ctx, validator)
+            if self.dry_run and not pass_.supports_dry_run \
+                    and not (pass_.exact and as_real_run):
+                record = PassRecord(repr(pass_), pass_.exact, Status.NOT_RUN, _snapshot(model),
+                                    0.0, message="not run (no plan mode)")
+                as_real_run = False
+            else:
+                model, record = self._run_one(pass_, model, ctx, validator)
+                as_real_run = as_real_run and not (self.dry_run and pass_.supports_dry_run)
             report.records.append(record)
         return model, report
 
@@ -274,7 +286,10 @@ class PassManager:
         record.message = message
         record.after = _snapshot(snapshot)
         record.seconds = time.perf_counter() - start
-        logger.warning("pass %s: %s", record.name, message)
+        # A missed gate is an outcome the caller asked to be told about in the report (the
+        # CLI prints it once, in the table); a rolled-back rewrite is a warning.
+        log = logger.info if record.status is Status.GATE_FAILED else logger.warning
+        log("pass %s: %s", record.name, message)
         self._notify_failed(pass_, snapshot, record)
         return snapshot, record
 

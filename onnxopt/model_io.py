@@ -30,6 +30,10 @@ _INLINE_LIMIT = 1024
 _EXACT_SIZE_LIMIT = 4_000_000
 
 ModelLike = "str | os.PathLike | onnx.ModelProto | ir.Model"
+#: ``Model.meta`` key (in memory, never saved) of the bytes on disk of the file a model was
+#: loaded from, with its external data: the original's size in reports, as ``onnxopt info``.
+#: ``optimize`` takes it off the model it rewrites, so a second run does not reuse it.
+SOURCE_BYTES = "onnxopt.source_bytes"
 
 
 def load(model: str | os.PathLike | onnx.ModelProto | ir.Model,
@@ -78,6 +82,7 @@ def _load_path(path: Path) -> ir.Model:
         raise ModelError(f"not a valid ONNX model: {path} ({_short(exc)})") from None
     # External tensors are memory-mapped lazily relative to the model's folder.
     ir.external_data.set_base_dir(model.graph, path.parent)
+    model.meta[SOURCE_BYTES] = file_size(path)
     return model
 
 
@@ -203,6 +208,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent or Path("."))
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; open() would not
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, dest)
@@ -212,6 +218,21 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
                 os.unlink(tmp)
         raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
     return dest
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows.
+
+    Files that ``tempfile`` creates (0600, folders 0700) and then renames into place get
+    ``0o666 & ~umask`` (folders ``0o777 & ~umask``), as a plain ``open``/``mkdir`` would.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc: the classic read, which sets it for an instant
+    os.umask(mask)
+    return mask
 
 
 def file_size(path: str | os.PathLike) -> int:

@@ -20,6 +20,9 @@ class Status(str, enum.Enum):
     ROLLED_BACK = "rolled back"
     GATE_FAILED = "gate failed"
     CRASHED = "crashed"
+    #: ``--dry-run``: a pass without a plan mode that was not run (a lossy one, or any after
+    #: a plan: it would run on a model whose plan was not applied).
+    NOT_RUN = "not run"
 
     def __str__(self) -> str:
         return self.value
@@ -32,7 +35,11 @@ class Status(str, enum.Enum):
 
 @dataclass
 class Snapshot:
-    """Size of the model at one point of the pipeline."""
+    """Size of the model at one point of the pipeline.
+
+    ``bytes`` is the size of the model as it would be written; for the original model read
+    from a file, the size of that file (with its external data), as ``onnxopt info`` shows.
+    """
 
     nodes: int
     params: int
@@ -113,17 +120,23 @@ class RunReport:
                           allow_nan=False)
 
     def format_table(self) -> str:
-        """The per-pass table with a totals row against the original."""
+        """The per-pass table: each pass against the stage before it, the total row against
+        the original (the table says so under it)."""
         headers = ["pass", "status", "nodes", "params", "MACs", "size", "max err", "agree",
                    "acc", "time"]
         rows = [["(original)", "", str(self.original.nodes), _num(self.original.params),
                  _num(self.original.macs), _bytes(self.original.bytes), "", "",
                  _pct(self.original_accuracy), ""]]
+        # A pass that kept no rewrite leaves the model as it was: it shows the size above it
+        # (the original's is its file size, which differs from a re-serialization).
+        size = self.original.bytes
         for r in self.records:
             cmp = r.vs_previous
+            if r.status is Status.KEPT:
+                size = r.after.bytes
             rows.append([
                 r.name + ("" if r.exact else " ~"), str(r.status), str(r.after.nodes),
-                _num(r.after.params), _num(r.after.macs), _bytes(r.after.bytes),
+                _num(r.after.params), _num(r.after.macs), _bytes(size),
                 "" if cmp is None else f"{cmp.max_abs_error:.2g}",
                 "" if cmp is None or cmp.agreement is None else f"{cmp.agreement:.3f}",
                 "" if r.vs_original is None else _pct(r.vs_original.accuracy),
@@ -134,7 +147,7 @@ class RunReport:
                                  if r.vs_original is not None and r.status is Status.KEPT), None)
         rows.append([
             "total", "", _ratio(f.nodes, o.nodes), _ratio(f.params, o.params),
-            _ratio(f.macs, o.macs), _ratio(f.bytes, o.bytes),
+            _ratio(f.macs, o.macs), _ratio(size, o.bytes),
             "" if last_vs_original is None else f"{last_vs_original.max_abs_error:.2g}",
             "" if last_vs_original is None or last_vs_original.agreement is None
             else f"{last_vs_original.agreement:.3f}",
@@ -159,7 +172,7 @@ class RunReport:
                 notes.append(f"{r.name}: refused {len(r.refusals)}: {text}")
         if self.validated_samples:
             notes.append((self.validation_note or
-                          f"validated on {_count(self.validated_samples, 'sample')} from "
+                          f"validated on {plural(self.validated_samples, 'sample')} from "
                           f"{self.validation_source}") + "; '~' marks lossy passes")
             exact = [r.vs_previous for r in self.records if r.exact and r.vs_previous]
             if exact and exact[0].noise_multiple is not None:
@@ -170,11 +183,15 @@ class RunReport:
                              f"against none)")
             if self.quality_floor and any(not r.exact for r in self.records):
                 notes.append(f"lossy passes: quality floor {self.quality_floor}")
+        if any(r.vs_previous is not None for r in self.records):
+            notes.append("max err and agree compare each pass with the stage before it, "
+                         "the total with the original")
         return "\n".join(lines + notes + self.messages)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 sample``, ``2 samples`` (``nouns`` for irregular plurals)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def _line(cells: list[str], widths: list[int]) -> str:

@@ -101,7 +101,8 @@ class FoldBatchNormPass(Pass):
             if names is None:
                 names = FreshNames(graph)
             replaced = producer.inputs[WEIGHT_INPUT].const_value
-            _apply(bn.graph, match, names)
+            body = bn.graph  # _apply removes bn from its graph
+            _apply(body, match, names)
             del match  # its views of the old weight must go before the mapping can
             if isinstance(replaced, ir.ExternalTensor):
                 # Unmap the old weight now rather than at the end of the pass: on a big model
@@ -111,7 +112,7 @@ class FoldBatchNormPass(Pass):
                     replaced.release()
             logger.debug("folded %s into %s", node_label(bn), node_label(producer))
             folded += 1
-            in_subgraphs += bn.graph is not graph
+            in_subgraphs += body is not graph
         result.modified = folded > 0
         result.stats = {"folded": folded, "standalone": standalone,
                         "refused": len(result.refusals), "in_subgraphs": in_subgraphs}

@@ -29,6 +29,7 @@ from onnxopt.channels.tie import IN0, Role
 from onnxopt.channels.values import ChannelConstants, channel_constants
 from onnxopt.cost import model_cost
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxopt.report import plural
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,8 @@ class PruneZeroPass(Pass):
             "macs_saved": start.macs - end.macs,
             "groups": groups,
         }
-        logger.info("prune-zero: %d channels removed in %d groups, MACs %d -> %d",
-                    removed, len(groups), start.macs, end.macs)
+        logger.info("prune-zero: %s removed in %s, MACs %d -> %d", plural(removed, "channel"),
+                    plural(len(groups), "group"), start.macs, end.macs)
         return result
 
 

@@ -138,3 +138,13 @@ def test_convert_opset_finds_the_op_when_the_message_does_not_name_it():
     error = _conversion_error(RuntimeError("Assertion failed: something else"), proto, 8, 13)
     assert error.op_type == "Scan"  # found by converting one node at a time
     assert "Scan has no conversion (something else)" in str(error)
+
+
+def test_written_files_follow_the_umask(tmp_path, umask_027):
+    """Atomic writes go through tempfile (0600/0700); the results get the user's umask."""
+    text = model_io.write_text(tmp_path / "report.json", "{}")
+    model = save(load(conv_chain()), tmp_path / "m.onnx")
+    external = save(load(conv_chain()), tmp_path / "e.onnx", external_data=True)
+    for path in (text, model, external, tmp_path / "e.onnx.data"):
+        assert path.stat().st_mode & 0o777 == 0o640, path
+    assert model_io.current_umask() == 0o027

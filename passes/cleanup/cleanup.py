@@ -46,6 +46,7 @@ from onnxopt.ir import (
     replace_value,
     subgraphs,
 )
+from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 from onnxopt.passes.cleanup.folding import fold_constants, inline_constant_ifs
 
@@ -60,7 +61,7 @@ class CleanupOptions:
     """
 
     fold_constants: bool = True
-    max_fold_elements: int = 1_000_000
+    max_fold_elements: int = option(1_000_000, within="[0, inf)")
 
 
 @register_pass

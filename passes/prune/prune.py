@@ -42,6 +42,7 @@ from onnxopt.channels.tie import Role
 from onnxopt.cost import ModelCost, model_cost
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, node_label, unmatched
+from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 from onnxopt.passes.prune.budget import (
     ALLOCATORS,
@@ -56,6 +57,7 @@ from onnxopt.passes.prune.importance import CRITERIA, group_scores
 from onnxopt.passes.prune.reconstruct import reconstruct
 from onnxopt.passes.prune.sensitivity import measured_error, measured_scores, refit_targets
 from onnxopt.passes.prune.statistics import collect_statistics
+from onnxopt.report import plural
 
 logger = logging.getLogger(__name__)
 
@@ -103,39 +105,32 @@ class PruneOptions:
             an explicit opt-in; without it, prune refuses to run without ``--calib``.
     """
 
-    ratio: float | None = None
-    macs: float | None = None
-    params: float | None = None
+    ratio: float | None = option(None, within="[0, 1)", effective=DEFAULT_RATIO)
+    macs: float | None = option(None, within="(0, 1]")
+    params: float | None = option(None, within="(0, 1]")
     criterion: CriterionName = "auto"
     allocation: Literal["knapsack", "uniform"] = "knapsack"
     reconstruct: bool | None = None
-    min_channels: int | None = None
-    round_to: int = 16
+    min_channels: int | None = option(None, within="[1, inf)")
+    round_to: int = option(16, within="[1, inf)")
     exclude: tuple[str, ...] = ()
     plan_only: bool = False
-    ridge: float = 1e-2
-    max_samples: int = 512
-    positions: int = 16
-    batch_size: int = 32
+    ridge: float = option(1e-2, within="[0, inf)")
+    max_samples: int = option(512, within="[1, inf)")
+    positions: int = option(16, within="[1, inf)")
+    batch_size: int = option(32, within="[1, inf)")
     refit_aware: bool = True
     sensitivity: bool | None = None
-    probes: int = 3
+    probes: int = option(3, within="[1, inf)")
     data_free: bool = False
 
     def __post_init__(self) -> None:
         given = [k for k in ("ratio", "macs", "params") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one budget, not {' and '.join(given)}")
-        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
-        for key in ("macs", "params"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 < value <= 1.0:
-                raise ValueError(f"{key} is the fraction to keep, in (0, 1], got {value}")
+        # Ranges and choices are declared on the fields (onnxopt.options).
         if self.criterion != "auto" and self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}")
-        if self.round_to < 1 or (self.min_channels is not None and self.min_channels < 1):
-            raise ValueError("round_to and min_channels must be at least 1")
 
     def budget(self) -> tuple[str, float]:
         """``("ratio" | "macs" | "params", value)``."""
@@ -280,7 +275,8 @@ class PrunePass(Pass):
         macs = before.macs - sum(plan.savings["macs"].values())
         params = before.params - sum(plan.savings["params"].values())
         how = "" if plan.kind == "ratio" else f", {plan.allocation}"
-        return (f"{plan.kind}={plan.value:g} by {plan.criterion}{how}: {len(plan.rows)} groups, "
+        return (f"{plan.kind}={plan.value:g} by {plan.criterion}{how}: "
+                f"{plural(len(plan.rows), 'group')}, "
                 f"channels {total} -> {kept}, MACs {100 * macs / max(before.macs, 1):.1f}%, "
                 f"params {100 * params / max(before.params, 1):.1f}%")
 

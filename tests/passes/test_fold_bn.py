@@ -318,6 +318,28 @@ def test_bn_in_if_branches_folded_with_outer_scope_weight() -> None:
     assert again.modified is False
 
 
+def test_in_subgraphs_counts_only_the_folds_inside_bodies() -> None:
+    _, result = apply_pass(_fold_bn(), _conv_bn())
+    assert result.stats["folded"] == 1 and result.stats["in_subgraphs"] == 0
+    # A main-graph Conv+BN in front of the If whose two branches fold too.
+    model = _if_conv_bn(shared_weight=False)
+    bn, bn_inits = _bn("c_main", "x", 4, "bn_main", seed=4)
+    weight = np.random.default_rng(7).normal(0, 0.3, (4, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x0", "w_main"], ["c_main"], kernel_shape=[1, 1]), bn,
+             *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.input[0].name = "x0"
+    model.graph.initializer.extend([_init("w_main", weight), *bn_inits])
+    onnx.checker.check_model(model, full_check=True)
+    out, result = apply_pass(_fold_bn(), model)
+    assert result.stats == {"folded": 3, "standalone": 0, "refused": 0, "in_subgraphs": 2}
+    assert _all_ops(out) == {"If": 1, "Conv": 3, "Relu": 1}
+    for cond in (True, False):
+        feeds = _if_feeds(cond)
+        assert_same_outputs(model, out, {"x0": feeds["x"], "cond": feeds["cond"]})
+
+
 def test_bn_in_if_branches_refused_when_outer_weight_is_shared() -> None:
     model = _if_conv_bn(shared_weight=True)
     out, result = apply_pass(_fold_bn(), model)
