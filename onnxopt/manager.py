@@ -352,11 +352,11 @@ class _Validator:
                                                 batch_size=self.manager.batch_size,
                                                 limit=self.limit if limit is None else limit,
                                                 show_progress=self.manager.show_progress,
-                                                desc=desc):
+                                                desc=desc, data_errors=original):
             chunks.append([as_comparable(o) for o in outputs])
             if labels is not None:
                 label_parts.append(labels)
-            count += sample_count(feeds)
+            count += sample_count(feeds, self.specs)
         outputs = [concat_batches([c[i] for c in chunks]) for i in range(len(chunks[0]))]
         labels = np.concatenate(label_parts) if len(label_parts) == len(chunks) else None
         del session  # it may hold views of memory-mapped weights

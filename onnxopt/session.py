@@ -21,6 +21,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.cost import infer_shapes
+from onnxopt.errors import DataError
 from onnxopt.feeds import FeedSource, InputSpec, input_specs
 from onnxopt.ir import clone_model, to_proto
 from onnxopt.progress import progress
@@ -50,7 +51,7 @@ def make_session(
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = graph_optimization
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors arrive as exceptions; no second copy on stderr
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     providers = ["CPUExecutionProvider"]
@@ -164,6 +165,7 @@ def stream(
     limit: int | None = None,
     show_progress: bool = False,
     desc: str = "running",
+    data_errors: bool = False,
 ) -> Iterator[Batch]:
     """Run every session on the same batches of ``source``.
 
@@ -177,12 +179,15 @@ def stream(
         limit: Stop after this many samples.
         show_progress: Whether a progress bar may be shown (only on a terminal).
         desc: Progress bar label.
+        data_errors: The sessions run models known to be valid (the user's input model),
+            so onnxruntime refusing a batch means the data does not fit: a ``DataError``.
 
     Yields:
         One :class:`Batch` per batch.
 
     Raises:
-        DataError: The data does not fit ``specs``, or has no samples.
+        DataError: The data does not fit ``specs``, has no samples, or (``data_errors``)
+            onnxruntime refuses it.
     """
     wanted = list(outputs) if outputs is not None else [None] * len(sessions)
     if len(wanted) != len(sessions):
@@ -191,8 +196,28 @@ def stream(
     total = -(-count // batch_size) if count else None
     batches = source.batches(specs, batch_size, limit)
     for feeds, labels in progress(batches, enabled=show_progress, desc=desc, total=total):
-        yield Batch(feeds, labels, [run_feeds(session, feeds, names)
-                                    for session, names in zip(sessions, wanted, strict=True)])
+        try:
+            outputs_ = [run_feeds(session, feeds, names)
+                        for session, names in zip(sessions, wanted, strict=True)]
+        except Exception as exc:  # onnxruntime raises several types
+            if not data_errors:
+                raise
+            raise DataError(_refusal(source, specs, exc)) from None
+        yield Batch(feeds, labels, outputs_)
+
+
+def _refusal(source: FeedSource, specs: list[InputSpec], exc: Exception) -> str:
+    """One line for onnxruntime refusing ``source``'s data on a model it can run."""
+    # Nested errors (an If branch, a Loop body) repeat their callers; the innermost says it.
+    text = " ".join(str(exc).split()).rsplit("Status Message: ", 1)[-1]
+    text = text if len(text) <= 200 else text[:200] + "..."
+    message = f"onnxruntime cannot run the model on {source.description}: {text}"
+    if source.representative:
+        return message
+    ints = [f"'{s.name}'" for s in specs if s.dtype is not None and s.dtype.kind in "biu"]
+    which = f" ({', '.join(ints)} got random integers in [0, 10))" if ints else ""
+    return (f"{message}; random values do not fit every model{which}: give real data with "
+            f"--calib or --eval")
 
 
 def run_model(
@@ -211,13 +236,25 @@ def run_model(
 
 
 def concat_batches(parts: Sequence[Any]) -> np.ndarray:
-    """Per-batch outputs joined along the batch axis (ragged or scalar ones as objects)."""
+    """Per-batch outputs joined along the batch axis (ragged or scalar ones as objects).
+
+    Arrays are joined on axis 0 when they agree elsewhere, else on the one axis they
+    differ in (a state ``[2, N, 128]`` of a smaller last batch).
+    """
     if len(parts) == 1:
         return np.asarray(parts[0])
-    try:
-        return np.concatenate([np.asarray(p) for p in parts], axis=0)
-    except ValueError:  # scalars or ragged outputs: keep them stacked as objects
-        return np.asarray(parts, dtype=object)
+    arrays = [np.asarray(p) if not isinstance(p, (list, dict)) else None for p in parts]
+    if all(a is not None and a.ndim == 0 for a in arrays):
+        return np.stack(arrays)
+    if all(a is not None and a.ndim for a in arrays):
+        shapes = {a.shape for a in arrays}
+        differ = [i for i in range(arrays[0].ndim) if len({s[i] for s in shapes}) > 1]
+        if all(len(s) == arrays[0].ndim for s in shapes) and len(differ) <= 1:
+            return np.concatenate(arrays, axis=differ[0] if differ else 0)
+    stacked = np.empty(len(parts), dtype=object)  # scalars, sequences or ragged outputs
+    for i, part in enumerate(parts):
+        stacked[i] = part
+    return stacked
 
 
 # -- intermediate tensors ---------------------------------------------------------------------
