@@ -29,7 +29,7 @@ from onnxopt.ir import call_without_weights, clone_model, release_mapped_weights
 from onnxopt.model_io import serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult
 from onnxopt.report import PassRecord, RunReport, Snapshot, Status
-from onnxopt.session import concat_batches, make_session, stream
+from onnxopt.session import concat_batches, make_session, sample_axis, stream
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ class _Validator:
                              f"validated (--no-validate skips validation): {text}") from None
         chunks: list[list[np.ndarray]] = []
         label_parts: list[np.ndarray] = []
-        count = 0
+        counts: list[int] = []
         for feeds, labels, (outputs,) in stream([session], self.source, self.specs,
                                                 batch_size=self.manager.batch_size,
                                                 limit=self.limit if limit is None else limit,
@@ -356,8 +356,9 @@ class _Validator:
             chunks.append([as_comparable(o) for o in outputs])
             if labels is not None:
                 label_parts.append(labels)
-            count += sample_count(feeds, self.specs)
-        outputs = [concat_batches([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+            counts.append(sample_count(feeds, self.specs))
+        count = sum(counts)
+        outputs = [concat_batches([c[i] for c in chunks], counts) for i in range(len(chunks[0]))]
         labels = np.concatenate(label_parts) if len(label_parts) == len(chunks) else None
         del session  # it may hold views of memory-mapped weights
         release_mapped_weights(model)
@@ -402,17 +403,17 @@ class _Validator:
 
 def _rows(output: np.ndarray, n: int, samples: int) -> np.ndarray:
     """The first ``n`` samples of a batched output (unbatched outputs are returned whole)."""
-    if output.ndim and output.shape[0] == samples:
-        return output[:n]
-    return output
+    axis = sample_axis(output, samples)
+    return output if axis is None else output[(slice(None),) * axis + (slice(0, n),)]
 
 
 def _replace_rows(previous: np.ndarray, head: np.ndarray, samples: int) -> np.ndarray:
     """``previous`` with its first rows replaced by ``head`` (the rows an exact pass ran)."""
-    if not previous.ndim or previous.shape[0] != samples or head.shape == previous.shape:
+    axis = sample_axis(previous, samples)
+    if axis is None or head.shape == previous.shape:
         return head
     merged = previous.copy()
-    merged[: head.shape[0]] = head
+    merged[(slice(None),) * axis + (slice(0, head.shape[axis]),)] = head
     return merged
 
 

@@ -235,11 +235,12 @@ def run_model(
     return [concat_batches([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
 
-def concat_batches(parts: Sequence[Any]) -> np.ndarray:
-    """Per-batch outputs joined along the batch axis (ragged or scalar ones as objects).
+def concat_batches(parts: Sequence[Any], counts: Sequence[int] | None = None) -> np.ndarray:
+    """Per-batch outputs joined along their batch axis (ragged or scalar ones as objects).
 
-    Arrays are joined on axis 0 when they agree elsewhere, else on the one axis they
-    differ in (a state ``[2, N, 128]`` of a smaller last batch).
+    The batch axis is the one whose size is each batch's sample count (``counts``), so a
+    state ``[2, N, 128]`` is joined on axis 1; without counts, or when no axis fits, arrays
+    are joined on the one axis their sizes differ in, else on axis 0.
     """
     if len(parts) == 1:
         return np.asarray(parts[0])
@@ -247,14 +248,26 @@ def concat_batches(parts: Sequence[Any]) -> np.ndarray:
     if all(a is not None and a.ndim == 0 for a in arrays):
         return np.stack(arrays)
     if all(a is not None and a.ndim for a in arrays):
+        ndim = arrays[0].ndim
         shapes = {a.shape for a in arrays}
-        differ = [i for i in range(arrays[0].ndim) if len({s[i] for s in shapes}) > 1]
-        if all(len(s) == arrays[0].ndim for s in shapes) and len(differ) <= 1:
-            return np.concatenate(arrays, axis=differ[0] if differ else 0)
+        if all(len(s) == ndim for s in shapes):
+            differ = [i for i in range(ndim) if len({s[i] for s in shapes}) > 1]
+            fitting = [] if counts is None else [
+                i for i in range(ndim) if differ in ([], [i])
+                and all(a.shape[i] == c for a, c in zip(arrays, counts, strict=True))]
+            if fitting:
+                return np.concatenate(arrays, axis=fitting[0])
+            if len(differ) <= 1:
+                return np.concatenate(arrays, axis=differ[0] if differ else 0)
     stacked = np.empty(len(parts), dtype=object)  # scalars, sequences or ragged outputs
     for i, part in enumerate(parts):
         stacked[i] = part
     return stacked
+
+
+def sample_axis(output: np.ndarray, samples: int) -> int | None:
+    """The axis of a joined output with one entry per sample (None: it has none)."""
+    return next((i for i, d in enumerate(output.shape) if d == samples), None)
 
 
 # -- intermediate tensors ---------------------------------------------------------------------
