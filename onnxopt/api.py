@@ -36,6 +36,7 @@ def optimize(
     instruments: Sequence[Instrumentation] = (),
     seed: int = 0,
     dry_run: bool = False,
+    cast_inputs: bool = False,
 ) -> tuple[ir.Model, RunReport]:
     """Optimize a model with a pipeline of passes, validating each rewrite.
 
@@ -66,6 +67,10 @@ def optimize(
         dry_run: Passes that can plan without rewriting (``Pass.supports_dry_run``) only
             report their plan; exact passes before the first plan run, the others do not
             (status ``not run``). Give no ``output`` then.
+        cast_inputs: Convert numeric data of any type to the model's input types, values
+            as they are; by default integer data for a float input is an error (it must be
+            normalised the way the model was trained) and float data of another width is
+            cast with a note.
 
     Returns:
         The optimized model, an ``onnx_ir.Model`` (``onnxopt.save`` writes it,
@@ -75,9 +80,9 @@ def optimize(
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     loaded = load(model)
     calib_source = None if calib is None else open_feeds(
-        calib, loaded, seed=seed, input_shapes=input_shapes)
+        calib, loaded, seed=seed, input_shapes=input_shapes, cast_inputs=cast_inputs)
     eval_source = None if eval is None else open_feeds(
-        eval, loaded, seed=seed, input_shapes=input_shapes)
+        eval, loaded, seed=seed, input_shapes=input_shapes, cast_inputs=cast_inputs)
     manager = PassManager(
         passes, validation=eval_source, calib=calib_source, validate=validate,
         gates=Gates(min_agreement, max_accuracy_drop, min_sqnr_db, quality_floor),

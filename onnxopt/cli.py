@@ -66,6 +66,9 @@ def _main_parser() -> argparse.ArgumentParser:
                    help="lossy passes may lose at most X accuracy (fraction, 0.01 = 1 point)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
                    help="concrete shape for a dynamic input (repeatable)")
+    p.add_argument("--cast-inputs", action="store_true",
+                   help="convert data of any numeric type to the model's input types, values "
+                        "as they are (default: integer data for a float input is an error)")
     p.add_argument("--batch-size", type=int, default=32, help="validation batch size")
     p.add_argument("--max-samples", type=int, help="cap on validation samples")
     p.add_argument("--seed", type=int, default=0,
@@ -185,7 +188,7 @@ def _optimize(args: argparse.Namespace) -> int:
         quality_floor=not args.no_quality_floor,
         input_shapes=parse_input_shapes(args.input_shape), batch_size=args.batch_size,
         max_samples=args.max_samples, progress=show_progress, seed=args.seed,
-        dry_run=args.dry_run)
+        dry_run=args.dry_run, cast_inputs=args.cast_inputs)
     if args.report:  # before printing, so a closed stdout (| head) cannot lose it
         write_text(args.report, report.to_json())
     if not args.quiet:

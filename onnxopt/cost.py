@@ -195,14 +195,14 @@ def infer_shapes(model: ir.Model) -> ir.Model:
     """
     import onnx
 
-    from onnxopt.ir import call_without_weights
+    from onnxopt.ir import call_without_weights, from_proto
 
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,
                                                  data_prop=True)
 
     try:
-        inferred = ir.serde.deserialize_model(call_without_weights(infer, model))
+        inferred = from_proto(call_without_weights(infer, model))
     except Exception:  # inference failing must not stop analysis; shapes stay unknown
         return model
     for graph, inferred_graph in zip(model.graphs(), inferred.graphs(), strict=False):

@@ -29,7 +29,7 @@ from onnxopt.ir import call_without_weights, clone_model, release_mapped_weights
 from onnxopt.model_io import serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult
 from onnxopt.report import PassRecord, RunReport, Snapshot, Status
-from onnxopt.session import concat_batches, make_session, stream
+from onnxopt.session import concat_batches, make_session, sample_axis, stream
 
 logger = logging.getLogger(__name__)
 
@@ -333,19 +333,31 @@ class _Validator:
         self.samples = samples
         self.original_accuracy = accuracy_of(outputs, labels) if labels is not None else None
         self.exact_samples = min(EXACT_SAMPLES, samples)
+        # Exact passes run on the first samples only; their reference is a run on the same
+        # samples (an output without a sample axis, such as an RNN state, depends on them all).
+        self.original_head = self._head_of(model, outputs)
+        self.previous_head = self.original_head
         self.noise: list[float] | None = None
         if any(p.exact for p in manager.passes):
             try:
                 plain, _, _ = self._run(model, "measuring runtime noise",
                                         limit=self.exact_samples,
                                         optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-                self.noise = runtime_noise(self._head(outputs), plain)
+                self.noise = runtime_noise(self.original_head, plain)
             except Exception as exc:  # noqa: BLE001 - the floor is an aid, not a requirement
                 logger.info("could not measure the runtime's noise floor: %s", exc)
 
-    def _head(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
-        """The rows of the samples exact passes are judged on."""
-        return [_rows(o, self.exact_samples, self.samples) for o in outputs]
+    def _head_of(self, model: ir.Model, outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """``model``'s outputs on the samples exact passes are judged on.
+
+        Sliced from the full run when every output has a sample axis; else run anew.
+        """
+        if self.exact_samples == self.samples:
+            return outputs
+        if all(sample_axis(o, self.samples) is not None for o in outputs):
+            return [_rows(o, self.exact_samples, self.samples) for o in outputs]
+        head, _, _ = self._run(model, "validating (first samples)", limit=self.exact_samples)
+        return head
 
     def _run(self, model: ir.Model, desc: str, original: bool = False,
              limit: int | None = None,
@@ -362,17 +374,18 @@ class _Validator:
                              f"validated (--no-validate skips validation): {text}") from None
         chunks: list[list[np.ndarray]] = []
         label_parts: list[np.ndarray] = []
-        count = 0
+        counts: list[int] = []
         for feeds, labels, (outputs,) in stream([session], self.source, self.specs,
                                                 batch_size=self.manager.batch_size,
                                                 limit=self.limit if limit is None else limit,
                                                 show_progress=self.manager.show_progress,
-                                                desc=desc):
+                                                desc=desc, data_errors=original):
             chunks.append([as_comparable(o) for o in outputs])
             if labels is not None:
                 label_parts.append(labels)
-            count += sample_count(feeds)
-        outputs = [concat_batches([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+            counts.append(sample_count(feeds, self.specs))
+        count = sum(counts)
+        outputs = [concat_batches([c[i] for c in chunks], counts) for i in range(len(chunks[0]))]
         labels = np.concatenate(label_parts) if len(label_parts) == len(chunks) else None
         del session  # it may hold views of memory-mapped weights
         release_mapped_weights(model)
@@ -394,13 +407,14 @@ class _Validator:
         if exact:
             labels = None if self.labels is None else self.labels[: self.exact_samples]
             noise: dict = dict(noise=self.noise, noise_multiple=NOISE_MULTIPLE)
-            record.vs_previous = compare_outputs(self._head(self.previous), outputs, names,
+            record.vs_previous = compare_outputs(self.previous_head, outputs, names,
                                                  tol, labels, **noise)
-            record.vs_original = compare_outputs(self._head(self.original), outputs, names,
+            record.vs_original = compare_outputs(self.original_head, outputs, names,
                                                  tol, labels, **noise)
             if not record.vs_previous:
                 return Status.ROLLED_BACK, ("exact pass changed the outputs, rolled back: "
                                             + record.vs_previous.summary())
+            self.previous_head = outputs
             self.previous = [_replace_rows(p, o, self.samples)
                              for p, o in zip(self.previous, outputs, strict=True)]
             if self.labels is not None:  # the other rows are the equivalent previous stage's
@@ -412,22 +426,29 @@ class _Validator:
         if message is not None:
             return Status.GATE_FAILED, message + ", rolled back"
         self.previous = outputs
+        self.previous_head = self._head_of(model, outputs)
         return None
 
 
 def _rows(output: np.ndarray, n: int, samples: int) -> np.ndarray:
     """The first ``n`` samples of a batched output (unbatched outputs are returned whole)."""
-    if output.ndim and output.shape[0] == samples:
-        return output[:n]
-    return output
+    axis = sample_axis(output, samples)
+    return output if axis is None else output[(slice(None),) * axis + (slice(0, n),)]
 
 
 def _replace_rows(previous: np.ndarray, head: np.ndarray, samples: int) -> np.ndarray:
-    """``previous`` with its first rows replaced by ``head`` (the rows an exact pass ran)."""
-    if not previous.ndim or previous.shape[0] != samples or head.shape == previous.shape:
+    """``previous`` with its first rows replaced by ``head`` (the rows an exact pass ran).
+
+    An output without a sample axis keeps the full run's value: the exact pass matched it on
+    the first samples, so the previous full-run value stands for the new stage too.
+    """
+    axis = sample_axis(previous, samples)
+    if head.shape == previous.shape:
         return head
+    if axis is None:
+        return previous
     merged = previous.copy()
-    merged[: head.shape[0]] = head
+    merged[(slice(None),) * axis + (slice(0, head.shape[axis]),)] = head
     return merged
 
 

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from onnxopt.cost import infer_shapes
 from onnxopt.errors import ModelError, UserError
 from onnxopt.ir import call_without_weights, from_proto, is_large_weight, opset_version
+from onnxopt.opaque_types import has_opaque_type, restore_opaque_types
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _load_path(path: Path) -> ir.Model:
         raise ModelError(f"not a readable ONNX model: {path} (no graph found)")
     check_external_locations(proto, path.parent)
     try:
-        model = ir.serde.deserialize_model(proto)
+        model = from_proto(proto)
     except Exception as exc:
         raise ModelError(f"not a valid ONNX model: {path} ({_short(exc)})") from None
     # External tensors are memory-mapped lazily relative to the model's folder.
@@ -167,12 +168,22 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
             os.replace(tmp_dir / data_name, folder / data_name)
         else:
             ir.save(model, tmp_model)
+        _restore_opaque_types(tmp_model, model)
         os.replace(tmp_model, dest)
     except OSError as exc:
         raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return dest
+
+
+def _restore_opaque_types(path: Path, model: ir.Model) -> None:
+    """Write back into a saved file the map types onnx_ir cannot hold (see ``from_proto``)."""
+    if not any(has_opaque_type(v) for g in model.graphs() for v in (*g.inputs, *g.outputs)):
+        return
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    restore_opaque_types(proto, model)
+    onnx.save(proto, os.fspath(path))
 
 
 def check_writable(dest: Path, *, folder_ok: bool = False) -> Path:
