@@ -18,8 +18,10 @@ For each of rec, cls and det: the model is upgraded to opset 13 when older
 
 Reported per model: task agreement with the fp32 model on the evaluation set (rec: exact
 string and character accuracy of the CTC-decoded text; det: pages whose boxes all match
-one-to-one at IoU >= 0.5, and box recall; cls: same angle), the integer kernels in
-onnxruntime's optimized graph, and batch-1 latency ratios to fp32 (``latency.measure``:
+one-to-one at IoU >= 0.5, and box recall; cls: same angle). For rec also: the same text
+up to leading/trailing spaces, and whole per-step argmax paths equal (what a sequence-aware
+score inside the pass could compute without knowing the decoder). Also per row: the integer
+kernels in onnxruntime's optimized graph, and batch-1 latency ratios to fp32 (``latency.measure``:
 warmed up, interleaved, median of paired ratios, 2 intra-op threads).
 """
 
@@ -58,7 +60,8 @@ INT_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QGemm", "QLinearMatMu
            "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul",
            "QLinearSigmoid", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearAveragePool",
            "QLinearLeakyRelu", "QLinearSoftmax")
-FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "MatMul", "FusedMatMul", "NhwcFusedConv")
+FLOAT_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "MatMul", "FusedMatMul",
+             "NhwcFusedConv")
 
 
 def _log(text: str) -> None:
@@ -113,7 +116,10 @@ class Task:
     def agreement(self, got: list, want: list) -> dict[str, float]:
         same = float(np.mean([g == w for g, w in zip(got, want, strict=True)]))
         if self.name == "rec":
-            return {"agree": same, "char_acc": ocr_task.char_accuracy(got, want)}
+            stripped = float(np.mean([g.strip() == w.strip()
+                                      for g, w in zip(got, want, strict=True)]))
+            return {"agree": same, "agree_stripped": stripped,
+                    "char_acc": ocr_task.char_accuracy(got, want)}
         if self.name == "det":
             pages = [ocr_task.match_boxes(g, w) == len(w) == len(g)
                      for g, w in zip(got, want, strict=True)]
@@ -148,22 +154,24 @@ def ours(src: Path, dst: Path, spec: str, calib: Path, evalset: Path,
 
 def task_excluded(src: Path, work: Path, task: Task, calib: Path, evalset: Path,
                   ranking: list[str], target: float, want_calib: list,
-                  shape: tuple[int, ...]) -> list[dict]:
+                  shape: tuple[int, ...], ks: tuple[int, ...], tag: str) -> list[dict]:
     """Keep the ``k`` top-ranked nodes float by name, ``k`` doubling from 2 until the
-    calibration set's task agreement reaches ``target``; returns one row per ``k`` tried."""
+    calibration set's task agreement reaches ``target`` (``ks``: the ``k`` to try, in order);
+    returns one row per ``k`` tried."""
     rows = []
     xc = np.load(calib)["x"]
-    for k in (2, 4, 8, 16, 32):
+    for k in ks:
         if k > len(ranking):
             break
         names = ranking[:k]
-        dst = work / f"{task.name}_excl{k}.onnx"
+        dst = work / f"{task.name}_{tag}excl{k}.onnx"
         spec = f"cleanup,quantize(exclude_nodes={';'.join(names)},report_sqnr=false)"
         # not validated by optimize: the task agreement measured here is the judgement
         info = ours(src, dst, spec, calib, evalset, shape, validate=False)
         got = task.answers(run_all(dst, xc))
         calib_agree = task.agreement(got, want_calib)["agree"]
-        _log(f"  {task.name} exclude top-{k}: calib agreement {calib_agree:.3f} ({info['status']})")
+        _log(f"  {task.name} exclude {tag} top-{k}: calib agreement {calib_agree:.3f} "
+             f"({info['status']})")
         rows.append({"k": k, "nodes": names, "path": dst, "calib_agree": calib_agree, **info})
         if calib_agree >= target:
             break
@@ -179,7 +187,8 @@ def _ranking(stats: dict, cleaned: onnx.ModelProto) -> list[str]:
 
 
 def bench_task(name: str, models: Path, data: Path, work: Path, target: float,
-               rounds: int, task_fallback: bool) -> dict:
+               rounds: int, task_fallback: bool, skip_target: bool = False,
+               ks: tuple[int, ...] = (2, 4, 8, 16, 32)) -> dict:
     src = next(iter(sorted(models.glob(MODELS[name]))))
     fp32 = work / f"{name}_fp32.onnx"
     opset = upgrade(src, fp32)
@@ -191,11 +200,12 @@ def bench_task(name: str, models: Path, data: Path, work: Path, target: float,
     variants["ours"] = {"path": work / f"{name}_ours.onnx"}
     variants["ours"].update(ours(fp32, variants["ours"]["path"], "cleanup,quantize", calib,
                                  evalset, shape))
-    _log(f"{name}: ours target={target}")
     key = f"ours target={target}"
-    variants[key] = {"path": work / f"{name}_target.onnx"}
-    variants[key].update(ours(fp32, variants[key]["path"], f"cleanup,quantize(target={target})",
-                              calib, evalset, shape))
+    if not skip_target:
+        _log(f"{name}: ours target={target}")
+        variants[key] = {"path": work / f"{name}_target.onnx"}
+        variants[key].update(ours(fp32, variants[key]["path"],
+                                  f"cleanup,quantize(target={target})", calib, evalset, shape))
     _log(f"{name}: peer")
     variants["peer"] = {"path": work / f"{name}_peer.onnx"}
     peer_cache = work / f"{name}_peer.json"
@@ -214,15 +224,21 @@ def bench_task(name: str, models: Path, data: Path, work: Path, target: float,
     want = task.answers(ref)
     excl_rows: list[dict] = []
     if task_fallback:
-        cleaned, _ = onnxopt.optimize(str(fp32), "cleanup", validate=False)
-        ranking = _ranking(variants[key]["stats"], _proto(cleaned, work))
+        if skip_target:  # rank by the per-node SQNR of the all-int8 model (its report)
+            tag = "sqnr"
+            ranking = [label.split("'")[1] for label in
+                       variants["ours"]["stats"].get("node_sqnr_db", {}) if "'" in label]
+        else:  # rank by the fallback's sensitivity (output SQNR with one node int8)
+            tag = ""
+            cleaned, _ = onnxopt.optimize(str(fp32), "cleanup", validate=False)
+            ranking = _ranking(variants[key]["stats"], _proto(cleaned, work))
         _log(f"{name}: task-judged exclusions over {len(ranking)} ranked nodes")
         if ranking:
             want_calib = task.answers(run_all(fp32, xc))
             excl_rows = task_excluded(fp32, work, task, calib, evalset, ranking, target,
-                                      want_calib, shape)
+                                      want_calib, shape, ks, tag)
             for row in excl_rows:
-                variants[f"ours task-excl {row['k']}"] = row
+                variants[f"ours {tag}-ranked excl {row['k']}"] = row
     for label, v in variants.items():
         out = run_all(v["path"], xe)
         v["task"] = task.agreement(task.answers(out), want)
@@ -265,7 +281,7 @@ def table(results: dict[str, dict], target: float) -> str:
             lat = v.get("latency", {})
             ratio = (f"{lat['ratio']:.2f} [{lat['ratio_q1']:.2f}-{lat['ratio_q3']:.2f}]"
                      if lat else "-")
-            secs = f"{v['seconds']:.0f}" if "seconds" in v else "-"
+            secs = f"{v['seconds']:.0f}" if v.get("seconds") is not None else "-"
             lines.append(f"| {name} | {label} | {_fmt_task(v['task'])} | {ints} | {flo} | "
                          f"{ratio} | {secs} | {v.get('status', '')} |")
     return "\n".join(lines)
@@ -331,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--no-task-fallback", action="store_true")
+    parser.add_argument("--skip-target", action="store_true",
+                        help="no target= run; exclusions ranked by the all-int8 node SQNR")
+    parser.add_argument("--excl-k", default="2,4,8,16,32",
+                        help="how many ranked nodes to keep float, tried in order")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="markdown results file")
     parser.add_argument("--from-json", type=Path, nargs="*", default=None,
@@ -346,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     runner: Callable[..., dict] = bench_task
     for name in args.tasks.split(","):
         results[name] = runner(name, args.models, args.data, args.work, args.target,
-                               args.rounds, not args.no_task_fallback)
+                               args.rounds, not args.no_task_fallback, args.skip_target,
+                               tuple(int(k) for k in args.excl_k.split(",")))
         print(table({name: results[name]}, args.target), flush=True)
         if args.json:
             args.json.write_text(json.dumps(_jsonable(results), indent=1))
