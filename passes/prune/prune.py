@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.channels import ChannelAnalysis, ChannelGroup, analyse_channels
+from onnxopt.channels.linear import SEEDS
 from onnxopt.channels.surgery import remove_channels
 from onnxopt.channels.tie import Role
 from onnxopt.cost import ModelCost, model_cost
@@ -165,7 +166,7 @@ class PrunePass(Pass):
         result = PassResult(modified=False)
         plan = self._plan(model, ctx, result)
         before = model_cost(model)
-        summary = self._summary(plan, opts, before)
+        summary = self._summary(plan, opts, before, _why_no_groups(result))
         result.stats.update({"criterion": plan.criterion, "allocation": plan.allocation,
                              "budget": f"{plan.kind}={plan.value:g}", "reconstruct": plan.refit,
                              "groups": plan.rows})
@@ -269,16 +270,19 @@ class PrunePass(Pass):
                      _plan_rows(groups, keep, savings), savings)
 
     @staticmethod
-    def _summary(plan: _Plan, opts: PruneOptions, before: ModelCost) -> str:
+    def _summary(plan: _Plan, opts: PruneOptions, before: ModelCost, no_groups: str) -> str:
         kept = sum(r["kept"] for r in plan.rows)
         total = sum(r["total"] for r in plan.rows)
         macs = before.macs - sum(plan.savings["macs"].values())
         params = before.params - sum(plan.savings["params"].values())
         how = "" if plan.kind == "ratio" else f", {plan.allocation}"
-        return (f"{plan.kind}={plan.value:g} by {plan.criterion}{how}: "
+        text = (f"{plan.kind}={plan.value:g} by {plan.criterion}{how}: "
                 f"{plural(len(plan.rows), 'group')}, "
                 f"channels {total} -> {kept}, MACs {100 * macs / max(before.macs, 1):.1f}%, "
                 f"params {100 * params / max(before.params, 1):.1f}%")
+        if not plan.rows:
+            text += f" ({no_groups})"
+        return text
 
     @staticmethod
     def _calib_effect(original: ir.Model, unrefit: ir.Model, model: ir.Model, ctx: PassContext,
@@ -348,7 +352,11 @@ def _candidates(analysis: ChannelAnalysis, exclude: tuple[str, ...],
     found = []
     for group in analysis.groups:
         if not group.ties_with_role(Role.PRODUCER):
-            continue  # channels that come from graph inputs or constants
+            # Channels that come from graph inputs or constants, or from a weighted op whose
+            # weight is not a constant (its tie froze): say so for the latter.
+            if any(t.tie.frozen and t.node.op_type in SEEDS for t in group.ties):
+                result.refuse(group.label(), "frozen: " + "; ".join(group.frozen))
+            continue
         if not group.prunable:
             result.refuse(group.label(), "frozen: " + "; ".join(group.frozen))
             continue
@@ -358,6 +366,16 @@ def _candidates(analysis: ChannelAnalysis, exclude: tuple[str, ...],
         elif group.size > 1 and all(m.channels is not None for m in group.members):
             found.append(group)
     return found
+
+
+def _why_no_groups(result: PassResult) -> str:
+    """Why no channel group can be pruned, from the refusals collected while planning."""
+    if not result.refusals:
+        return ("no channel group starts at a Conv, ConvTranspose, Gemm or MatMul with a "
+                "constant weight")
+    reasons = list(dict.fromkeys(r.reason for r in result.refusals))
+    more = f" (+{len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
+    return f"no prunable group: {len(result.refusals)} refused, e.g. {reasons[0]}{more}"
 
 
 def _plan_rows(groups: list[ChannelGroup], keep: dict[int, np.ndarray],

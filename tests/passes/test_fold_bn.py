@@ -216,11 +216,13 @@ def test_refuses_weight_fed_as_graph_input() -> None:
     model = _conv_bn("Conv")
     model.graph.input.append(_vi("w", [6, 4, 3, 3]))  # overridable initializer (old-IR style)
     onnx.checker.check_model(model, full_check=True)
-    _assert_refused(model, "weight of Conv -> c is not a constant (or is a graph input)")
+    _assert_refused(model, "weight of Conv -> c is not a constant: 'w' is a graph input "
+                    "(an initializer that callers may override)")
 
     del model.graph.initializer[0]  # now a genuine input
     feeds = {**random_feeds(model), "w": np.ones((6, 4, 3, 3), np.float32)}
-    _assert_refused(model, "is not a constant", feeds=feeds)
+    _assert_refused(model, "weight of Conv -> c is not a constant: 'w' is a graph input",
+                    feeds=feeds)
 
 
 def test_refuses_conv_output_read_twice() -> None:
@@ -236,7 +238,8 @@ def test_refuses_bn_param_graph_input() -> None:
     model.graph.initializer.remove(mean)
     model.graph.input.append(_vi("bn.mean", [6]))
     feeds = {**random_feeds(model), "bn.mean": np.zeros(6, np.float32)}
-    _assert_refused(model, "BatchNormalization mean is not a constant", feeds=feeds)
+    _assert_refused(model, "BatchNormalization mean is not a constant: 'bn.mean' is a graph "
+                    "input", feeds=feeds)
 
 
 def test_refuses_gemm_bias_varying_over_rows() -> None:
