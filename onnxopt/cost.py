@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from onnxopt.ir import attr, is_standard, subgraphs
+from onnxopt.ir import attr, const_array, is_standard, subgraphs
 from onnxopt.layouts import weight_layout
 
 
@@ -142,8 +142,9 @@ class ModelCost:
     """Cost summary of a model.
 
     Attributes:
-        params: Number of elements in all initializers (weights), subgraphs included.
-        weight_bytes: Bytes of those initializers.
+        params: Number of elements in all initializers and numeric Constant nodes (weights),
+            subgraphs included.
+        weight_bytes: Bytes of those tensors.
         macs: Total MACs per sample; an If counts its costliest branch (worst case).
         nodes: Node count of the main graph.
         per_node: MACs per node name (or output name when unnamed).
@@ -173,6 +174,12 @@ def model_cost(model: ir.Model) -> ModelCost:
             n = math.prod(d if isinstance(d, int) else 1 for d in tensor.shape)
             params += n
             weight_bytes += tensor.nbytes
+        for node in graph:  # weights that exporters keep in Constant nodes count too
+            if node.op_type == "Constant" and is_standard(node):
+                array = const_array(node.outputs[0])
+                if array is not None:
+                    params += array.size
+                    weight_bytes += array.nbytes
     per_node: dict[str, int] = {}
     hist: Counter = Counter()
     total = 0
