@@ -328,12 +328,15 @@ def node_label(node: ir.Node) -> str:
 
 
 def static_shape(value: ir.Value) -> tuple[int, ...] | None:
-    """The shape of ``value`` as ints if fully known, else None."""
+    """The shape of ``value`` as ints if fully known, else None.
+
+    A negative dim (some exporters write ``-1`` for a dynamic one) is not known.
+    """
     if value.shape is None:
         return None
     dims = []
     for d in value.shape:
-        if not isinstance(d, int):
+        if not isinstance(d, int) or d < 0:
             return None
         dims.append(d)
     return tuple(dims)
