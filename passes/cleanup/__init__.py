@@ -5,6 +5,7 @@
 - :mod:`.folding`: constant folding through onnxruntime and inlining of constant ``If``;
 - :mod:`.shapes`: shape values folded where static dims determine them;
 - :mod:`.affine`: per-channel scales and shifts folded into the op before them;
+- :mod:`.slices`: consecutive Slices over different axes merged;
 - :mod:`.cse`: nodes that compute the same thing merged.
 """
 

@@ -48,10 +48,10 @@ from onnxopt.ir import (
 )
 from onnxopt.layouts import weight_layout
 from onnxopt.pass_base import PassResult
+from onnxopt.passes.cleanup.shapes import Dims, rank_of
 
 _FLOATS = frozenset("fd")
 
-Dims = tuple[int | None, ...]
 #: (output rank, channel axis, channel count) of a producer's output.
 Geometry = tuple[int, int, int]
 
@@ -61,7 +61,7 @@ def _linear_geometry(node: ir.Node, weight: np.ndarray, dims: dict[str, Dims]) -
     if layout is None:
         return None
     if node.op_type == "MatMul":
-        rank = _rank(node.outputs[0], dims)
+        rank = rank_of(node.outputs[0], dims)
         if rank is None or weight.ndim != 2:
             return None
         return rank, rank - 1, layout.out_channels(weight.shape)
@@ -70,19 +70,10 @@ def _linear_geometry(node: ir.Node, weight: np.ndarray, dims: dict[str, Dims]) -
 
 
 def _bn_geometry(node: ir.Node, scale: np.ndarray, dims: dict[str, Dims]) -> Geometry | None:
-    rank = _rank(node.inputs[0], dims)
+    rank = rank_of(node.inputs[0], dims)
     if rank is None or rank < 2 or scale.ndim != 1:
         return None
     return rank, 1, scale.shape[0]
-
-
-def _rank(value: ir.Value | None, dims: dict[str, Dims]) -> int | None:
-    if value is None:
-        return None
-    if value.shape is not None:
-        return len(value.shape)
-    found = dims.get(value.name) if value.name else None
-    return None if found is None else len(found)
 
 
 def _scale_linear(node: ir.Node, weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -198,7 +189,7 @@ def _matmul_as_gemm(graph: ir.Graph, node: ir.Node, dims: dict[str, Dims], opset
     weight = const_array(b) if is_constant(b) else None
     c = const_array(c_value)
     if (weight is None or weight.ndim != 2 or weight.dtype.kind not in _FLOATS
-            or c.dtype != weight.dtype or _rank(a, dims) != 2
+            or c.dtype != weight.dtype or rank_of(a, dims) != 2
             or _per_channel(c, 2, 1, weight.shape[1]) is None):
         return False
     gemm = ir.Node("", "Gemm", [a, b], name=producer.name or None)

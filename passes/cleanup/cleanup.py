@@ -22,6 +22,8 @@ Each step is an identity of the computed function, so the pass is exact:
 * ``If(c)`` with a constant condition ``c`` is replaced by its taken branch. Folding and
   inlining alternate, so a condition computed from folded shapes is resolved. Both steps,
   and why inlining matters, are described in :mod:`onnxopt.passes.cleanup.folding`.
+* A Cast to the type its input already has is an identity and goes (``casts``).
+* Consecutive Slices over different axes become one (:mod:`~onnxopt.passes.cleanup.slices`).
 * A per-channel constant Mul/Div/Add/Sub after a Conv, ConvTranspose, Gemm, MatMul or
   BatchNormalization folds into its weight and bias (:mod:`~onnxopt.passes.cleanup.affine`).
 * Nodes that compute the same thing from the same inputs are merged
@@ -65,7 +67,8 @@ from onnxopt.passes.cleanup.folding import (
     inline_constant_ifs,
     replace_by_constants,
 )
-from onnxopt.passes.cleanup.shapes import inferred_dims, resolve_shapes
+from onnxopt.passes.cleanup.shapes import infer_values, resolve_shapes
+from onnxopt.passes.cleanup.slices import merge_slices
 from onnxopt.passes.cleanup.weights import lift_constants
 
 
@@ -84,6 +87,7 @@ class CleanupOptions:
             only with ``fold_constants``.
         fold_affine: Whether to fold a Mul/Div/Add/Sub by a per-channel constant into the
             Conv, ConvTranspose, Gemm (or, scales only, MatMul) before it.
+        merge_slices: Whether to merge consecutive Slices over different axes.
         merge_duplicates: Whether to merge nodes that compute the same thing from the
             same inputs (constants compared by content).
     """
@@ -93,6 +97,7 @@ class CleanupOptions:
     max_fold_elements: int = option(1_000_000, within="[0, inf)")
     resolve_shapes: bool = True
     fold_affine: bool = True
+    merge_slices: bool = True
     merge_duplicates: bool = True
 
 
@@ -102,16 +107,16 @@ class CleanupPass(Pass):
 
     Stats: ``constants_lifted``, ``identities``, ``dropouts``, ``dead_nodes``, ``folded``,
     ``weights_materialized`` (folded weights above ``max_fold_elements``),
-    ``shapes_resolved``, ``reshape_targets``, ``ifs_inlined``, ``affine_folded``,
-    ``duplicates_merged``, ``inputs_removed``,
+    ``shapes_resolved``, ``reshape_targets``, ``ifs_inlined``, ``casts``, ``affine_folded``,
+    ``slices_merged``, ``duplicates_merged``, ``inputs_removed``,
     ``initializers_removed`` (including those of removed inputs), ``reordered`` (0/1),
     ``fold_skipped`` (reason -> count) and ``subgraphs_skipped``.
     """
 
     name = "cleanup"
-    description = ("lift Constant nodes; remove Identity/Dropout, dead nodes and unused "
-                   "initializers; fold constants, shapes and per-channel affine ops; merge "
-                   "duplicates")
+    description = ("lift Constant nodes; remove Identity/Dropout/no-op Cast, dead nodes and "
+                   "unused initializers; fold constants, shapes and per-channel affine ops; "
+                   "merge Slices and duplicates")
     Options = CleanupOptions
     exact = True
     needs_data = False
@@ -150,8 +155,13 @@ class CleanupPass(Pass):
                 if not (resolved or inlined):
                     break
             stats["dead_nodes"] += remove_dead_nodes(graph)
-        if self.options.fold_affine and model.ir_version >= 4:  # it adds initializers too
-            stats["affine_folded"] = fold_affine(model, result, inferred_dims(model))
+        inferred = infer_values(model)
+        stats["casts"] = _bypass_noop_casts(graph, inferred.dtypes, kept)
+        if model.ir_version >= 4:  # both add initializers
+            if self.options.fold_affine:
+                stats["affine_folded"] = fold_affine(model, result, inferred.dims)
+            if self.options.merge_slices:
+                stats["slices_merged"] = merge_slices(model, inferred.dims)
         if self.options.merge_duplicates:
             stats["duplicates_merged"] = eliminate_common_subexpressions(graph)
             stats["dead_nodes"] += remove_dead_nodes(graph)
@@ -172,8 +182,8 @@ class CleanupPass(Pass):
 #: Stats that count changes to the model; ``modified`` is true when any is non-zero.
 _CHANGE_COUNTS = ("constants_lifted", "identities", "dropouts", "dead_nodes", "folded",
                   "weights_materialized", "shapes_resolved", "reshape_targets", "ifs_inlined",
-                  "affine_folded", "duplicates_merged", "initializers_removed",
-                  "inputs_removed", "reordered")
+                  "casts", "affine_folded", "slices_merged", "duplicates_merged",
+                  "initializers_removed", "inputs_removed", "reordered")
 
 
 # -- Identity / Dropout -----------------------------------------------------------------------
@@ -243,6 +253,33 @@ def _bypass(node: ir.Node) -> str | None:
     detach_node(node)
     owner.remove(node)
     return None
+
+
+def _bypass_noop_casts(graph: ir.Graph, dtypes: dict[str, int],
+                       kept: dict[int, tuple[ir.Node, str]]) -> int:
+    """Remove the Casts of ``graph`` to the type their input already has; returns how many.
+
+    The input type comes from shape inference (``dtypes`` by value name), else from the
+    value itself. A Cast that must stay (it feeds a graph output straight from a graph input)
+    is recorded in ``kept``.
+    """
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Cast" or not is_standard(node) or not node.inputs \
+                or node.inputs[0] is None:
+            continue
+        x = node.inputs[0]
+        dtype = dtypes.get(x.name) if x.name else None
+        if dtype is None and x.dtype is not None:
+            dtype = int(x.dtype)
+        if dtype is None or dtype != node.attributes.get_int("to", 0):
+            continue
+        reason = _bypass(node)
+        if reason is None:
+            removed += 1
+        else:
+            kept[id(node)] = (node, reason)
+    return removed
 
 
 # -- inputs, initializers, order --------------------------------------------------------------

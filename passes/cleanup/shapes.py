@@ -76,36 +76,64 @@ class Partial:
         return data.reshape(()) if self.rank == 0 else data
 
 
-def inferred_dims(model: ir.Model) -> dict[str, Dims]:
-    """Dims of the main graph's values by name, from shape inference and declared inputs.
+@dataclass(frozen=True)
+class Inferred:
+    """What shape inference says about the main graph's values, by value name.
 
-    Args:
-        model: The model; it is not changed.
+    Attributes:
+        dims: Dims (None where not a known non-negative int), of inferred values and graph
+            inputs (declared dims, which onnxruntime enforces).
+        dtypes: ONNX element types of inferred values and graph inputs.
+    """
 
-    Returns:
-        Value name -> dims (None where not a known non-negative int). Empty if inference
-        fails.
+    dims: dict[str, Dims]
+    dtypes: dict[str, int]
+
+
+def infer_values(model: ir.Model) -> Inferred:
+    """Run a fresh ONNX shape inference (data propagation on) over ``model``'s main graph.
+
+    The model's own ``value_info`` annotations are left out, so that stale ones do not count
+    as facts. Nothing is changed; empty results if inference fails.
     """
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
-        del proto.graph.value_info[:]  # stale annotations must not count as facts
+        del proto.graph.value_info[:]
         return onnx.shape_inference.infer_shapes(proto, data_prop=True)
 
     try:
         proto = call_without_weights(infer, model)
     except Exception as error:  # inference failing only means nothing is resolved
         logger.debug("shape inference failed: %s", error)
-        return {}
+        return Inferred({}, {})
     dims: dict[str, Dims] = {}
+    dtypes: dict[str, int] = {}
     for info in proto.graph.value_info:
-        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+        if not info.type.HasField("tensor_type"):
+            continue
+        tensor = info.type.tensor_type
+        if tensor.elem_type:
+            dtypes[info.name] = tensor.elem_type
+        if tensor.HasField("shape"):
             dims[info.name] = tuple(
                 d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
-                for d in info.type.tensor_type.shape.dim)
+                for d in tensor.shape.dim)
     for value in model.graph.inputs:
         if value.shape is not None:
             dims[value.name] = tuple(d if isinstance(d, int) and d >= 0 else None
                                      for d in value.shape)
-    return dims
+        if value.dtype is not None:
+            dtypes[value.name] = int(value.dtype)
+    return Inferred(dims, dtypes)
+
+
+def rank_of(value: ir.Value | None, dims: dict[str, Dims]) -> int | None:
+    """The rank of ``value`` from its own shape or from the inferred ``dims``, else None."""
+    if value is None:
+        return None
+    if value.shape is not None:
+        return len(value.shape)
+    found = dims.get(value.name) if value.name else None
+    return None if found is None else len(found)
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -289,7 +317,7 @@ def resolve_shapes(model: ir.Model,
         constant with a ``-1``.
     """
     graph = model.graph
-    ctx = _Context(inferred_dims(model), opset_version(model))
+    ctx = _Context(infer_values(model).dims, opset_version(model))
     if not ctx.dims:
         return 0, 0
     for node in graph:

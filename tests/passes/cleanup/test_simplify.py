@@ -198,3 +198,30 @@ def test_shape_values_of_dynamic_dims_stay() -> None:
     for size in (3, 6):
         x = RNG.normal(size=(2, 3, size, size)).astype(np.float32)
         assert_same_outputs(model, out, {"x": x})
+
+
+def test_noop_cast_goes_and_slices_over_other_axes_merge() -> None:
+    """``Cast(float->float) -> Slice(axis 0)``, read by two Slices over axis 2 and by one over
+    axis 0 again; a Cast to int stays."""
+    def bounds(name: str, *values: int) -> dict[str, np.ndarray]:
+        return {name: np.array(values, np.int64)}
+
+    model = _model(
+        [helper.make_node("Cast", ["x"], ["xc"], to=F),
+         helper.make_node("Slice", ["xc", "s0", "e0", "a0"], ["full"]),
+         helper.make_node("Slice", ["full", "s1", "e1", "a2", "st"], ["left"]),
+         helper.make_node("Slice", ["full", "s2", "e2", "an1"], ["right"]),
+         helper.make_node("Slice", ["right", "s1", "e1", "a0"], ["right0"]),
+         helper.make_node("Cast", ["left"], ["li"], to=TensorProto.INT32),
+         helper.make_node("Cast", ["li"], ["lf"], to=F),
+         helper.make_node("Add", ["lf", "right0"], ["y"])],
+        [3, 4, 6], ["y"],
+        {**bounds("s0", 1), **bounds("e0", 2**63 - 1), **bounds("a0", 0),
+         **bounds("s1", 0), **bounds("e1", 2), **bounds("a2", 2), **bounds("st", 1),
+         **bounds("s2", 3), **bounds("e2", 5), **bounds("an1", -1)})
+    feeds = {"x": (RNG.normal(size=(3, 4, 6)) * 4).astype(np.float32)}
+    out, result = _cleanup(model, feeds)
+    assert result.stats["casts"] == 1  # the float -> float one; int32 -> float stays
+    assert result.stats["slices_merged"] == 1  # "full" into "left" and "right"
+    # right0 slices axis 0 again, as "right" did through "full": it stays apart
+    assert op_counts(out) == {"Slice": 3, "Cast": 2, "Add": 1}
