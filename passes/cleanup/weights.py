@@ -72,9 +72,9 @@ def lift_constants(model: ir.Model) -> int:
             continue
         graph = node.graph
         name = out.name
-        if not name:
+        if not name or name in graph.initializers:  # unnamed, or a (malformed) clash
             names = names or FreshNames(model.graph)
-            name = names("constant")
+            name = names(name or "constant")
         value = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)),
                          type=ir.TensorType(tensor.dtype), const_value=tensor)
         out.replace_all_uses_with(value)
