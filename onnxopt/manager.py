@@ -168,8 +168,9 @@ class PassManager:
         for pass_ in self.passes:
             if self.dry_run and not pass_.supports_dry_run \
                     and not (pass_.exact and as_real_run):
-                record = PassRecord(repr(pass_), pass_.exact, Status.NOT_RUN, _snapshot(model),
-                                    0.0, message="not run (no plan mode)")
+                record = PassRecord(repr(pass_), pass_.exact, Status.NOT_RUN,
+                                    _snapshot(model, self._cost_shapes), 0.0,
+                                    message="not run (no plan mode)")
                 as_real_run = False
             else:
                 model, record = self._run_one(pass_, model, ctx, validator)
