@@ -5,9 +5,10 @@ is not a number to multiply in, so the dims of the graph inputs are fixed first 
 inference (with data propagation, so ``Shape -> Gather -> Concat -> Reshape`` chains resolve)
 derives every other dim from them, on a weightless copy. The input dims come, per input, from
 ``--input-shape``, else from the first chunk of the data given (calibration, validation), else
-from the model. Costs are per sample: an input whose leading axis is dynamic in the model is
-costed with that axis at 1. A dim none of these fixes stays unknown (``None``), and a cost that
-needs it is unknown, never a guess.
+from the model. Costs are per sample: an input's batch axis (as :mod:`~onnxopt.inputs` finds
+it, e.g. axis 1 of a recurrent state ``[2, batch, 128]``), when dynamic in the model, is costed
+at 1. A dim none of these fixes stays unknown (``None``), and a cost that needs it is unknown,
+never a guess.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.errors import UserError
+from onnxopt.inputs import InputSpec, input_specs
 from onnxopt.ir import call_without_weights
 from onnxopt.shape_values import propagate_shape_values, type_dims
 
@@ -53,10 +55,19 @@ def format_dims(dims: Dims | None) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def _cost_inputs(model: ir.Model) -> list[ir.Value]:
-    """The graph inputs that are fed (not initializers), tensors only."""
-    return [v for v in model.graph.inputs if not v.is_initializer()
-            and (v.type is None or isinstance(v.type, ir.TensorType))]
+def _cost_inputs(model: ir.Model) -> list[tuple[ir.Value, InputSpec]]:
+    """The graph inputs that are fed (not initializers), tensors only, with their specs."""
+    specs = {s.name: s for s in input_specs(model)}
+    return [(v, specs[v.name or ""]) for v in model.graph.inputs if not v.is_initializer()
+            and (v.type is None or isinstance(v.type, ir.TensorType)) and v.name in specs]
+
+
+def _per_sample(dims: Dims, model_dims: Dims | None, batch_axis: int | None) -> Dims:
+    """``dims`` with the batch axis at 1 when the model leaves it dynamic."""
+    if batch_axis is None or batch_axis >= len(dims) or (
+            model_dims is not None and model_dims[batch_axis] is not None):
+        return dims
+    return (*dims[:batch_axis], 1, *dims[batch_axis + 1:])
 
 
 def _first_chunks(data: Iterable[FeedSource | None]) -> Iterator[Mapping[str, object]]:
@@ -79,9 +90,9 @@ def resolve_input_shapes(model: ir.Model,
     """The per-sample shapes to cost each input at, for the inputs whose dims can be fixed.
 
     Per input: ``input_shapes`` (``--input-shape``), else the first chunk of the first of
-    ``data`` that holds it (read only when the model leaves a dim other than the leading
-    one unknown), else the model's own dims. An input whose leading axis is dynamic in the
-    model gets 1 there (costs are per sample). Inputs with a dim still unknown are left out.
+    ``data`` that holds it (read only when the model leaves a dim other than the batch axis
+    unknown), else the model's own dims. An input whose batch axis is dynamic in the model
+    gets 1 there (costs are per sample). Inputs with a dim still unknown are left out.
 
     Raises:
         UserError: ``input_shapes`` names no input of the model, or gives the wrong rank or a
@@ -89,21 +100,21 @@ def resolve_input_shapes(model: ir.Model,
     """
     given = dict(input_shapes or {})
     inputs = _cost_inputs(model)
-    names = [v.name or "" for v in inputs]
+    names = [v.name or "" for v, _ in inputs]
     for name in given:
         if name not in names:
             raise UserError(f"--input-shape {name}:...: the model has no input {name!r} "
                             f"(inputs: {', '.join(names) or 'none'})")
     firsts: list[Mapping[str, object]] | None = None
     resolved: dict[str, tuple[int, ...]] = {}
-    for value in inputs:
+    for value, spec in inputs:
         name = value.name or ""
         model_dims = static_dims(value)
         dims: Dims | None = model_dims
         if name in given:
             dims = tuple(given[name])
             _check_fits(name, dims, model_dims)
-        elif model_dims is None or None in model_dims[1:]:
+        elif model_dims is None or None in _per_sample(model_dims, None, spec.batch_axis):
             if firsts is None:
                 firsts = list(_first_chunks(data))
             array = next((c[name] for c in firsts if isinstance(c.get(name), np.ndarray)), None)
@@ -111,8 +122,7 @@ def resolve_input_shapes(model: ir.Model,
                 dims = tuple(int(d) for d in array.shape)
         if dims is None:
             continue
-        if dims and (model_dims is None or model_dims[0] is None):
-            dims = (1, *dims[1:])
+        dims = _per_sample(dims, model_dims, spec.batch_axis if model_dims is not None else 0)
         if None not in dims:
             resolved[name] = tuple(int(d) for d in dims if d is not None)
     return resolved
@@ -139,10 +149,12 @@ class ShapeTable:
     Attributes:
         inputs: Dims each fed input was costed at (``None`` where a dim stayed unknown).
         values: Value name -> dims found by inference (subgraphs included).
+        examples: For inputs with unknown dims, an ``--input-shape`` value to fill in.
     """
 
     inputs: dict[str, Dims | None] = field(default_factory=dict)
     values: dict[str, Dims] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)
 
     def dims(self, value: ir.Value | None) -> Dims | None:
         """The dims of ``value``: inferred ones, else (per axis) the IR's static ones."""
@@ -171,12 +183,10 @@ class ShapeTable:
         if not missing:
             return (f"shape inference leaves a dim unknown at {where} even with every input "
                     f"dim known")
-        items = []
-        for name, dims in missing.items():
-            shape = "x".join("?" if d is None else str(d) for d in dims) if dims else "..."
-            items.append(f"--input-shape {name}:{shape}")
+        items = " ".join(f"--input-shape {name}:{self.examples.get(name) or '...'}"
+                         for name in missing)
         names = ", ".join(f"{k} {format_dims(d)}" for k, d in missing.items())
-        return f"input {names} has unknown dims; give {' '.join(items)} (? = a size)"
+        return f"input {names} has unknown dims; give {items}"
 
 
 def concrete_shapes(model: ir.Model,
@@ -188,17 +198,16 @@ def concrete_shapes(model: ir.Model,
     to them. Inference that fails leaves the table with the inputs only (a warning is logged).
     """
     resolved = resolve_input_shapes(model, input_shapes)
-    inputs: dict[str, Dims | None] = {}
-    for value in _cost_inputs(model):
+    table = ShapeTable()
+    for value, spec in _cost_inputs(model):
         name = value.name or ""
-        if name in resolved:
-            inputs[name] = resolved[name]
-            continue
-        dims = static_dims(value)
-        if dims and dims[0] is None:
-            dims = (1, *dims[1:])
-        inputs[name] = dims
-    table = ShapeTable(inputs=inputs)
+        dims = resolved.get(name) or static_dims(value)
+        if dims is not None and name not in resolved:
+            dims = _per_sample(dims, static_dims(value), spec.batch_axis)
+        table.inputs[name] = dims
+        if dims is None or None in dims:
+            table.examples[name] = replace(spec, dims=dims).example_shape() if dims else ""
+    inputs = table.inputs
 
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
         _fix_inputs(proto.graph, inputs)

@@ -43,7 +43,21 @@ def test_a_dynamic_leading_axis_is_costed_at_one(batch) -> None:
     assert resolve_input_shapes(model) == {}  # H and W stay unknown
     table = concrete_shapes(model)
     assert table.inputs == {"x": (1, 3, None, None)}
-    assert "--input-shape x:1x3x?x?" in table.why_unknown("Conv 'conv0'")
+    assert "--input-shape x:1x3xHxW" in table.why_unknown("Conv 'conv0'")
+
+
+def test_the_batch_axis_is_where_the_feeds_find_it() -> None:
+    """A recurrent state ``[2, batch, 128]`` is costed at batch 1 on its axis 1."""
+    from onnx import TensorProto as T
+    from onnx.helper import make_graph, make_model, make_node, make_opsetid
+    from onnx.helper import make_tensor_value_info as vi
+
+    graph = make_graph([make_node("Identity", ["state"], ["y"])], "g",
+                       [vi("x", T.FLOAT, ["batch", 576]), vi("state", T.FLOAT, [2, "batch", 128])],
+                       [vi("y", T.FLOAT, None)])
+    model = from_proto(make_model(graph, opset_imports=[make_opsetid("", 17)]))
+    assert resolve_input_shapes(model) == {"x": (1, 576), "state": (2, 1, 128)}
+    assert resolve_input_shapes(model, {"state": (2, 8, 128)})["state"] == (2, 1, 128)
 
 
 def test_shapes_come_from_the_data_when_not_given() -> None:
