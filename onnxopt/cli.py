@@ -92,6 +92,8 @@ def _info_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", action="store_true",
                    help="also print the channel dependency groups")
     p.add_argument("--top", type=int, default=10, help="how many costliest nodes to list")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
+                   help="concrete shape to cost a dynamic input at (repeatable)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more logging (-vv for debug)")
     return p
@@ -224,11 +226,12 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from onnxopt.cost import infer_shapes, model_cost
+    from onnxopt.data import parse_input_shapes
     from onnxopt.model_io import file_size, load
     from onnxopt.report import _bytes, _num
 
     model = infer_shapes(load(args.model))
-    cost = model_cost(model)
+    cost = model_cost(model, parse_input_shapes(args.input_shape))
     print(f"model     {args.model}")
     for value in model.graph.inputs:
         print(f"input     {value.name} {_shape(value)} {value.dtype}")
@@ -238,15 +241,25 @@ def _info(args: argparse.Namespace) -> int:
     print(f"opsets    {opsets}  (IR version {model.ir_version})")
     print(f"nodes     {cost.nodes}")
     print(f"params    {cost.params:,} ({_num(cost.params)})")
-    print(f"MACs      {cost.macs:,} ({_num(cost.macs)}) per sample")
+    at = f" at {cost.costed_at}" if cost.costed_at else ""
+    if cost.macs is None:
+        print(f"MACs      unknown: {cost.macs_unknown}")
+        print(f"          at least {cost.macs_counted:,} ({_num(cost.macs_counted)}) per sample"
+              f"{at}, counting only the nodes whose shapes are known")
+    else:
+        print(f"MACs      {cost.macs:,} ({_num(cost.macs)}) per sample{at}")
     print(f"size      {file_size(args.model):,} bytes ({_bytes(file_size(args.model))})")
     print("ops       " + ", ".join(f"{op} {n}" for op, n in cost.op_histogram.most_common()))
-    top = sorted(cost.per_node.items(), key=lambda kv: -kv[1])[: args.top]
-    if top and top[0][1]:
+    known = [(name, macs) for name, macs in cost.per_node.items() if macs]
+    top = sorted(known, key=lambda kv: -kv[1])[: args.top]
+    if top:
         print("costliest nodes (MACs):")
         for name, macs in top:
-            if macs:
-                print(f"  {name:<40} {macs:>14,}  {100 * macs / max(cost.macs, 1):5.1f}%")
+            share = "" if cost.macs is None else f"  {100 * macs / max(cost.macs, 1):5.1f}%"
+            print(f"  {name:<40} {macs:>14,}{share}")
+        unknown = sum(macs is None for macs in cost.per_node.values())
+        if unknown:
+            print(f"  ({unknown} nodes with unknown MACs not listed)")
     if args.groups:
         from onnxopt.channels import format_groups
 

@@ -30,6 +30,7 @@ from onnxopt.model_io import serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult
 from onnxopt.report import PassRecord, RunReport, Snapshot, Status
 from onnxopt.session import concat_batches, make_session, sample_axis, stream
+from onnxopt.shapes import resolve_input_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ class PassManager:
         calib, validation, data_note = self._split_data(specs)
         self._check_gates(validation)
         model = infer_shapes(model)
-        report = RunReport(original=_snapshot(model))
+        # costs are per sample at concrete shapes: --input-shape, else the data's
+        self._cost_shapes = resolve_input_shapes(model, self.input_shapes, (calib, validation))
+        report = RunReport(original=_snapshot(model, self._cost_shapes))
         ctx = PassContext(calib=calib, input_shapes=self.input_shapes, seed=self.seed,
                           progress=self.show_progress, dry_run=self.dry_run)
         validator = None
@@ -165,8 +168,9 @@ class PassManager:
         for pass_ in self.passes:
             if self.dry_run and not pass_.supports_dry_run \
                     and not (pass_.exact and as_real_run):
-                record = PassRecord(repr(pass_), pass_.exact, Status.NOT_RUN, _snapshot(model),
-                                    0.0, message="not run (no plan mode)")
+                record = PassRecord(repr(pass_), pass_.exact, Status.NOT_RUN,
+                                    _snapshot(model, self._cost_shapes), 0.0,
+                                    message="not run (no plan mode)")
                 as_real_run = False
             else:
                 model, record = self._run_one(pass_, model, ctx, validator)
@@ -250,14 +254,16 @@ class PassManager:
             logger.error("pass %s crashed (a bug; -v shows the traceback): %s", pass_,
                          text[:300])
             logger.info("traceback of the crash in pass %s", pass_, exc_info=True)
-            record = PassRecord(repr(pass_), pass_.exact, Status.CRASHED, _snapshot(snapshot),
+            record = PassRecord(repr(pass_), pass_.exact, Status.CRASHED,
+                                _snapshot(snapshot, self._cost_shapes),
                                 time.perf_counter() - start,
                                 message=f"crashed (the model before it is kept): {text[:300]}")
             self._notify_failed(pass_, snapshot, record)
             return snapshot, record
         exact = pass_.exact if result.exact is None else result.exact
         status = Status.KEPT if result.modified else Status.UNCHANGED
-        record = PassRecord(repr(pass_), exact, status, _snapshot(snapshot), 0.0,
+        record = PassRecord(repr(pass_), exact, status,
+                            _snapshot(snapshot, self._cost_shapes), 0.0,
                             stats=result.stats,
                             refusals=list(result.refusals), summary=result.summary,
                             plan=result.plan)
@@ -273,7 +279,7 @@ class PassManager:
                     status, message = failure
                     record.status = status
                     return self._roll_back(pass_, snapshot, record, start, message)
-            record.after = _snapshot(model)
+            record.after = _snapshot(model, self._cost_shapes)
         record.seconds = time.perf_counter() - start
         for hook in self.instruments:
             hook.after_pass(pass_, model, record)
@@ -284,7 +290,7 @@ class PassManager:
         if record.status is not Status.GATE_FAILED:
             record.status = Status.ROLLED_BACK
         record.message = message
-        record.after = _snapshot(snapshot)
+        record.after = _snapshot(snapshot, self._cost_shapes)
         record.seconds = time.perf_counter() - start
         # A missed gate is an outcome the caller asked to be told about in the report (the
         # CLI prints it once, in the table); a rolled-back rewrite is a warning.
@@ -495,7 +501,7 @@ def _structural_problem(model: ir.Model) -> str | None:
     return None
 
 
-def _snapshot(model: ir.Model) -> Snapshot:
-    cost = model_cost(model)
+def _snapshot(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> Snapshot:
+    cost = model_cost(model, input_shapes)
     return Snapshot(nodes=cost.nodes, params=cost.params, macs=cost.macs,
-                    bytes=serialized_size(model))
+                    bytes=serialized_size(model), macs_unknown=cost.macs_unknown)

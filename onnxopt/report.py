@@ -39,12 +39,14 @@ class Snapshot:
 
     ``bytes`` is the size of the model as it would be written; for the original model read
     from a file, the size of that file (with its external data), as ``onnxopt info`` shows.
+    ``macs`` is per sample, None when a dim it needs is unknown (``macs_unknown`` says why).
     """
 
     nodes: int
     params: int
-    macs: int
+    macs: int | None
     bytes: int
+    macs_unknown: str = ""
 
 
 @dataclass
@@ -170,6 +172,10 @@ class RunReport:
                     reasons[ref.reason] = reasons.get(ref.reason, 0) + 1
                 text = "; ".join(f"{k} (x{v})" if v > 1 else k for k, v in reasons.items())
                 notes.append(f"{r.name}: refused {len(r.refusals)}: {text}")
+        unknown = next((s.macs_unknown for s in [self.original] + [r.after for r in self.records]
+                        if s.macs is None and s.macs_unknown), "")
+        if unknown:
+            notes.append(f"MACs ?: unknown, {unknown}")
         if self.validated_samples:
             notes.append((self.validation_note or
                           f"validated on {plural(self.validated_samples, 'sample')} from "
@@ -199,7 +205,9 @@ def _line(cells: list[str], widths: list[int]) -> str:
                      for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
 
-def _num(n: int) -> str:
+def _num(n: int | None) -> str:
+    if n is None:
+        return "?"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
@@ -217,8 +225,8 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f}%"
 
 
-def _ratio(new: int, old: int) -> str:
-    return f"{new / old:.3f}x" if old else "-"
+def _ratio(new: int | None, old: int | None) -> str:
+    return f"{new / old:.3f}x" if old and new is not None else "-"
 
 
 def _record_dict(r: PassRecord) -> dict[str, Any]:

@@ -59,6 +59,7 @@ from onnxopt.passes.prune.reconstruct import reconstruct
 from onnxopt.passes.prune.sensitivity import measured_error, measured_scores, refit_targets
 from onnxopt.passes.prune.statistics import collect_statistics
 from onnxopt.report import plural
+from onnxopt.shapes import ShapeTable, concrete_shapes, resolve_input_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +165,16 @@ class PrunePass(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts: PruneOptions = self.options
         result = PassResult(modified=False)
-        plan = self._plan(model, ctx, result)
-        before = model_cost(model)
+        input_shapes = resolve_input_shapes(model, ctx.input_shapes, (ctx.calib,))
+        shapes = concrete_shapes(model, input_shapes)
+        plan = self._plan(model, ctx, result, shapes)
+        before = model_cost(model, shapes=shapes)
         summary = self._summary(plan, opts, before, _why_no_groups(result))
         result.stats.update({"criterion": plan.criterion, "allocation": plan.allocation,
                              "budget": f"{plan.kind}={plan.value:g}", "reconstruct": plan.refit,
                              "groups": plan.rows})
+        if before.macs_unknown:
+            result.stats["macs_unknown"] = before.macs_unknown
         result.plan = format_plan(plan.rows)
         pruned = [g for g in plan.groups if not plan.keep[g.index].all()]
         plan_only = opts.plan_only or ctx.dry_run
@@ -192,15 +197,21 @@ class PrunePass(Pass):
                 if r.reason and r.reason != "no improvement":
                     result.refuse(r.node, f"not refitted: {r.reason}")
             summary += self._calib_effect(original, unrefit, model, ctx, opts, result.stats)
-        after = model_cost(model)
+        after = model_cost(model, input_shapes)
         result.stats.update(macs_before=before.macs, macs_after=after.macs,
                             params_before=before.params, params_after=after.params)
         result.summary = summary
         logger.info("prune: %s", summary)
         return result
 
-    def _plan(self, model: ir.Model, ctx: PassContext, result: PassResult) -> _Plan:
-        """Score the channels of every candidate group and allocate the budget."""
+    def _plan(self, model: ir.Model, ctx: PassContext, result: PassResult,
+              shapes: ShapeTable) -> _Plan:
+        """Score the channels of every candidate group and allocate the budget.
+
+        Raises:
+            UserError: A MACs budget on a model whose MACs are unknown (a dim no input
+                shape fixes), or options the data given cannot serve.
+        """
         opts: PruneOptions = self.options
         has_data = ctx.calib is not None
         criterion = opts.criterion if opts.criterion != "auto" else (
@@ -215,6 +226,11 @@ class PrunePass(Pass):
             raise UserError(f"prune(exclude=...): {', '.join(map(repr, missing))} matches no "
                             "node or tensor name of the model")
         analysis = analyse_channels(model)
+        costs = {k: build(analysis, shapes) for k, build in COST_MODELS.items()}
+        kind, value = opts.budget()
+        if kind == "macs" and costs["macs"].unknown:
+            raise UserError(f"prune(macs={value:g}) needs the model's MACs, and they are "
+                            f"unknown: {costs['macs'].unknown}")
         groups = _candidates(analysis, opts.exclude, result)
         aware = refit and opts.refit_aware
         stats = None
@@ -226,8 +242,6 @@ class PrunePass(Pass):
                 input_shapes=ctx.input_shapes, seed=ctx.seed, show_progress=ctx.progress)
         scores = group_scores(groups, criterion, stats, ctx.seed, opts.ridge if aware else None)
         limits = Limits(opts.min_channels, opts.round_to)
-        costs = {k: build(analysis) for k, build in COST_MODELS.items()}
-        kind, value = opts.budget()
         allocation = "ratio" if kind == "ratio" else opts.allocation
         uniform = None
         if kind == "ratio":
@@ -266,6 +280,8 @@ class PrunePass(Pass):
                 result.refuse("budget", f"{kind} kept {reached:.1%} > target {value:.1%}: "
                               f"the limits allow no more")
         savings = {k: group_savings(c.restrict(list(keep)), keep) for k, c in costs.items()}
+        if costs["macs"].unknown:
+            del savings["macs"]  # unknown, not zero
         return _Plan(criterion, refit, kind, value, allocation, groups, keep,
                      _plan_rows(groups, keep, savings), savings)
 
@@ -273,12 +289,16 @@ class PrunePass(Pass):
     def _summary(plan: _Plan, opts: PruneOptions, before: ModelCost, no_groups: str) -> str:
         kept = sum(r["kept"] for r in plan.rows)
         total = sum(r["total"] for r in plan.rows)
-        macs = before.macs - sum(plan.savings["macs"].values())
         params = before.params - sum(plan.savings["params"].values())
         how = "" if plan.kind == "ratio" else f", {plan.allocation}"
+        if before.macs is None:
+            macs = "MACs unknown"  # why: stats["macs_unknown"]
+        else:
+            kept_macs = before.macs - sum(plan.savings.get("macs", {}).values())
+            macs = f"MACs {100 * kept_macs / max(before.macs, 1):.1f}%"
         text = (f"{plan.kind}={plan.value:g} by {plan.criterion}{how}: "
                 f"{plural(len(plan.rows), 'group')}, "
-                f"channels {total} -> {kept}, MACs {100 * macs / max(before.macs, 1):.1f}%, "
+                f"channels {total} -> {kept}, {macs}, "
                 f"params {100 * params / max(before.params, 1):.1f}%")
         if not plan.rows:
             text += f" ({no_groups})"
@@ -389,7 +409,8 @@ def _plan_rows(groups: list[ChannelGroup], keep: dict[int, np.ndarray],
             "producers": producers,
             "kept": int(keep[group.index].sum()),
             "total": len(keep[group.index]),
-            "macs_saved": int(round(savings["macs"].get(group.index, 0.0))),
+            "macs_saved": (int(round(savings["macs"].get(group.index, 0.0)))
+                           if "macs" in savings else None),
             "params_saved": int(round(savings["params"].get(group.index, 0.0))),
         })
     return rows
@@ -400,6 +421,7 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'group':>5}  {'kept':>9}  {'MACs saved':>12}  {'params saved':>12}  producers"]
     for row in rows:
         names = ", ".join(row["producers"][:3]) + (" ..." if len(row["producers"]) > 3 else "")
+        macs = "?" if row["macs_saved"] is None else f"{row['macs_saved']:,}"
         lines.append(f"{row['group']:>5}  {row['kept']:>4}/{row['total']:<4}  "
-                     f"{row['macs_saved']:>12,}  {row['params_saved']:>12,}  {names}")
+                     f"{macs:>12}  {row['params_saved']:>12,}  {names}")
     return "\n".join(lines)
