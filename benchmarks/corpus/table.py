@@ -91,7 +91,7 @@ def _recheck(row: dict[str, Any]) -> str:
         return ""
     if "error" in r:
         return f"does not run: {r['error']}"
-    if row["pipeline"] in ("exact", "onnxsim"):
+    if row["pipeline"].startswith(("exact", "onnxsim")):
         verdict = "ok" if r["within"] else "FAIL"
         return f"{verdict} (max {_g(r['max_abs_error'])}, rtol needed {_g(r['needed_rtol'])})"
     text = f"SQNR {_g(r['sqnr_db'], 3)} dB"
@@ -123,7 +123,7 @@ def summary_table(results: dict[str, Any]) -> str:
         macs = ""
         if row.get("original"):
             macs = _change(row["original"]["macs"], row["final"]["macs"], _num)
-        error = _worst_exact(row) if row["pipeline"] == "exact" else _lossy(row)
+        error = _worst_exact(row) if row["pipeline"].startswith("exact") else _lossy(row)
         lines.append(_line([row["model"], row["pipeline"], str(row["exit"]), _passes(row),
                             nodes, macs, error, _recheck(row), f"{row['seconds']:.1f}s"]))
     return "\n".join(lines)
@@ -154,19 +154,26 @@ def _errors(results: dict[str, Any]) -> list[str]:
     return lines or ["(none)"]
 
 
+def _exact_ok(row: dict[str, Any]) -> bool:
+    """Exit 0, every pass kept or unchanged, and the re-check within tolerance."""
+    return (row["exit"] == 0 and bool(row.get("passes"))
+            and all(p["status"] in ("kept", "unchanged") for p in row["passes"])
+            and bool((row.get("recheck") or {}).get("within")))
+
+
 def _counts(results: dict[str, Any]) -> str:
     rows = [r for r in results["rows"] if r["pipeline"] not in ("onnxsim", "-")]
     clean_exit = sum(1 for r in rows if r["exit"] == 0)
     failed = sum(1 for r in rows for p in r.get("passes", []) if p["status"] in
                  ("rolled back", "crashed", "gate failed"))
-    exact_ok = sum(1 for r in rows if r["pipeline"] == "exact" and r["exit"] == 0
-                   and all(p["status"] in ("kept", "unchanged") for p in r.get("passes", []))
-                   and (r.get("recheck") or {}).get("within"))
-    exact = sum(1 for r in rows if r["pipeline"] == "exact")
+    cli = {r["model"] for r in rows if r["pipeline"] == "exact" and _exact_ok(r)}
+    api = {r["model"] for r in rows if r["pipeline"] == "exact (API)" and _exact_ok(r)} - cli
     return (f"{len(rows)} runs on {len(results['models'])} models: {clean_exit} exited 0, "
-            f"{len(rows) - clean_exit} did not; {failed} passes were rolled back or crashed; "
-            f"the exact pipeline kept the outputs (every pass kept or unchanged, re-check "
-            f"within tolerance) on {exact_ok} of {exact} models.")
+            f"{len(rows) - clean_exit} did not; {failed} passes were rolled back or crashed. "
+            f"The exact pipeline kept the outputs (exit 0, every pass kept or unchanged, "
+            f"re-check within tolerance) on {len(cli)} of {len(results['models'])} models "
+            f"through the command line" + (f", and on {len(api)} more through the API with "
+                                           "feed dicts" if api else "") + ".")
 
 
 def markdown(results: dict[str, Any]) -> str:
