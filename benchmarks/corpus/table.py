@@ -188,7 +188,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"({m['usable_cpus']} usable CPUs, int8 VNNI: {'yes' if m['vnni'] else 'no'}), "
         f"Python {m['python']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, "
         f"onnx-ir {m['onnx_ir']}, numpy {m['numpy']}, onnxopt {m['onnxopt']}; load average "
-        f"{m['load_average_start']} at the start.",
+        f"{m['load_average_start']} at the start"
+        + (f", {m['load_average_end']} at the end" if m.get("load_average_end") else "")
+        + " (times are wall times of the whole CLI run, on a shared machine).",
         "",
         "Production models that pip packages ship (none trained by this project), each run "
         "through the `onnxopt` command line in a fresh process per pipeline, with "
@@ -198,7 +200,11 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         pipelines,
         "",
-        "`early-exit` runs only on classifiers. *exit* is the CLI's exit code (without "
+        "`early-exit` runs only on classifiers. Rows marked *(API)* run the same pipeline "
+        "through `onnxopt.optimize` with one feed dict per session call, for models whose "
+        "inputs are not batch-first (silero: `state` has the samples on axis 1, `sr` is 0-d), "
+        "which an `.npz` for the command line cannot describe today; their *exit* follows the "
+        "CLI's codes. *exit* is the CLI's exit code (without "
         "`--strict`, a rolled-back pass still exits 0; its status says so). *nodes* counts "
         "the nodes of the input and output files, subgraphs included. *MACs* are onnxopt's "
         "per-sample count from its report. *max err vs tolerance*: for the exact pipeline the "
