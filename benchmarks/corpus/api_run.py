@@ -1,8 +1,8 @@
 """One corpus run through the Python API, fed one sample per session call (as an iterable of
 feed dicts), for models whose inputs are not batch-first (silero's state, its 0-d sample rate).
 
-An ``.npz`` with the sample axis first cannot describe such inputs; the API's iterable of feed
-dicts can. Exit codes follow the CLI's: 0 ok, 1 a gate was missed, 2 a user error (one line).
+A cross-check of the command line's ``.npz`` path, which finds each input's sample axis from
+the model. Exit codes follow the CLI's: 0 ok, 1 a gate was missed, 2 a user error (one line).
 
     python benchmarks/corpus/api_run.py NAME MODEL SPEC OUT REPORT EVAL.npz [CALIB.npz]
 """

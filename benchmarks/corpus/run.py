@@ -223,7 +223,7 @@ def bench_model(model: CorpusModel, pipelines: list[CorpusPipeline], args: argpa
         row = run_one(model, path, pipeline, folder, eval_arrays, args.timeout)
         log(f"  -> exit {row['exit']} in {row['seconds']:.1f}s {row.get('error', '')}"[:200])
         rows.append(row)
-        if model.batch_axes:  # an .npz cannot say where the samples are; feed dicts can
+        if model.batch_axes:  # the same through the API, one feed dict per run
             log(f"{model.name}: onnxopt.optimize(..., {pipeline.spec!r}, feed dicts)")
             row = run_one(model, path, pipeline, folder, eval_arrays, args.timeout, api=True)
             log(f"  -> exit {row['exit']} in {row['seconds']:.1f}s {row.get('error', '')}"[:200])
