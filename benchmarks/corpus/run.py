@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {
         "machine": machine_info(),
-        "config": {"command": " ".join(sys.argv), "eval_samples": args.eval_samples,
+        "config": {"command": " ".join(sys.argv), "commit": _commit(),
+                   "eval_samples": args.eval_samples,
                    "calib_samples": args.calib_samples, "timeout": args.timeout,
                    "pipelines": {p.label: p.spec for p in args.pipelines},
                    "onnxsim": bool(args.onnxsim and onnxsim_available())},
@@ -295,6 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     log(f"done in {results['config']['seconds']:.0f}s; wrote {args.out / 'corpus.md'}")
     print(table.summary_table(results))
     return 0
+
+
+def _commit() -> str:
+    """The checkout's git commit (with ``+`` when it has uncommitted changes), or ''."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, text=True, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+" if dirty.strip() else "")
 
 
 def _write(results: dict[str, Any], out: Path) -> None:

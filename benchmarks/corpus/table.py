@@ -184,7 +184,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Real-world corpus",
         "",
-        f"Measured {m['date']} with `{neutral(c['command'])}`{seconds} on {m['cpu']} "
+        f"Measured {m['date']} with `{neutral(c['command'])}`"
+        + (f" at commit {c['commit']}" if c.get("commit") else "")
+        + f"{seconds} on {m['cpu']} "
         f"({m['usable_cpus']} usable CPUs, int8 VNNI: {'yes' if m['vnni'] else 'no'}), "
         f"Python {m['python']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, "
         f"onnx-ir {m['onnx_ir']}, numpy {m['numpy']}, onnxopt {m['onnxopt']}; load average "
