@@ -7,6 +7,7 @@ from onnxopt.data import FeedSource, open_feeds
 from onnxopt.errors import DataError, ModelError, PipelineError, UserError
 from onnxopt.manager import Gates, PassManager
 from onnxopt.model_io import load, save
+from onnxopt.options import option
 from onnxopt.pass_base import (
     Pass,
     PassContext,
@@ -40,6 +41,7 @@ __all__ = [
     "load",
     "open_feeds",
     "optimize",
+    "option",
     "parse_pipeline",
     "register_pass",
     "registered_passes",

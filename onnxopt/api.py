@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from onnxopt.data import open_feeds
 from onnxopt.manager import Gates, Instrumentation, PassManager
-from onnxopt.model_io import load, save
+from onnxopt.model_io import SOURCE_BYTES, load, save
 from onnxopt.pass_base import Pass
 from onnxopt.pipeline import parse_pipeline
 from onnxopt.report import RunReport
@@ -36,6 +36,7 @@ def optimize(
     instruments: Sequence[Instrumentation] = (),
     seed: int = 0,
     dry_run: bool = False,
+    cast_inputs: bool = False,
 ) -> tuple[ir.Model, RunReport]:
     """Optimize a model with a pipeline of passes, validating each rewrite.
 
@@ -64,25 +65,35 @@ def optimize(
         instruments: Extra before/after-pass hooks.
         seed: Seed for random data and passes.
         dry_run: Passes that can plan without rewriting (``Pass.supports_dry_run``) only
-            report their plan; give no ``output`` then.
+            report their plan; exact passes before the first plan run, the others do not
+            (status ``not run``). Give no ``output`` then.
+        cast_inputs: Convert numeric data of any type to the model's input types, values
+            as they are; by default integer data for a float input is an error (it must be
+            normalised the way the model was trained) and float data of another width is
+            cast with a note.
 
     Returns:
-        The optimized model and the run report (``report.failures`` lists rolled-back
-        passes and missed gates).
+        The optimized model, an ``onnx_ir.Model`` (``onnxopt.save`` writes it,
+        ``onnx_ir.to_proto`` makes it a ``ModelProto``), and the run report
+        (``report.failures`` lists rolled-back passes and missed gates).
     """
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
     loaded = load(model)
     calib_source = None if calib is None else open_feeds(
-        calib, loaded, seed=seed, input_shapes=input_shapes)
+        calib, loaded, seed=seed, input_shapes=input_shapes, cast_inputs=cast_inputs)
     eval_source = None if eval is None else open_feeds(
-        eval, loaded, seed=seed, input_shapes=input_shapes)
+        eval, loaded, seed=seed, input_shapes=input_shapes, cast_inputs=cast_inputs)
     manager = PassManager(
         passes, validation=eval_source, calib=calib_source, validate=validate,
         gates=Gates(min_agreement, max_accuracy_drop, min_sqnr_db, quality_floor),
         batch_size=batch_size,
         max_samples=max_samples, input_shapes=input_shapes, progress=progress,
         instruments=instruments, seed=seed, dry_run=dry_run)
+    # Read from a file and not yet rewritten (the pass manager rewrites it in place).
+    source_bytes = loaded.meta.pop(SOURCE_BYTES, None)
     result, report = manager.run(loaded)
+    if source_bytes is not None:  # read from a file: its size, as `onnxopt info` shows it
+        report.original.bytes = source_bytes
     if output is not None:
         report.output_path = os.fspath(save(result, output))
     return result, report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from onnxopt.cli_common import (
     EXIT_VALIDATION,
     OneLineParser,
     output_beside,
+    package_version,
+    quiet_broken_pipe,
     run_reporting_user_errors,
     setup_logging,
 )
@@ -29,8 +32,11 @@ def _main_parser() -> argparse.ArgumentParser:
         description="Optimize an ONNX model with a pipeline of passes; every rewrite is "
                     "checked with onnxruntime. 'onnxopt info MODEL' prints its cost; "
                     "'onnxopt split MODEL --calib DATA' writes an early-exit bundle.",
-        epilog="Exit codes: 0 ok, 1 validation failure or missed gate, 2 user error.")
+        epilog="Exit codes: 0 ok, 1 validation failure or missed gate, 2 user error, 141 "
+               "stdout closed by its reader.")
     p.add_argument("model", nargs="?", help="input .onnx model")
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                   help="print the version and exit")
     p.add_argument("-p", "--pipeline", default=DEFAULT_PIPELINE,
                    help=f"passes, e.g. 'cleanup,fold-bn,prune(ratio=0.3)' "
                         f"(default: {DEFAULT_PIPELINE})")
@@ -60,15 +66,22 @@ def _main_parser() -> argparse.ArgumentParser:
                    help="lossy passes may lose at most X accuracy (fraction, 0.01 = 1 point)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
                    help="concrete shape for a dynamic input (repeatable)")
+    p.add_argument("--cast-inputs", action="store_true",
+                   help="convert data of any numeric type to the model's input types, values "
+                        "as they are (default: integer data for a float input is an error)")
     p.add_argument("--batch-size", type=int, default=32, help="validation batch size")
     p.add_argument("--max-samples", type=int, help="cap on validation samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for random data (random:N) and for passes that sample "
+                        "(default 0)")
     p.add_argument("--dry-run", action="store_true",
-                   help="plan only: passes with a plan mode (prune) report what they would "
-                        "do; nothing is written")
+                   help="plan only: passes with a plan mode (prune, early-exit) print what "
+                        "they would do; exact passes before them run, the others do not; "
+                        "nothing is written but --report")
     p.add_argument("--list-passes", action="store_true", help="list passes and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the result")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more logging (-vv for debug)")
     return p
 
 
@@ -79,13 +92,25 @@ def _info_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", action="store_true",
                    help="also print the channel dependency groups")
     p.add_argument("--top", type=int, default=10, help="how many costliest nodes to list")
-    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
+                   help="concrete shape to cost a dynamic input at (repeatable)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more logging (-vv for debug)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used as the console script)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _run_command(args_list)
+        sys.stdout.flush()  # a closed pipe shows here rather than at interpreter exit
+    except BrokenPipeError:  # `onnxopt ... | head`: the reader has gone; stop quietly
+        return quiet_broken_pipe()
+    return code
+
+
+def _run_command(args_list: list[str]) -> int:
     if args_list and args_list[0] != "info" and not args_list[0].startswith("-"):
         from onnxopt.pass_base import registered_commands
 
@@ -111,6 +136,7 @@ def _dispatch(args_list: list[str]) -> int:
 
 
 def _list_passes() -> str:
+    """Each pass: kind and description, its defaults in pipeline syntax, what options take."""
     from onnxopt.pass_base import registered_passes
     from onnxopt.pipeline import describe_options
 
@@ -118,10 +144,12 @@ def _list_passes() -> str:
     for name, cls in registered_passes().items():
         kind = "exact" if cls.exact else "lossy"
         data = ", needs --calib" if cls.needs_data else ""
-        lines.append(f"{name:<14} {kind}{data}  {cls.description}")
+        plan = ", plans with --dry-run" if cls.supports_dry_run else ""
+        lines.append(textwrap.fill(f"{name:<14} {kind}{data}{plan}: {cls.description}",
+                                   width=100, subsequent_indent=" " * 15))
         options = describe_options(cls)
         if options:
-            lines.append(f"{'':<14} options: {options}")
+            lines.append(options)
     return "\n".join(lines)
 
 
@@ -142,6 +170,10 @@ def _optimize(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else output_beside(args.model, ".opt.onnx")
     if not args.dry_run:
         check_writable(output)
+    if args.report:  # checked with the output, before any work (written even by a dry run)
+        check_writable(Path(args.report))
+        if not args.dry_run and Path(args.report).resolve() == output.resolve():
+            raise UserError(f"--report and the output are the same file: {output}")
     for name, value in (("--min-agreement", args.min_agreement),
                         ("--max-accuracy-drop", args.max_accuracy_drop)):
         if value is not None and not 0.0 <= value <= 1.0:
@@ -158,16 +190,16 @@ def _optimize(args: argparse.Namespace) -> int:
         quality_floor=not args.no_quality_floor,
         input_shapes=parse_input_shapes(args.input_shape), batch_size=args.batch_size,
         max_samples=args.max_samples, progress=show_progress, seed=args.seed,
-        dry_run=args.dry_run)
+        dry_run=args.dry_run, cast_inputs=args.cast_inputs)
+    if args.report:  # before printing, so a closed stdout (| head) cannot lose it
+        write_text(args.report, report.to_json())
     if not args.quiet:
         print(report.format_table())
     if args.dry_run:
         for record in report.records:
             if record.plan:
                 print(f"{record.name} plan:\n{record.plan}")
-    print("dry run: nothing written" if args.dry_run else f"wrote {output}")
-    if args.report:
-        write_text(args.report, report.to_json())
+    print("dry run: no model written" if args.dry_run else f"wrote {output}")
     crashed = [r for r in report.failures if r.status is Status.CRASHED]
     if crashed:
         print(f"onnxopt: pass {crashed[0].name} crashed, which is a bug (-v shows the "
@@ -175,8 +207,14 @@ def _optimize(args: argparse.Namespace) -> int:
         return EXIT_VALIDATION
     gate_failures = [r for r in report.failures if r.status is Status.GATE_FAILED]
     if gate_failures:
-        print(f"onnxopt: gate missed by pass {gate_failures[0].name}: "
-              f"{gate_failures[0].message}", file=sys.stderr)
+        # Each miss is stated once: in the table, or here when -q left the table out.
+        if args.quiet:
+            for r in gate_failures:
+                print(f"onnxopt: gate missed by pass {r.name}: {r.message}", file=sys.stderr)
+        else:
+            print(f"onnxopt: exit 1: gate missed by "
+                  f"{', '.join(r.name for r in gate_failures)} (see the table)",
+                  file=sys.stderr)
         return EXIT_VALIDATION
     if args.strict and report.failures:
         first = report.failures[0]
@@ -188,11 +226,12 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from onnxopt.cost import infer_shapes, model_cost
+    from onnxopt.data import parse_input_shapes
     from onnxopt.model_io import file_size, load
     from onnxopt.report import _bytes, _num
 
     model = infer_shapes(load(args.model))
-    cost = model_cost(model)
+    cost = model_cost(model, parse_input_shapes(args.input_shape))
     print(f"model     {args.model}")
     for value in model.graph.inputs:
         print(f"input     {value.name} {_shape(value)} {value.dtype}")
@@ -202,15 +241,25 @@ def _info(args: argparse.Namespace) -> int:
     print(f"opsets    {opsets}  (IR version {model.ir_version})")
     print(f"nodes     {cost.nodes}")
     print(f"params    {cost.params:,} ({_num(cost.params)})")
-    print(f"MACs      {cost.macs:,} ({_num(cost.macs)}) per sample")
+    at = f" at {cost.costed_at}" if cost.costed_at else ""
+    if cost.macs is None:
+        print(f"MACs      unknown: {cost.macs_unknown}")
+        print(f"          at least {cost.macs_counted:,} ({_num(cost.macs_counted)}) per sample"
+              f"{at}, counting only the nodes whose shapes are known")
+    else:
+        print(f"MACs      {cost.macs:,} ({_num(cost.macs)}) per sample{at}")
     print(f"size      {file_size(args.model):,} bytes ({_bytes(file_size(args.model))})")
     print("ops       " + ", ".join(f"{op} {n}" for op, n in cost.op_histogram.most_common()))
-    top = sorted(cost.per_node.items(), key=lambda kv: -kv[1])[: args.top]
-    if top and top[0][1]:
+    known = [(name, macs) for name, macs in cost.per_node.items() if macs]
+    top = sorted(known, key=lambda kv: -kv[1])[: args.top]
+    if top:
         print("costliest nodes (MACs):")
         for name, macs in top:
-            if macs:
-                print(f"  {name:<40} {macs:>14,}  {100 * macs / max(cost.macs, 1):5.1f}%")
+            share = "" if cost.macs is None else f"  {100 * macs / max(cost.macs, 1):5.1f}%"
+            print(f"  {name:<40} {macs:>14,}{share}")
+        unknown = sum(macs is None for macs in cost.per_node.values())
+        if unknown:
+            print(f"  ({unknown} nodes with unknown MACs not listed)")
     if args.groups:
         from onnxopt.channels import format_groups
 

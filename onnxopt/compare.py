@@ -106,6 +106,21 @@ class Comparison:
         return text
 
 
+def class_sequence_like(array: np.ndarray) -> bool:
+    """Whether an output is a sequence of class distributions per sample (``[N, T, C]``).
+
+    Such as a text recognizer's per-step softmax read by CTC: float, every row of the last
+    axis a probability distribution (values in [0, 1] summing to 1). Box or feature
+    tensors of the same rank are not distributions and are not matched.
+    """
+    if array.ndim != 3 or array.shape[2] < 2 or not np.issubdtype(array.dtype, np.floating) \
+            or array.size == 0:
+        return False
+    if float(array.min()) < 0.0 or float(array.max()) > 1.0:
+        return False
+    return bool(np.allclose(array.sum(axis=2, dtype=np.float64), 1.0, atol=1e-3))
+
+
 def classifier_like(array: np.ndarray) -> bool:
     """Whether an output looks like per-sample class scores (``[N, C]`` with C > 1)."""
     return array.ndim == 2 and array.shape[1] > 1 and np.issubdtype(array.dtype, np.floating)
@@ -164,6 +179,11 @@ def compare_outputs(
         metrics.noise = out_noise
         if classifier_like(ref_f):
             metrics.agreement = float(np.mean(ref_f.argmax(1) == act_f.argmax(1)))
+        elif class_sequence_like(ref_f):
+            # a sample agrees when its whole per-step argmax path does (the same path is
+            # the same decoded sequence); stricter than comparing decoded text
+            same_path = (ref_f.argmax(2) == act_f.argmax(2)).all(axis=1)
+            metrics.agreement = float(np.mean(same_path))
         result.passed &= metrics.needed_rtol <= tolerance.rtol
         result.outputs.append(metrics)
     if labels is not None:
@@ -279,7 +299,9 @@ class QualityFloor:
     """The least a lossy pass must keep of the original model's outputs.
 
     A classifier-like output (``[N, C]`` scores) must keep top-1 agreement with the
-    original of at least ``min_agreement``; any other float output (maps, boxes,
+    original of at least ``min_agreement``, and so must a sequence of class distributions
+    (``[N, T, C]``, e.g. a CTC text recognizer), whose samples agree when their whole
+    per-step argmax path does; any other float output (maps, boxes,
     embeddings, probabilities) must keep an SQNR of at least ``min_sqnr_db`` (10 dB is a
     cosine of about 0.95). Integer and non-numeric outputs have no floor of their own.
     The defaults catch destroyed models (agreement near chance, SQNR near or below

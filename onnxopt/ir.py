@@ -12,6 +12,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt.opaque_types import (
+    attach_opaque_types,
+    restore_opaque_types,
+    set_aside_opaque_types,
+)
+
 #: The names of the default ONNX operator domain.
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -23,12 +29,18 @@ def is_standard(node: ir.Node) -> bool:
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize to ``ModelProto`` (to hand to onnxruntime, the checker or a file)."""
-    return ir.serde.serialize_model(model)
+    proto = ir.serde.serialize_model(model)
+    restore_opaque_types(proto, model)
+    return proto
 
 
 def from_proto(proto: onnx.ModelProto) -> ir.Model:
-    """Deserialize a ``ModelProto`` into onnx_ir."""
-    return ir.serde.deserialize_model(proto)
+    """Deserialize a ``ModelProto`` into onnx_ir (map-typed graph inputs and outputs are
+    kept aside and written back by :func:`to_proto`, see :mod:`onnxopt.opaque_types`)."""
+    proto, kept = set_aside_opaque_types(proto)
+    model = ir.serde.deserialize_model(proto)
+    attach_opaque_types(model, kept)
+    return model
 
 
 def clone_model(model: ir.Model) -> ir.Model:
@@ -79,7 +91,7 @@ def call_without_weights(func: Callable[[onnx.ModelProto], _R], model: ir.Model)
             value.const_value = None
             if not value.is_graph_input():
                 graph.inputs.append(value)
-        proto = ir.serde.serialize_model(model)
+        proto = to_proto(model)
     finally:
         graph.inputs.clear()
         graph.inputs.extend(inputs)
@@ -316,12 +328,15 @@ def node_label(node: ir.Node) -> str:
 
 
 def static_shape(value: ir.Value) -> tuple[int, ...] | None:
-    """The shape of ``value`` as ints if fully known, else None."""
+    """The shape of ``value`` as ints if fully known, else None.
+
+    A negative dim (some exporters write ``-1`` for a dynamic one) is not known.
+    """
     if value.shape is None:
         return None
     dims = []
     for d in value.shape:
-        if not isinstance(d, int):
+        if not isinstance(d, int) or d < 0:
             return None
         dims.append(d)
     return tuple(dims)

@@ -29,7 +29,8 @@ from onnxopt.ir import call_without_weights, clone_model, release_mapped_weights
 from onnxopt.model_io import serialized_size
 from onnxopt.pass_base import Pass, PassContext, PassResult
 from onnxopt.report import PassRecord, RunReport, Snapshot, Status
-from onnxopt.session import concat_batches, make_session, stream
+from onnxopt.session import concat_batches, make_session, sample_axis, stream
+from onnxopt.shapes import resolve_input_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ class PassManager:
         progress: Show progress bars (only on a terminal).
         instruments: Extra hooks.
         seed: Seed for random validation data and for passes.
-        dry_run: Passes that support it only report their plan (``PassContext.dry_run``).
+        dry_run: Passes that support it only report their plan (``PassContext.dry_run``);
+            exact passes before the first plan run, the others do not (``Status.NOT_RUN``).
     """
 
     def __init__(self, passes: Sequence[Pass], *, validation: FeedSource | None = None,
@@ -145,7 +147,9 @@ class PassManager:
         calib, validation, data_note = self._split_data(specs)
         self._check_gates(validation)
         model = infer_shapes(model)
-        report = RunReport(original=_snapshot(model))
+        # costs are per sample at concrete shapes: --input-shape, else the data's
+        self._cost_shapes = resolve_input_shapes(model, self.input_shapes, (calib, validation))
+        report = RunReport(original=_snapshot(model, self._cost_shapes))
         ctx = PassContext(calib=calib, input_shapes=self.input_shapes, seed=self.seed,
                           progress=self.show_progress, dry_run=self.dry_run)
         validator = None
@@ -157,8 +161,20 @@ class PassManager:
             report.noise_floor = validator.noise
             report.quality_floor = self.gates.floor().describe()
             report.validation_note = data_note
+        # A dry run rewrites only while the model is the one a real run would have: exact
+        # passes up to the first plan run (the plan must see what it would prune), a lossy
+        # pass without a plan mode never runs, and nothing runs after a plan but more plans.
+        as_real_run = True
         for pass_ in self.passes:
-            model, record = self._run_one(pass_, model, ctx, validator)
+            if self.dry_run and not pass_.supports_dry_run \
+                    and not (pass_.exact and as_real_run):
+                record = PassRecord(repr(pass_), pass_.exact, Status.NOT_RUN,
+                                    _snapshot(model, self._cost_shapes), 0.0,
+                                    message="not run (no plan mode)")
+                as_real_run = False
+            else:
+                model, record = self._run_one(pass_, model, ctx, validator)
+                as_real_run = as_real_run and not (self.dry_run and pass_.supports_dry_run)
             report.records.append(record)
         return model, report
 
@@ -238,14 +254,16 @@ class PassManager:
             logger.error("pass %s crashed (a bug; -v shows the traceback): %s", pass_,
                          text[:300])
             logger.info("traceback of the crash in pass %s", pass_, exc_info=True)
-            record = PassRecord(repr(pass_), pass_.exact, Status.CRASHED, _snapshot(snapshot),
+            record = PassRecord(repr(pass_), pass_.exact, Status.CRASHED,
+                                _snapshot(snapshot, self._cost_shapes),
                                 time.perf_counter() - start,
                                 message=f"crashed (the model before it is kept): {text[:300]}")
             self._notify_failed(pass_, snapshot, record)
             return snapshot, record
         exact = pass_.exact if result.exact is None else result.exact
         status = Status.KEPT if result.modified else Status.UNCHANGED
-        record = PassRecord(repr(pass_), exact, status, _snapshot(snapshot), 0.0,
+        record = PassRecord(repr(pass_), exact, status,
+                            _snapshot(snapshot, self._cost_shapes), 0.0,
                             stats=result.stats,
                             refusals=list(result.refusals), summary=result.summary,
                             plan=result.plan)
@@ -261,7 +279,7 @@ class PassManager:
                     status, message = failure
                     record.status = status
                     return self._roll_back(pass_, snapshot, record, start, message)
-            record.after = _snapshot(model)
+            record.after = _snapshot(model, self._cost_shapes)
         record.seconds = time.perf_counter() - start
         for hook in self.instruments:
             hook.after_pass(pass_, model, record)
@@ -272,9 +290,12 @@ class PassManager:
         if record.status is not Status.GATE_FAILED:
             record.status = Status.ROLLED_BACK
         record.message = message
-        record.after = _snapshot(snapshot)
+        record.after = _snapshot(snapshot, self._cost_shapes)
         record.seconds = time.perf_counter() - start
-        logger.warning("pass %s: %s", record.name, message)
+        # A missed gate is an outcome the caller asked to be told about in the report (the
+        # CLI prints it once, in the table); a rolled-back rewrite is a warning.
+        log = logger.info if record.status is Status.GATE_FAILED else logger.warning
+        log("pass %s: %s", record.name, message)
         self._notify_failed(pass_, snapshot, record)
         return snapshot, record
 
@@ -318,19 +339,31 @@ class _Validator:
         self.samples = samples
         self.original_accuracy = accuracy_of(outputs, labels) if labels is not None else None
         self.exact_samples = min(EXACT_SAMPLES, samples)
+        # Exact passes run on the first samples only; their reference is a run on the same
+        # samples (an output without a sample axis, such as an RNN state, depends on them all).
+        self.original_head = self._head_of(model, outputs)
+        self.previous_head = self.original_head
         self.noise: list[float] | None = None
         if any(p.exact for p in manager.passes):
             try:
                 plain, _, _ = self._run(model, "measuring runtime noise",
                                         limit=self.exact_samples,
                                         optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-                self.noise = runtime_noise(self._head(outputs), plain)
+                self.noise = runtime_noise(self.original_head, plain)
             except Exception as exc:  # noqa: BLE001 - the floor is an aid, not a requirement
                 logger.info("could not measure the runtime's noise floor: %s", exc)
 
-    def _head(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
-        """The rows of the samples exact passes are judged on."""
-        return [_rows(o, self.exact_samples, self.samples) for o in outputs]
+    def _head_of(self, model: ir.Model, outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """``model``'s outputs on the samples exact passes are judged on.
+
+        Sliced from the full run when every output has a sample axis; else run anew.
+        """
+        if self.exact_samples == self.samples:
+            return outputs
+        if all(sample_axis(o, self.samples) is not None for o in outputs):
+            return [_rows(o, self.exact_samples, self.samples) for o in outputs]
+        head, _, _ = self._run(model, "validating (first samples)", limit=self.exact_samples)
+        return head
 
     def _run(self, model: ir.Model, desc: str, original: bool = False,
              limit: int | None = None,
@@ -347,17 +380,18 @@ class _Validator:
                              f"validated (--no-validate skips validation): {text}") from None
         chunks: list[list[np.ndarray]] = []
         label_parts: list[np.ndarray] = []
-        count = 0
+        counts: list[int] = []
         for feeds, labels, (outputs,) in stream([session], self.source, self.specs,
                                                 batch_size=self.manager.batch_size,
                                                 limit=self.limit if limit is None else limit,
                                                 show_progress=self.manager.show_progress,
-                                                desc=desc):
+                                                desc=desc, data_errors=original):
             chunks.append([as_comparable(o) for o in outputs])
             if labels is not None:
                 label_parts.append(labels)
-            count += sample_count(feeds)
-        outputs = [concat_batches([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+            counts.append(sample_count(feeds, self.specs))
+        count = sum(counts)
+        outputs = [concat_batches([c[i] for c in chunks], counts) for i in range(len(chunks[0]))]
         labels = np.concatenate(label_parts) if len(label_parts) == len(chunks) else None
         del session  # it may hold views of memory-mapped weights
         release_mapped_weights(model)
@@ -379,13 +413,14 @@ class _Validator:
         if exact:
             labels = None if self.labels is None else self.labels[: self.exact_samples]
             noise: dict = dict(noise=self.noise, noise_multiple=NOISE_MULTIPLE)
-            record.vs_previous = compare_outputs(self._head(self.previous), outputs, names,
+            record.vs_previous = compare_outputs(self.previous_head, outputs, names,
                                                  tol, labels, **noise)
-            record.vs_original = compare_outputs(self._head(self.original), outputs, names,
+            record.vs_original = compare_outputs(self.original_head, outputs, names,
                                                  tol, labels, **noise)
             if not record.vs_previous:
                 return Status.ROLLED_BACK, ("exact pass changed the outputs, rolled back: "
                                             + record.vs_previous.summary())
+            self.previous_head = outputs
             self.previous = [_replace_rows(p, o, self.samples)
                              for p, o in zip(self.previous, outputs, strict=True)]
             if self.labels is not None:  # the other rows are the equivalent previous stage's
@@ -397,22 +432,29 @@ class _Validator:
         if message is not None:
             return Status.GATE_FAILED, message + ", rolled back"
         self.previous = outputs
+        self.previous_head = self._head_of(model, outputs)
         return None
 
 
 def _rows(output: np.ndarray, n: int, samples: int) -> np.ndarray:
     """The first ``n`` samples of a batched output (unbatched outputs are returned whole)."""
-    if output.ndim and output.shape[0] == samples:
-        return output[:n]
-    return output
+    axis = sample_axis(output, samples)
+    return output if axis is None else output[(slice(None),) * axis + (slice(0, n),)]
 
 
 def _replace_rows(previous: np.ndarray, head: np.ndarray, samples: int) -> np.ndarray:
-    """``previous`` with its first rows replaced by ``head`` (the rows an exact pass ran)."""
-    if not previous.ndim or previous.shape[0] != samples or head.shape == previous.shape:
+    """``previous`` with its first rows replaced by ``head`` (the rows an exact pass ran).
+
+    An output without a sample axis keeps the full run's value: the exact pass matched it on
+    the first samples, so the previous full-run value stands for the new stage too.
+    """
+    axis = sample_axis(previous, samples)
+    if head.shape == previous.shape:
         return head
+    if axis is None:
+        return previous
     merged = previous.copy()
-    merged[: head.shape[0]] = head
+    merged[(slice(None),) * axis + (slice(0, head.shape[axis]),)] = head
     return merged
 
 
@@ -459,7 +501,7 @@ def _structural_problem(model: ir.Model) -> str | None:
     return None
 
 
-def _snapshot(model: ir.Model) -> Snapshot:
-    cost = model_cost(model)
+def _snapshot(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> Snapshot:
+    cost = model_cost(model, input_shapes)
     return Snapshot(nodes=cost.nodes, params=cost.params, macs=cost.macs,
-                    bytes=serialized_size(model))
+                    bytes=serialized_size(model), macs_unknown=cost.macs_unknown)

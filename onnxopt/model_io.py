@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from onnxopt.cost import infer_shapes
 from onnxopt.errors import ModelError, UserError
 from onnxopt.ir import call_without_weights, from_proto, is_large_weight, opset_version
+from onnxopt.opaque_types import has_opaque_type, restore_opaque_types
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ _INLINE_LIMIT = 1024
 _EXACT_SIZE_LIMIT = 4_000_000
 
 ModelLike = "str | os.PathLike | onnx.ModelProto | ir.Model"
+#: ``Model.meta`` key (in memory, never saved) of the bytes on disk of the file a model was
+#: loaded from, with its external data: the original's size in reports, as ``onnxopt info``.
+#: ``optimize`` takes it off the model it rewrites, so a second run does not reuse it.
+SOURCE_BYTES = "onnxopt.source_bytes"
 
 
 def load(model: str | os.PathLike | onnx.ModelProto | ir.Model,
@@ -73,11 +78,12 @@ def _load_path(path: Path) -> ir.Model:
         raise ModelError(f"not a readable ONNX model: {path} (no graph found)")
     check_external_locations(proto, path.parent)
     try:
-        model = ir.serde.deserialize_model(proto)
+        model = from_proto(proto)
     except Exception as exc:
         raise ModelError(f"not a valid ONNX model: {path} ({_short(exc)})") from None
     # External tensors are memory-mapped lazily relative to the model's folder.
     ir.external_data.set_base_dir(model.graph, path.parent)
+    model.meta[SOURCE_BYTES] = file_size(path)
     return model
 
 
@@ -162,12 +168,22 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
             os.replace(tmp_dir / data_name, folder / data_name)
         else:
             ir.save(model, tmp_model)
+        _restore_opaque_types(tmp_model, model)
         os.replace(tmp_model, dest)
     except OSError as exc:
         raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return dest
+
+
+def _restore_opaque_types(path: Path, model: ir.Model) -> None:
+    """Write back into a saved file the map types onnx_ir cannot hold (see ``from_proto``)."""
+    if not any(has_opaque_type(v) for g in model.graphs() for v in (*g.inputs, *g.outputs)):
+        return
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    restore_opaque_types(proto, model)
+    onnx.save(proto, os.fspath(path))
 
 
 def check_writable(dest: Path, *, folder_ok: bool = False) -> Path:
@@ -203,6 +219,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent or Path("."))
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; open() would not
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, dest)
@@ -212,6 +229,21 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
                 os.unlink(tmp)
         raise UserError(f"cannot write {dest}: {exc.strerror or exc}") from None
     return dest
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows.
+
+    Files that ``tempfile`` creates (0600, folders 0700) and then renames into place get
+    ``0o666 & ~umask`` (folders ``0o777 & ~umask``), as a plain ``open``/``mkdir`` would.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc: the classic read, which sets it for an instant
+    os.umask(mask)
+    return mask
 
 
 def file_size(path: str | os.PathLike) -> int:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import onnx_ir as ir
 
+from onnxopt.options import field_default, option_text, validate_options
+
 if TYPE_CHECKING:
     from onnxopt.data import FeedSource
 
@@ -79,7 +81,8 @@ class PassContext:
         seed: Seed for any randomness a pass needs.
         progress: Whether long loops may show a progress bar.
         dry_run: Plan only: a pass that ``supports_dry_run`` reports its plan and leaves
-            the model unchanged (other passes run as usual; nothing is written).
+            the model unchanged; exact passes before the first plan run, the others do not
+            (nothing is written).
     """
 
     calib: FeedSource | None = None
@@ -114,9 +117,17 @@ class Pass:
     tolerance: ClassVar[Tolerance] = Tolerance()
 
     def __init__(self, options: Any | None = None, **kwargs: Any) -> None:
+        """Take an ``Options`` instance or its fields as keywords.
+
+        Raises:
+            TypeError: Both, or an unknown keyword.
+            ValueError: A value outside the range or choices its field declares
+                (:mod:`onnxopt.options`).
+        """
         if options is not None and kwargs:
             raise TypeError("give either an options object or keyword options, not both")
         self.options = options if options is not None else self.Options(**kwargs)
+        validate_options(self.options)
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Rewrite ``model`` in place and say what changed."""
@@ -137,18 +148,10 @@ class Pass:
         changed = {
             f.name: getattr(self.options, f.name)
             for f in dataclasses.fields(self.options)
-            if getattr(self.options, f.name) != _field_default(f)
+            if getattr(self.options, f.name) != field_default(f)
         }
-        args = ",".join(f"{k}={v}" for k, v in changed.items())
+        args = ",".join(f"{k}={option_text(v)}" for k, v in changed.items())
         return f"{self.name}({args})" if args else self.name
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return dataclasses.MISSING
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
@@ -160,14 +163,28 @@ P = TypeVar("P", bound=type[Pass])
 
 
 def register_pass(cls: P) -> P:
-    """Class decorator that adds a pass to the registry under ``cls.name``."""
+    """Class decorator that adds a pass to the registry under ``cls.name``.
+
+    A pass defined again under the same name in ``__main__`` (a notebook cell or script run
+    again) replaces the earlier definition, with a warning.
+
+    Raises:
+        ValueError: The class has no name, or another module's pass has that name.
+        TypeError: ``Options`` is not a dataclass.
+    """
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no registry name")
     if not dataclasses.is_dataclass(cls.Options):
         raise TypeError(f"{cls.__qualname__}.Options must be a dataclass")
+    _load_catalog()  # a clash with a built-in pass shows here, not at the next catalog load
     existing = _REGISTRY.get(cls.name)
     if existing is not None and existing is not cls:
-        raise ValueError(f"pass name {cls.name!r} is already registered by {existing.__qualname__}")
+        if not (existing.__module__ == cls.__module__ == "__main__"):
+            raise ValueError(f"pass name {cls.name!r} is already registered by "
+                             f"{existing.__module__}.{existing.__qualname__}")
+        # A script or notebook cell defining its pass again (re-run): the new one wins.
+        logger.warning("pass %r is defined again in __main__; the new definition replaces "
+                       "the old one", cls.name)
     _REGISTRY[cls.name] = cls
     return cls
 

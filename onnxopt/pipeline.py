@@ -10,6 +10,7 @@ import typing
 from typing import Any
 
 from onnxopt.errors import PipelineError
+from onnxopt.options import describe_options as options_text
 from onnxopt.pass_base import Pass, get_pass, registered_passes
 
 _NAME = re.compile(r"[A-Za-z_][\w\-]*")
@@ -152,17 +153,5 @@ def convert_value(raw: str, hint: Any, where: str) -> Any:
 
 
 def describe_options(cls: type[Pass]) -> str:
-    """``name: type = default`` for every option of a pass, comma separated."""
-    hints = typing.get_type_hints(cls.Options)
-    parts = []
-    for f in dataclasses.fields(cls.Options):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "?")  # type: ignore[misc]
-        parts.append(f"{f.name}={default!r}:{_type_name(hints[f.name])}")
-    return ", ".join(parts)
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is typing.Literal:
-        return "|".join(str(a) for a in typing.get_args(hint))
-    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+    """A pass's defaults in pipeline syntax and what each option takes (``--list-passes``)."""
+    return options_text(cls.Options, cls.name)

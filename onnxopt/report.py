@@ -20,6 +20,9 @@ class Status(str, enum.Enum):
     ROLLED_BACK = "rolled back"
     GATE_FAILED = "gate failed"
     CRASHED = "crashed"
+    #: ``--dry-run``: a pass without a plan mode that was not run (a lossy one, or any after
+    #: a plan: it would run on a model whose plan was not applied).
+    NOT_RUN = "not run"
 
     def __str__(self) -> str:
         return self.value
@@ -32,12 +35,18 @@ class Status(str, enum.Enum):
 
 @dataclass
 class Snapshot:
-    """Size of the model at one point of the pipeline."""
+    """Size of the model at one point of the pipeline.
+
+    ``bytes`` is the size of the model as it would be written; for the original model read
+    from a file, the size of that file (with its external data), as ``onnxopt info`` shows.
+    ``macs`` is per sample, None when a dim it needs is unknown (``macs_unknown`` says why).
+    """
 
     nodes: int
     params: int
-    macs: int
+    macs: int | None
     bytes: int
+    macs_unknown: str = ""
 
 
 @dataclass
@@ -113,17 +122,23 @@ class RunReport:
                           allow_nan=False)
 
     def format_table(self) -> str:
-        """The per-pass table with a totals row against the original."""
+        """The per-pass table: each pass against the stage before it, the total row against
+        the original (the table says so under it)."""
         headers = ["pass", "status", "nodes", "params", "MACs", "size", "max err", "agree",
                    "acc", "time"]
         rows = [["(original)", "", str(self.original.nodes), _num(self.original.params),
                  _num(self.original.macs), _bytes(self.original.bytes), "", "",
                  _pct(self.original_accuracy), ""]]
+        # A pass that kept no rewrite leaves the model as it was: it shows the size above it
+        # (the original's is its file size, which differs from a re-serialization).
+        size = self.original.bytes
         for r in self.records:
             cmp = r.vs_previous
+            if r.status is Status.KEPT:
+                size = r.after.bytes
             rows.append([
                 r.name + ("" if r.exact else " ~"), str(r.status), str(r.after.nodes),
-                _num(r.after.params), _num(r.after.macs), _bytes(r.after.bytes),
+                _num(r.after.params), _num(r.after.macs), _bytes(size),
                 "" if cmp is None else f"{cmp.max_abs_error:.2g}",
                 "" if cmp is None or cmp.agreement is None else f"{cmp.agreement:.3f}",
                 "" if r.vs_original is None else _pct(r.vs_original.accuracy),
@@ -134,7 +149,7 @@ class RunReport:
                                  if r.vs_original is not None and r.status is Status.KEPT), None)
         rows.append([
             "total", "", _ratio(f.nodes, o.nodes), _ratio(f.params, o.params),
-            _ratio(f.macs, o.macs), _ratio(f.bytes, o.bytes),
+            _ratio(f.macs, o.macs), _ratio(size, o.bytes),
             "" if last_vs_original is None else f"{last_vs_original.max_abs_error:.2g}",
             "" if last_vs_original is None or last_vs_original.agreement is None
             else f"{last_vs_original.agreement:.3f}",
@@ -157,9 +172,13 @@ class RunReport:
                     reasons[ref.reason] = reasons.get(ref.reason, 0) + 1
                 text = "; ".join(f"{k} (x{v})" if v > 1 else k for k, v in reasons.items())
                 notes.append(f"{r.name}: refused {len(r.refusals)}: {text}")
+        unknown = next((s.macs_unknown for s in [self.original] + [r.after for r in self.records]
+                        if s.macs is None and s.macs_unknown), "")
+        if unknown:
+            notes.append(f"MACs ?: unknown, {unknown}")
         if self.validated_samples:
             notes.append((self.validation_note or
-                          f"validated on {_count(self.validated_samples, 'sample')} from "
+                          f"validated on {plural(self.validated_samples, 'sample')} from "
                           f"{self.validation_source}") + "; '~' marks lossy passes")
             exact = [r.vs_previous for r in self.records if r.exact and r.vs_previous]
             if exact and exact[0].noise_multiple is not None:
@@ -170,11 +189,15 @@ class RunReport:
                              f"against none)")
             if self.quality_floor and any(not r.exact for r in self.records):
                 notes.append(f"lossy passes: quality floor {self.quality_floor}")
+        if any(r.vs_previous is not None for r in self.records):
+            notes.append("max err and agree compare each pass with the stage before it, "
+                         "the total with the original")
         return "\n".join(lines + notes + self.messages)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 sample``, ``2 samples`` (``nouns`` for irregular plurals)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def _line(cells: list[str], widths: list[int]) -> str:
@@ -182,7 +205,9 @@ def _line(cells: list[str], widths: list[int]) -> str:
                      for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
 
-def _num(n: int) -> str:
+def _num(n: int | None) -> str:
+    if n is None:
+        return "?"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
@@ -200,8 +225,8 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f}%"
 
 
-def _ratio(new: int, old: int) -> str:
-    return f"{new / old:.3f}x" if old else "-"
+def _ratio(new: int | None, old: int | None) -> str:
+    return f"{new / old:.3f}x" if old and new is not None else "-"
 
 
 def _record_dict(r: PassRecord) -> dict[str, Any]:

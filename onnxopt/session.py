@@ -21,6 +21,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.cost import infer_shapes
+from onnxopt.errors import DataError
 from onnxopt.feeds import FeedSource, InputSpec, input_specs
 from onnxopt.ir import clone_model, to_proto
 from onnxopt.progress import progress
@@ -50,7 +51,7 @@ def make_session(
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = graph_optimization
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors arrive as exceptions; no second copy on stderr
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     providers = ["CPUExecutionProvider"]
@@ -164,6 +165,7 @@ def stream(
     limit: int | None = None,
     show_progress: bool = False,
     desc: str = "running",
+    data_errors: bool = False,
 ) -> Iterator[Batch]:
     """Run every session on the same batches of ``source``.
 
@@ -177,12 +179,15 @@ def stream(
         limit: Stop after this many samples.
         show_progress: Whether a progress bar may be shown (only on a terminal).
         desc: Progress bar label.
+        data_errors: The sessions run models known to be valid (the user's input model),
+            so onnxruntime refusing a batch means the data does not fit: a ``DataError``.
 
     Yields:
         One :class:`Batch` per batch.
 
     Raises:
-        DataError: The data does not fit ``specs``, or has no samples.
+        DataError: The data does not fit ``specs``, has no samples, or (``data_errors``)
+            onnxruntime refuses it.
     """
     wanted = list(outputs) if outputs is not None else [None] * len(sessions)
     if len(wanted) != len(sessions):
@@ -191,8 +196,28 @@ def stream(
     total = -(-count // batch_size) if count else None
     batches = source.batches(specs, batch_size, limit)
     for feeds, labels in progress(batches, enabled=show_progress, desc=desc, total=total):
-        yield Batch(feeds, labels, [run_feeds(session, feeds, names)
-                                    for session, names in zip(sessions, wanted, strict=True)])
+        try:
+            outputs_ = [run_feeds(session, feeds, names)
+                        for session, names in zip(sessions, wanted, strict=True)]
+        except Exception as exc:  # onnxruntime raises several types
+            if not data_errors:
+                raise
+            raise DataError(_refusal(source, specs, exc)) from None
+        yield Batch(feeds, labels, outputs_)
+
+
+def _refusal(source: FeedSource, specs: list[InputSpec], exc: Exception) -> str:
+    """One line for onnxruntime refusing ``source``'s data on a model it can run."""
+    # Nested errors (an If branch, a Loop body) repeat their callers; the innermost says it.
+    text = " ".join(str(exc).split()).rsplit("Status Message: ", 1)[-1]
+    text = text if len(text) <= 200 else text[:200] + "..."
+    message = f"onnxruntime cannot run the model on {source.description}: {text}"
+    if source.representative:
+        return message
+    ints = [f"'{s.name}'" for s in specs if s.dtype is not None and s.dtype.kind in "biu"]
+    which = f" ({', '.join(ints)} got random integers in [0, 10))" if ints else ""
+    return (f"{message}; random values do not fit every model{which}: give real data with "
+            f"--calib or --eval")
 
 
 def run_model(
@@ -210,14 +235,39 @@ def run_model(
     return [concat_batches([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
 
-def concat_batches(parts: Sequence[Any]) -> np.ndarray:
-    """Per-batch outputs joined along the batch axis (ragged or scalar ones as objects)."""
+def concat_batches(parts: Sequence[Any], counts: Sequence[int] | None = None) -> np.ndarray:
+    """Per-batch outputs joined along their batch axis (ragged or scalar ones as objects).
+
+    The batch axis is the one whose size is each batch's sample count (``counts``), so a
+    state ``[2, N, 128]`` is joined on axis 1; without counts, or when no axis fits, arrays
+    are joined on the one axis their sizes differ in, else on axis 0.
+    """
     if len(parts) == 1:
         return np.asarray(parts[0])
-    try:
-        return np.concatenate([np.asarray(p) for p in parts], axis=0)
-    except ValueError:  # scalars or ragged outputs: keep them stacked as objects
-        return np.asarray(parts, dtype=object)
+    arrays = [np.asarray(p) if not isinstance(p, (list, dict)) else None for p in parts]
+    if all(a is not None and a.ndim == 0 for a in arrays):
+        return np.stack(arrays)
+    if all(a is not None and a.ndim for a in arrays):
+        ndim = arrays[0].ndim
+        shapes = {a.shape for a in arrays}
+        if all(len(s) == ndim for s in shapes):
+            differ = [i for i in range(ndim) if len({s[i] for s in shapes}) > 1]
+            fitting = [] if counts is None else [
+                i for i in range(ndim) if differ in ([], [i])
+                and all(a.shape[i] == c for a, c in zip(arrays, counts, strict=True))]
+            if fitting:
+                return np.concatenate(arrays, axis=fitting[0])
+            if len(differ) <= 1:
+                return np.concatenate(arrays, axis=differ[0] if differ else 0)
+    stacked = np.empty(len(parts), dtype=object)  # scalars, sequences or ragged outputs
+    for i, part in enumerate(parts):
+        stacked[i] = part
+    return stacked
+
+
+def sample_axis(output: np.ndarray, samples: int) -> int | None:
+    """The axis of a joined output with one entry per sample (None: it has none)."""
+    return next((i for i, d in enumerate(output.shape) if d == samples), None)
 
 
 # -- intermediate tensors ---------------------------------------------------------------------

@@ -29,7 +29,7 @@ from onnxopt.channels import ChannelAnalysis, analyse_channels
 from onnxopt.channels.mappings import reshape_dims, slice_bounds
 from onnxopt.channels.tie import dims_of, rank_of
 from onnxopt.channels.values import ChannelConstants, channel_constants, is_zero_constant
-from onnxopt.cost import model_cost
+from onnxopt.cost import macs_saved, model_cost
 from onnxopt.ir import (
     attr,
     const_array,
@@ -63,7 +63,7 @@ class DeadLayersPass(Pass):
         result = PassResult(modified=False)
         analysis = analyse_channels(model)
         is_zero = ZeroTest(analysis, channel_constants(analysis))
-        start = model_cost(model)
+        start = model_cost(model, ctx.input_shapes)
         graph = model.graph
         bypassed: Counter[str] = Counter()
         declined: set[int] = set()
@@ -82,14 +82,14 @@ class DeadLayersPass(Pass):
                                                 "and its input cannot take its place")
         removed = remove_dead_nodes(graph)
         initializers = remove_unused_initializers(graph)
-        end = model_cost(model)
+        end = model_cost(model, ctx.input_shapes)
         result.modified = bool(bypassed or removed or initializers)
         result.stats = {
             "bypassed": dict(bypassed),
             "nodes_removed": removed,
             "initializers_removed": initializers,
             "params_saved": start.params - end.params,
-            "macs_saved": start.macs - end.macs,
+            "macs_saved": macs_saved(start, end),
         }
         return result
 

@@ -55,6 +55,7 @@ from onnxopt.ir import (
 )
 from onnxopt.layouts import WEIGHT_INPUT, WeightLayout, gemm_bias, weight_layout
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxopt.provenance import why_not_constant
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class FoldBatchNormPass(Pass):
             if names is None:
                 names = FreshNames(graph)
             replaced = producer.inputs[WEIGHT_INPUT].const_value
-            _apply(bn.graph, match, names)
+            body = bn.graph  # _apply removes bn from its graph
+            _apply(body, match, names)
             del match  # its views of the old weight must go before the mapping can
             if isinstance(replaced, ir.ExternalTensor):
                 # Unmap the old weight now rather than at the end of the pass: on a big model
@@ -111,7 +113,7 @@ class FoldBatchNormPass(Pass):
                     replaced.release()
             logger.debug("folded %s into %s", node_label(bn), node_label(producer))
             folded += 1
-            in_subgraphs += bn.graph is not graph
+            in_subgraphs += body is not graph
         result.modified = folded > 0
         result.stats = {"folded": folded, "standalone": standalone,
                         "refused": len(result.refusals), "in_subgraphs": in_subgraphs}
@@ -157,25 +159,26 @@ def _match(bn: ir.Node, producer: ir.Node, opset: int) -> _Match | str:
         return reason
     for role, value in zip(_BN_PARAMS, bn.inputs[1:5], strict=True):
         if not is_constant(value):
-            return f"BatchNormalization {role} is not a constant (or is a graph input)"
+            return f"BatchNormalization {role} is not a constant: {why_not_constant(value)}"
     y = bn.inputs[0]
     if not used_only_by(y, [bn]):
         return f"{node_label(producer)} output has other readers or is a graph output"
     w_value = producer.inputs[WEIGHT_INPUT] if len(producer.inputs) > WEIGHT_INPUT else None
+    b_value = producer.inputs[_BIAS_INPUT] if len(producer.inputs) > _BIAS_INPUT else None
+    for role, value in (("weight", w_value), ("bias", b_value)):
+        if value is None:
+            continue
+        if not is_constant(value):  # checked first: a computed weight often has no dtype
+            return (f"{role} of {node_label(producer)} is not a constant: "
+                    f"{why_not_constant(value)}")
+        if not _sole_reader(value, producer):
+            return f"{role} of {node_label(producer)} is shared with another node"
     # Without type annotations the weight's dtype is the activation's (same type variable T).
     dtype = y.type.dtype if y.type is not None else None
     if dtype is None and w_value is not None and w_value.type is not None:
         dtype = w_value.type.dtype
     if dtype not in _FLOAT_TYPES:
         return f"dtype {dtype} is not float16/float32/float64"
-    b_value = producer.inputs[_BIAS_INPUT] if len(producer.inputs) > _BIAS_INPUT else None
-    for role, value in (("weight", w_value), ("bias", b_value)):
-        if value is None:
-            continue
-        if not is_constant(value):
-            return f"{role} of {node_label(producer)} is not a constant (or is a graph input)"
-        if not _sole_reader(value, producer):
-            return f"{role} of {node_label(producer)} is shared with another node"
     if w_value is None:
         return f"{node_label(producer)} has no weight"
     weight = const_array(w_value)

@@ -27,8 +27,9 @@ from onnxopt.channels import ChannelGroup, Member, analyse_channels
 from onnxopt.channels.surgery import remove_channels
 from onnxopt.channels.tie import IN0, Role
 from onnxopt.channels.values import ChannelConstants, channel_constants
-from onnxopt.cost import model_cost
+from onnxopt.cost import macs_saved, model_cost
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxopt.report import plural
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class PruneZeroPass(Pass):
         result = PassResult(modified=False)
         analysis = analyse_channels(model)
         consts = channel_constants(analysis)
-        start = model_cost(model)
+        start = model_cost(model, ctx.input_shapes)
         groups, removed, zero, folded = [], 0, 0, 0
         for group in analysis.groups:
             if not group.prunable:
@@ -70,9 +71,9 @@ class PruneZeroPass(Pass):
             plan = constant_channels(group, consts, self.options.fold_constants)
             if not plan.channels:
                 continue
-            before = model_cost(model)
+            before = model_cost(model, ctx.input_shapes)
             removal = remove_channels(model, group, plan.channels, plan.fill)
-            after = model_cost(model)
+            after = model_cost(model, ctx.input_shapes)
             groups.append({
                 "group": group.index,
                 "tensor": group.members[0].label(),
@@ -81,12 +82,12 @@ class PruneZeroPass(Pass):
                 "folded": len(plan.folded),
                 "channels_left": group.size,
                 "params_saved": before.params - after.params,
-                "macs_saved": before.macs - after.macs,
+                "macs_saved": macs_saved(before, after),
             })
             removed += removal.channels
             zero += len(plan.zero)
             folded += len(plan.folded)
-        end = model_cost(model)
+        end = model_cost(model, ctx.input_shapes)
         result.modified = bool(groups)
         result.stats = {
             "channels_removed": removed,
@@ -99,11 +100,11 @@ class PruneZeroPass(Pass):
             "params_saved": start.params - end.params,
             "macs_before": start.macs,
             "macs_after": end.macs,
-            "macs_saved": start.macs - end.macs,
+            "macs_saved": macs_saved(start, end),
             "groups": groups,
         }
-        logger.info("prune-zero: %d channels removed in %d groups, MACs %d -> %d",
-                    removed, len(groups), start.macs, end.macs)
+        logger.info("prune-zero: %s removed in %s, MACs %s -> %s", plural(removed, "channel"),
+                    plural(len(groups), "group"), start.macs, end.macs)
         return result
 
 

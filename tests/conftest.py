@@ -46,3 +46,13 @@ def conv_chain_path(tmp_path: Path) -> Path:
     path = tmp_path / "conv_chain.onnx"
     onnx.save(conv_chain(), path)
     return path
+
+
+@pytest.fixture()
+def umask_027():
+    """Run with umask 027 (files 0640, folders 0750), then restore the old one."""
+    old = os.umask(0o027)
+    try:
+        yield 0o027
+    finally:
+        os.umask(old)

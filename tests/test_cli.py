@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -231,19 +232,194 @@ def test_calibration_sample_count_below_what_a_pass_needs(tmp_path, capsys, digi
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, digits_model,
                                                     digits_calib):
     out, report = tmp_path / "never.onnx", tmp_path / "report.json"
-    code = main([str(digits_model), "-p", "fold-bn,prune(macs=0.5,round_to=8)", "--calib",
-                 str(digits_calib), "--dry-run", "-o", str(out), "--report", str(report)])
+    code = main([str(digits_model), "-p", "fold-bn,prune(macs=0.5,round_to=8),cleanup",
+                 "--calib", str(digits_calib), "--dry-run", "-o", str(out), "--report",
+                 str(report)])
     text = capsys.readouterr().out
     assert code == 0, text
     assert "prune(macs=0.5,round_to=8) plan:" in text and "MACs saved" in text
-    assert "plan only: macs=0.5" in text and "dry run: nothing written" in text
+    assert "plan only: macs=0.5" in text and "dry run: no model written" in text
     assert not out.exists()
     passes = json.loads(report.read_text())["passes"]
-    assert [p["status"] for p in passes] == ["kept", "unchanged"]  # fold-bn still runs
+    # The exact pass before the plan runs: prune plans on the model a real run would prune.
+    assert [p["status"] for p in passes] == ["kept", "unchanged", "not run"]
     assert passes[1]["summary"].startswith("plan only:") and "MACs saved" in passes[1]["plan"]
+    assert passes[2]["message"] == "not run (no plan mode)"  # nothing after the plan runs
+
+
+def test_dry_run_runs_no_lossy_pass_on_an_unplanned_model(tmp_path, capsys, digits_model,
+                                                         digits_calib, monkeypatch):
+    from onnxopt.pass_base import get_pass
+
+    def never(self, model, ctx):
+        raise AssertionError("quantize ran in a dry run")
+
+    monkeypatch.setattr(get_pass("quantize"), "run", never)
+    report = tmp_path / "r.json"
+    code = main([str(digits_model), "-p", "cleanup,quantize,prune(criterion=l1,reconstruct=false)",
+                 "--calib", str(digits_calib), "--dry-run", "--report", str(report), "-q"])
+    assert code == 0
+    passes = json.loads(report.read_text())["passes"]
+    assert [p["status"] for p in passes] == ["unchanged", "not run", "unchanged"]
+    assert "plan" in passes[2]["summary"]
 
 
 def test_dry_run_without_a_planning_pass_is_a_user_error(capsys, conv_chain_path):
     code = main([str(conv_chain_path), "-p", "cleanup,fold-bn", "--dry-run"])
     line = _one_line_error(capsys, code)
     assert "no pass in the pipeline has a plan-only mode (early-exit, prune have one)" in line
+
+
+# -- everything the run writes is checked first --------------------------------------------------
+
+
+def test_report_path_is_checked_before_any_work(tmp_path, capsys, conv_chain_path, monkeypatch):
+    import onnxopt.api
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("optimized a model whose report cannot be written")
+
+    monkeypatch.setattr(onnxopt.api, "PassManager", no_work)
+    out = tmp_path / "o.onnx"
+    for report, message in ((tmp_path / "no" / "r.json", "output folder does not exist"),
+                            (tmp_path, "output path is a directory"),
+                            (out, "--report and the output are the same file")):
+        code = main([str(conv_chain_path), "-p", "cleanup", "-o", str(out),
+                     "--report", str(report)])
+        assert message in _one_line_error(capsys, code)
+        assert not out.exists()
+
+
+# -- a table that says what it compares ----------------------------------------------------------
+
+
+def _lossy_digits(monkeypatch):
+    import onnxopt.pass_base as pb
+    from tests.test_manager import LossyPerturb
+
+    monkeypatch.setitem(pb._REGISTRY, LossyPerturb.name, LossyPerturb)
+
+
+def test_missed_gate_is_stated_once_in_the_units_typed(tmp_path, capsys, digits_model,
+                                                       digits_eval, monkeypatch):
+    _lossy_digits(monkeypatch)
+    argv = [str(digits_model), "-p", "test-lossy-perturb(scale=-1)", "--eval", str(digits_eval),
+            "--max-accuracy-drop", "0.01", "--min-agreement", "0", "-o", str(tmp_path / "o.onnx")]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    both = captured.out + captured.err
+    found = re.findall(r"accuracy dropped (0\.\d{4}) \((\d+\.\d\d) points\), more than "
+                       r"--max-accuracy-drop 0\.01\b", both)
+    assert len(found) == 1, both  # once: in the table's notes
+    fraction, points = map(float, found[0])
+    assert fraction > 0.01 and points == pytest.approx(100 * fraction, abs=0.006)
+    assert "gate failed" in captured.out
+    assert captured.err.strip().splitlines()[-1] == (
+        "onnxopt: exit 1: gate missed by test-lossy-perturb(scale=-1) (see the table)")
+    # -q leaves the table out, so the message is on stderr, once.
+    assert main([*argv, "-q"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"wrote {tmp_path / 'o.onnx'}"
+    assert captured.err.count("accuracy dropped") == 1 and "more than --max-accuracy-drop 0.01" \
+        in captured.err
+
+
+def test_table_says_what_it_compares_and_original_size_matches_info(tmp_path, capsys,
+                                                                    digits_model, digits_eval):
+    assert main(["info", str(digits_model)]) == 0
+    size_line = next(line for line in capsys.readouterr().out.splitlines()
+                     if line.startswith("size"))
+    shown = re.search(r"\((\S+)\)", size_line).group(1)  # e.g. 674.6kB
+    report = tmp_path / "r.json"
+    assert main([str(digits_model), "-p", "cleanup,fold-bn", "--eval", str(digits_eval),
+                 "-o", str(tmp_path / "o.onnx"), "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    assert shown in rows["(original)"] and shown in rows["cleanup"]  # unchanged: same size
+    assert "max err and agree compare each pass with the stage before it, the total with " \
+           "the original" in out
+    data = json.loads(report.read_text())
+    assert data["original"]["bytes"] == digits_model.stat().st_size
+    assert data["passes"][-1]["after"]["bytes"] == (tmp_path / "o.onnx").stat().st_size
+    # The file's size describes the model only until it is rewritten.
+    from onnxopt import load, optimize
+
+    result, first = optimize(load(digits_model), "fold-bn", validate=False)
+    assert first.original.bytes == digits_model.stat().st_size
+    _, second = optimize(result, "cleanup", validate=False)
+    assert second.original.bytes == first.records[-1].after.bytes
+
+
+def test_one_sample_is_singular(tmp_path, capsys, conv_chain_path):
+    assert main([str(conv_chain_path), "-p", "cleanup,fold-bn", "--max-samples", "1",
+                 "-o", str(tmp_path / "o.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "validated on 1 sample from random:16" in out
+
+
+# -- command-line polish -------------------------------------------------------------------------
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"onnxopt {version('onnxopt')}"
+
+
+def test_help_returns_zero(capsys):
+    assert main(["--help"]) == 0
+    assert "--max-accuracy-drop" in capsys.readouterr().out
+    assert main(["split", "--help"]) == 0
+    assert "--fit-to" in capsys.readouterr().out
+
+
+def _all_parsers():
+    from onnxopt.cli import _info_parser, _main_parser
+    from onnxopt.passes.early_exit.cli import _parser as split_parser
+
+    return [_main_parser(), _info_parser(), split_parser()]
+
+
+def test_every_option_of_every_parser_has_help():
+    import argparse
+
+    checked = 0
+    for parser in _all_parsers():
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS:
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            assert action.help and action.help.strip(), f"{parser.prog} {name} has no help"
+            checked += 1
+    assert checked >= 40  # every parser was seen
+
+
+def test_broken_pipe_is_quiet_in_process(capsys, monkeypatch):
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            raise OSError("no descriptor")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["--list-passes"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_broken_pipe_is_quiet_for_the_command(tmp_path):
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before onnxopt writes a line, as after `| head`
+    try:
+        proc = subprocess.run([sys.executable, "-m", "onnxopt", "--list-passes"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141
+    assert proc.stderr == ""

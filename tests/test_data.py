@@ -79,7 +79,7 @@ def test_generator_of_feed_dicts_is_reusable(model):
 def test_wrong_dtype_and_nan_and_empty(tmp_path, model):
     specs = input_specs(model)
     bad_dtype = open_feeds({"input": np.ones((2, 3, 16, 16), np.complex64)}, model)
-    with pytest.raises(DataError, match="dtype complex64"):
+    with pytest.raises(DataError, match="'input' is complex64 but the model takes float32"):
         list(bad_dtype.batches(specs))
     nan = np.ones((2, 3, 16, 16), np.float32)
     nan[0, 0, 0, 0] = np.nan

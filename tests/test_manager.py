@@ -13,6 +13,7 @@ from onnxopt import Pass, PassContext, PassManager, PassResult, load, optimize
 from onnxopt.data import input_specs, random_source
 from onnxopt.ir import add_initializer, const_array, to_proto
 from onnxopt.report import Status
+from testmodels.dynamic import dynamic_hw_macs, dynamic_hw_net
 from testmodels.structures import conv_chain
 
 
@@ -177,3 +178,15 @@ def test_random_source_batches_are_bounded():
     specs = input_specs(model)
     batches = list(random_source(specs, 70, seed=1).batches(specs, batch_size=32))
     assert [b[0]["input"].shape[0] for b in batches] == [32, 32, 6]
+
+
+def test_report_macs_are_at_the_data_shapes_or_unknown() -> None:
+    proto = dynamic_hw_net()
+    data = {"x": np.random.default_rng(0).standard_normal((3, 3, 48, 64)).astype(np.float32)}
+    _, report = optimize(proto, "cleanup", eval=data)
+    assert report.original.macs == report.final.macs == dynamic_hw_macs(48, 64)
+    _, report = optimize(proto, "cleanup", validate=False)
+    assert report.original.macs is None and report.final.macs is None
+    table = report.format_table()
+    assert "MACs ?: unknown, input x [1, 3, ?, ?] has unknown dims; give --input-shape" in table
+    assert '"macs": null' in report.to_json()

@@ -138,3 +138,39 @@ def test_convert_opset_finds_the_op_when_the_message_does_not_name_it():
     error = _conversion_error(RuntimeError("Assertion failed: something else"), proto, 8, 13)
     assert error.op_type == "Scan"  # found by converting one node at a time
     assert "Scan has no conversion (something else)" in str(error)
+
+
+def test_written_files_follow_the_umask(tmp_path, umask_027):
+    """Atomic writes go through tempfile (0600/0700); the results get the user's umask."""
+    text = model_io.write_text(tmp_path / "report.json", "{}")
+    model = save(load(conv_chain()), tmp_path / "m.onnx")
+    external = save(load(conv_chain()), tmp_path / "e.onnx", external_data=True)
+    for path in (text, model, external, tmp_path / "e.onnx.data"):
+        assert path.stat().st_mode & 0o777 == 0o640, path
+    assert model_io.current_umask() == 0o027
+
+
+def test_ml_domain_model_with_map_outputs_is_accepted_and_optimized(tmp_path, capsys):
+    from onnxopt.cli import main
+    from onnxopt.model_io import check_model
+    from onnxopt.session import make_session
+    from testmodels.inputs import zipmap_classifier
+
+    proto = zipmap_classifier()
+    path, out = tmp_path / "ml.onnx", tmp_path / "ml.opt.onnx"
+    onnx.save(proto, path)
+    model = load(path)
+    check_model(model, path)
+    check_model(model)  # through the proto onnx_ir writes back: the map type is restored
+    assert to_proto(model).graph.output[1].type == proto.graph.output[1].type
+    code = main([str(path), "-p", "cleanup", "-o", str(out), "--strict"])
+    assert code == 0, capsys.readouterr().err
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    assert [n.op_type for n in written.graph.node] == ["LinearClassifier", "ZipMap"]
+    assert written.graph.output[1].type == proto.graph.output[1].type
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    (labels, probs), (labels2, probs2) = (make_session(p).run(None, {"x": x})
+                                          for p in (proto, written))
+    np.testing.assert_array_equal(labels, labels2)
+    assert probs == probs2 and len(probs) == 5 and set(probs[0]) == {0, 1, 2}

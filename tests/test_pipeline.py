@@ -38,7 +38,9 @@ def test_options_are_typed():
     (p,) = parse_pipeline("demo-pass(ratio=0.5, rounds=3, enabled=false, criterion=l2, "
                           "exclude=a;b, target=none)")
     assert p.options == _Opts(0.5, 3, False, "l2", ("a", "b"), None)
-    assert repr(p) == "demo-pass(ratio=0.5,rounds=3,enabled=False,criterion=l2,exclude=('a', 'b'))"
+    # The pass's name in reports is pipeline syntax too: it can be pasted back into -p.
+    assert repr(p) == "demo-pass(ratio=0.5,rounds=3,enabled=false,criterion=l2,exclude=a;b)"
+    assert repr(parse_pipeline(repr(p))[0]) == repr(p)
 
 
 def test_several_passes_and_underscore_alias():
@@ -65,4 +67,5 @@ def test_errors(spec, message):
 
 def test_describe_options():
     text = describe_options(_Demo)
-    assert "ratio=0.3:float" in text and "criterion='l1':l1|l2" in text
+    assert "demo-pass(ratio=0.3, rounds=1, enabled=true, criterion=l1)" in text
+    assert "unset by default: exclude, target" in text and "criterion: l1|l2" in text

@@ -235,3 +235,18 @@ def test_report_json_names_the_floor(tmp_path, capsys):
     assert data["quality_floor"].startswith("top-1 agreement >= 0.9")
     assert "SQNR >= 20 dB for other float outputs" in data["quality_floor"]
     assert Status(data["passes"][0]["status"]) is Status.GATE_FAILED
+
+
+def test_a_sequence_of_class_distributions_is_judged_by_its_argmax_paths():
+    from onnxopt.compare import QualityFloor, class_sequence_like, compare_outputs
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((20, 12, 30)).astype(np.float32) * 4
+    probs = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)
+    assert class_sequence_like(probs) and not class_sequence_like(logits)
+    changed = probs.copy()
+    changed[:5, 3] = changed[:5, 3, ::-1]  # 5 of 20 samples read a different path
+    cmp = compare_outputs([probs], [changed], ["probs"])
+    assert cmp.agreement == pytest.approx(0.75)
+    assert "top-1 agreement 0.7500 is below --min-agreement 0.9" in QualityFloor().violation(cmp)
+    assert compare_outputs([probs], [probs * 1.0001], ["probs"]).agreement == 1.0

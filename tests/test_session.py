@@ -55,3 +55,18 @@ def test_expose_tensors_adds_outputs_on_a_copy() -> None:
     assert h.shape == (2, 6)
     with pytest.raises(KeyError, match="no tensor"):
         expose_tensors(model, ["nope"])
+
+
+def test_concat_batches_joins_on_the_batch_axis() -> None:
+    from onnxopt.session import concat_batches
+
+    states = [np.zeros((2, 4, 3)), np.ones((2, 1, 3))]
+    joined = concat_batches(states)
+    assert joined.shape == (2, 5, 3) and joined[:, 4].all() and not joined[:, :4].any()
+    assert concat_batches([np.zeros((4, 3)), np.ones((1, 3))]).shape == (5, 3)
+    assert concat_batches([np.array(1.0), np.array(2.0)]).tolist() == [1.0, 2.0]
+    equal = [np.zeros((2, 4, 3)), np.ones((2, 4, 3))]
+    assert concat_batches(equal, counts=[4, 4]).shape == (2, 8, 3)  # the batch axis
+    assert concat_batches(equal).shape == (4, 4, 3)  # no counts: axis 0
+    ragged = concat_batches([np.zeros((2, 3)), np.zeros((3, 4))])
+    assert ragged.dtype == object and ragged.shape == (2,)

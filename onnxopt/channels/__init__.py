@@ -64,7 +64,8 @@ def _names(ties: list[GroupTie]) -> str:
 def describe_group(group: ChannelGroup) -> str:
     """A few lines describing one group: status, producers, consumers, tensors."""
     status = "prunable" if group.prunable else "frozen: " + "; ".join(group.frozen)
-    lines = [f"group {group.index}: {group.size} channels, {status}"]
+    lines = [f"group {group.index}: {group.size} channel{'' if group.size == 1 else 's'}, "
+             f"{status}"]
     for role, title in ((Role.PRODUCER, "producers"), (Role.CONSUMER, "consumers")):
         ties = group.ties_with_role(role)
         if ties:

@@ -39,9 +39,17 @@ from onnxopt.channels.tie import (
 )
 from onnxopt.ir import attr, const_array
 from onnxopt.layouts import weight_layout
+from onnxopt.provenance import why_not_constant
 
 WEIGHT = Port(False, 1)
 BIAS = Port(False, 2)
+
+
+def _not_constant(node: ir.Node, index: int) -> str:
+    """``Conv weight is not a constant: <why>`` for input ``index`` of ``node``."""
+    role = "bias" if index == 2 else "weight" if index == 1 else f"input {index}"
+    value = node.inputs[index] if index < len(node.inputs) else None
+    return f"{node.op_type} {role} is not a constant: {why_not_constant(value)}"
 
 
 def _bias(node: ir.Node, index: np.ndarray, axis: int = 0) -> tuple[TieEntry, ...]:
@@ -67,12 +75,12 @@ def conv_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
     pass-through; where the channels sit in the weight is :func:`~onnxopt.layouts.weight_layout`.
     """
     if port not in (IN0, OUT0):
-        return frozen(node, port, axis, f"{node.op_type} weight is computed at run time")
+        return frozen(node, port, axis, _not_constant(node, port.index))
     if axis != 1:
         return frozen(node, port, axis, f"{node.op_type} mixes axis {axis}")
     weight = const_array(node.inputs[1])
     if weight is None:
-        return frozen(node, port, axis, f"{node.op_type} weight is computed at run time")
+        return frozen(node, port, axis, _not_constant(node, 1))
     layout = weight_layout(node, weight.ndim)
     if layout is None:
         return frozen(node, port, axis, f"{node.op_type} weight has rank {weight.ndim}")
@@ -101,8 +109,10 @@ def conv_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
 def gemm_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
     """Gemm ``alpha * A' B' + beta * C``: columns of B' (producer) or rows of B' (consumer)."""
     weight = const_array(node.inputs[1])
-    if weight is None or weight.ndim != 2:
-        return frozen(node, port, axis, "Gemm weight is computed at run time")
+    if weight is None:
+        return frozen(node, port, axis, _not_constant(node, 1))
+    if weight.ndim != 2:
+        return frozen(node, port, axis, f"Gemm weight has rank {weight.ndim}")
     layout = weight_layout(node, weight.ndim)
     k_axis, n_axis = layout.in_axis, layout.out_axis
     feature = 0 if attr(node, "transA", 0) else 1
@@ -128,8 +138,11 @@ def matmul_tie(node: ir.Node, port: Port, axis: int) -> NodeTie:
     """MatMul with a constant 2-D right operand; leading axes of A pass through."""
     weight = const_array(node.inputs[1])
     ra, ro = rank_of(node.inputs[0]), rank_of(node.outputs[0])
-    if weight is None or weight.ndim != 2 or port not in (IN0, OUT0):
-        return frozen(node, port, axis, "MatMul of run-time operands mixes channels")
+    if weight is None or port not in (IN0, OUT0):
+        return frozen(node, port, axis, "MatMul of run-time operands mixes channels: "
+                      + _not_constant(node, 1))
+    if weight.ndim != 2:
+        return frozen(node, port, axis, f"MatMul right operand has rank {weight.ndim}")
     if ra is None or ro is None or ra < 2:
         return frozen(node, port, axis, "MatMul operand rank is unknown")
     last = ro - 1 if port.output else ra - 1

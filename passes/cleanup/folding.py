@@ -48,6 +48,7 @@ from onnxopt.ir import (
     subgraphs,
 )
 from onnxopt.pass_base import PassResult
+from onnxopt.passes.cleanup.weights import weight_cone
 from onnxopt.session import make_session
 
 logger = logging.getLogger(__name__)
@@ -88,16 +89,22 @@ _SHAPE_OPS: dict[str, Callable[[tuple[int, ...], ir.Node], np.ndarray]] = {
 
 
 def fold_constants(model: ir.Model, max_elements: int, skipped: dict[str, int],
-                   seen: set[int]) -> int:
-    """Fold main-graph nodes with constant inputs into initializers; returns how many.
+                   seen: set[int]) -> tuple[int, int]:
+    """Fold main-graph nodes with constant inputs into initializers.
 
-    ``seen`` holds the ids of nodes already tried (kept across calls, so a refusal is
-    counted once).
+    ``max_elements`` does not apply to nodes that compute a weight
+    (:func:`~onnxopt.passes.cleanup.weights.weight_cone`): those are materialized whatever
+    their size. ``seen`` holds the ids of nodes already tried (kept across calls, so a
+    refusal is counted once).
+
+    Returns:
+        How many nodes were folded, and how many of them were weights above the limit.
     """
     graph = model.graph
     # The value names of the main graph, kept current below: one scan per call, not per fold.
     names = FreshNames(graph, values_only=True)
-    folded = 0
+    cone = weight_cone(graph, set(_NEVER_FOLD))
+    folded = materialized = 0
     changed = True
     while changed:
         changed = False
@@ -109,22 +116,26 @@ def fold_constants(model: ir.Model, max_elements: int, skipped: dict[str, int],
                     v is None or is_constant(v) for v in node.inputs):
                 continue
             seen.add(id(node))
-            reason = _fold_blocker(node, max_elements)
+            weight = any(id(out) in cone for out in node.outputs)
+            limit = None if weight else max_elements
+            reason = _fold_blocker(node, limit)
             arrays = None
             if reason is None:
                 if shape_input is not None:
                     arrays = [_SHAPE_OPS[node.op_type](shape_input, node)]
                 else:
                     arrays = _evaluate(model, node)
-                reason = _result_blocker(arrays, max_elements)
+                reason = _result_blocker(arrays, limit)
             if reason is not None:
                 skipped[reason] = skipped.get(reason, 0) + 1
                 logger.debug("not folding %s: %s", node_label(node), reason)
                 continue
-            _replace_by_constants(graph, node, arrays, names)
+            if weight and any(a is not None and a.size > max_elements for a in arrays):
+                materialized += 1
+            replace_by_constants(graph, node, arrays, names)
             folded += 1
             changed = True
-    return folded
+    return folded, materialized
 
 
 def _static_graph_input(node: ir.Node) -> tuple[int, ...] | None:
@@ -136,8 +147,8 @@ def _static_graph_input(node: ir.Node) -> tuple[int, ...] | None:
     return static_shape(node.inputs[0])
 
 
-def _fold_blocker(node: ir.Node, max_elements: int) -> str | None:
-    """Why ``node`` must not be folded, judged before evaluating it."""
+def _fold_blocker(node: ir.Node, max_elements: int | None) -> str | None:
+    """Why ``node`` must not be folded, judged before evaluating it (None: no size limit)."""
     if not is_standard(node):
         return "custom_domain"
     if subgraphs(node):
@@ -149,12 +160,13 @@ def _fold_blocker(node: ir.Node, max_elements: int) -> str | None:
         return "unsupported_type"
     for out in node.outputs:
         shape = static_shape(out)
-        if shape is not None and int(np.prod(shape, dtype=np.int64)) > max_elements:
+        if (max_elements is not None and shape is not None
+                and int(np.prod(shape, dtype=np.int64)) > max_elements):
             return "too_large"
     return None
 
 
-def _result_blocker(arrays: list[np.ndarray] | None, max_elements: int) -> str | None:
+def _result_blocker(arrays: list[np.ndarray] | None, max_elements: int | None) -> str | None:
     if arrays is None:
         return "failed"
     for array in arrays:
@@ -162,7 +174,7 @@ def _result_blocker(arrays: list[np.ndarray] | None, max_elements: int) -> str |
             continue
         if array.dtype.kind in "OSUV":
             return "unsupported_type"
-        if array.size > max_elements:
+        if max_elements is not None and array.size > max_elements:
             return "too_large"
     return None
 
@@ -215,7 +227,7 @@ def _evaluate(model: ir.Model, node: ir.Node) -> list[np.ndarray] | None:
     return [next(named) if name else None for name in output_names]
 
 
-def _replace_by_constants(graph: ir.Graph, node: ir.Node, arrays: list[np.ndarray | None],
+def replace_by_constants(graph: ir.Graph, node: ir.Node, arrays: list[np.ndarray | None],
                           names: FreshNames) -> None:
     """Swap ``node`` for one initializer per used output (keeping the output names).
 

@@ -32,9 +32,10 @@ import onnx_ir as ir
 
 from onnxopt.errors import UserError
 from onnxopt.ir import opset_version
-from onnxopt.model_io import check_writable, write_text
+from onnxopt.model_io import check_writable, current_umask, write_text
 from onnxopt.passes.early_exit.cuts import split_model
 from onnxopt.passes.early_exit.exits import ExitHead, ExitPlan, StagedReport
+from onnxopt.report import plural
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ def write_bundle(path: str | os.PathLike, model: ir.Model, plan: ExitPlan | None
     except OSError as exc:
         raise UserError(f"cannot write to {dest.parent}: {exc.strerror or exc}") from None
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; mkdir would not
         for k, stage in enumerate(stages):
             ir.save(stage, tmp / f"stage{k}.onnx")
             manifest["stages"].append({
@@ -181,8 +183,8 @@ def write_bundle(path: str | os.PathLike, model: ir.Model, plan: ExitPlan | None
         raise UserError(f"cannot write bundle {dest}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("wrote bundle %s: %d stages, %d exits", dest, len(stages),
-                len(manifest["exits"]))
+    logger.info("wrote bundle %s: %d stages, %s", dest, len(stages),
+                plural(len(manifest["exits"]), "exit"))
     return dest
 
 

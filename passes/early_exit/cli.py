@@ -40,18 +40,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="cut tensor names separated by ';' (default: about 25/50/75%% of MACs)")
     p.add_argument("--target", type=float, default=0.99,
                    help="minimum top-1 agreement with the full model per exit (default 0.99)")
-    p.add_argument("--head", choices=("ridge", "logistic"), default="ridge")
-    p.add_argument("--fit-to", choices=("logits", "labels"), default="logits")
+    p.add_argument("--head", choices=("ridge", "logistic"), default="ridge",
+                   help="exit head: ridge regression (closed form) or multinomial logistic "
+                        "regression (default ridge)")
+    p.add_argument("--fit-to", choices=("logits", "labels"), default="logits",
+                   help="fit the heads to the full model's logits or to the labels of "
+                        "--calib (default logits)")
     p.add_argument("--l2", type=float, default=1e-3, help="head regularisation")
     p.add_argument("--list-cuts", action="store_true", help="print the cut points and exit")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
                    help="concrete shape for a dynamic input (repeatable)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="batch size for calibration and evaluation runs (default 64)")
     p.add_argument("--max-samples", type=int, help="cap on calibration/evaluation samples")
     p.add_argument("--no-check", action="store_true", help="skip onnx.checker on the input")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for random data (random:N) and the folds of the thresholds "
+                        "(default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors and the result")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more logging (-vv for debug)")
     return p
 
 

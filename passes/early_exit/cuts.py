@@ -26,9 +26,10 @@ import networkx as nx
 import onnx_ir as ir
 from onnx_ir.analysis import analyze_implicit_usage
 
-from onnxopt.cost import node_macs
+from onnxopt.cost import node_macs as known_macs
 from onnxopt.errors import UserError
 from onnxopt.ir import is_standard, subgraphs
+from onnxopt.shapes import concrete_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -154,12 +155,18 @@ def _dims(value: ir.Value) -> tuple[int | str, ...] | None:
 def all_cut_points(model: ir.Model) -> list[CutPoint]:
     """Every tensor that dominates the outputs, valid or not, in execution order.
 
-    Shapes (for MACs) are read from the IR; run shape inference first.
+    MACs are per sample at the model's own input dims (a dynamic leading axis at 1); a node
+    whose MACs need a dim those leave unknown counts 0.
     """
     graph = model.graph
     chain = _dominator_chain(graph)
     captured = analyze_implicit_usage(graph)
     needed = _closure(graph.outputs, set(graph.inputs), captured)
+    shapes = concrete_shapes(model)
+
+    def node_macs(node: ir.Node) -> int:
+        return known_macs(node, shapes) or 0
+
     total_macs = sum(node_macs(n) for n in needed)
     total_layers = sum(_is_layer(n) for n in needed)
     points: list[CutPoint] = []

@@ -32,6 +32,7 @@ import onnx_ir as ir
 
 from onnxopt.cost import infer_shapes
 from onnxopt.ir import FreshNames, clone_model, opset_version, remove_unused_initializers
+from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 from onnxopt.passes.early_exit.bundle import head_nodes, reduce_node
 from onnxopt.passes.early_exit.cuts import (
@@ -42,6 +43,7 @@ from onnxopt.passes.early_exit.cuts import (
     stage_nodes,
 )
 from onnxopt.passes.early_exit.exits import ExitPlan, ExitPlanError, exit_capable, plan_exits
+from onnxopt.report import plural
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +67,13 @@ class EarlyExitOptions:
     """
 
     exits: tuple[str, ...] = ()
-    target: float = 0.99
+    target: float = option(0.99, within="(0, 1]")
     head: Literal["ridge", "logistic"] = "ridge"
     fit_to: Literal["logits", "labels"] = "logits"
     single_file: bool = True
-    l2: float = 1e-3
-    folds: int = 5
-    max_samples: int | None = None
+    l2: float = option(1e-3, within="[0, inf)")
+    folds: int = option(5, within="[1, inf)")
+    max_samples: int | None = option(None, within="[1, inf)")
 
 
 @register_pass
@@ -122,7 +124,7 @@ class EarlyExitPass(Pass):
         if plan.calib_report is not None:
             cal = plan.calib_report
             result.summary = (
-                f"{len(plan.heads)} exits at {', '.join(h.cut for h in plan.heads)}; on "
+                f"{plural(len(plan.heads), 'exit')} at {', '.join(h.cut for h in plan.heads)}; on "
                 f"calibration data: agreement {cal.agreement:.4f}, expected MACs "
                 f"{cal.macs_ratio:.3f}x (the MACs column counts the worst case)")
         for name in plan.dropped:

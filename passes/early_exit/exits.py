@@ -37,6 +37,7 @@ from onnxopt.passes.early_exit.heads import (
     pool,
     softmax,
 )
+from onnxopt.report import plural
 from onnxopt.session import stream_tensors
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class StagedReport:
                 f"{_fmt(r.accuracy, '.2%'):>7} {r.macs / max(self.total_macs, 1):7.2f}x")
         acc = "" if self.accuracy is None else (
             f", accuracy {self.accuracy:.2%} (full model {_fmt(self.full_accuracy, '.2%')})")
-        lines.append(f"{self.samples} samples from {self.source or 'data'}: agreement "
+        lines.append(f"{plural(self.samples, 'sample')} from {self.source or 'data'}: agreement "
                      f"{self.agreement:.4f}{acc}, expected MACs {self.macs_ratio:.3f}x")
         return "\n".join(lines)
 

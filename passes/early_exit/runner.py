@@ -29,6 +29,7 @@ from onnxopt.data import FeedSource, input_specs
 from onnxopt.errors import DataError
 from onnxopt.passes.early_exit.bundle import read_manifest
 from onnxopt.passes.early_exit.exits import ExitPlan, StagedReport, staged_report
+from onnxopt.report import plural
 from onnxopt.session import make_session, stream
 
 logger = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ class EarlyExitModel:
             for k in range(len(stages))]
         self.thresholds: list[float] = [float(e["threshold"]) for e in exits]
         self.exit_macs: list[int] = [int(e["macs"]) for e in exits]
-        logger.info("loaded bundle %s: %d stages, %d exits", self.path, len(self._stages),
-                    len(exits))
+        logger.info("loaded bundle %s: %d stages, %s", self.path, len(self._stages),
+                    plural(len(exits), "exit"))
 
     @property
     def num_exits(self) -> int:

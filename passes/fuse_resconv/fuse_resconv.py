@@ -55,6 +55,7 @@ from onnxopt.ir import (
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 from onnxopt.passes.fuse_resconv.forms import Form, Matcher, NoFusion
 from onnxopt.passes.fuse_resconv.kernel import Geometry, add_identity, identity_blocker
+from onnxopt.shapes import ShapeTable, concrete_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class FuseResConvPass(Pass):
         """
         graph = model.graph
         result = PassResult(modified=False)
+        shapes = concrete_shapes(model, ctx.input_shapes)  # fusing keeps every block's shape
         stats: dict[str, Any] = {"blocks_fused": 0, "blocks_removed": 0, "layers_removed": [],
                                  "branches_merged": 0, "adds_removed": 0, "macs_saved": 0}
         matcher = Matcher(graph, self.options.threshold)
@@ -110,7 +112,8 @@ class FuseResConvPass(Pass):
             reasons = []
             for form in forms:
                 try:
-                    reason = _block_blocker(form, root) or _apply(graph, form, root, stats)
+                    reason = (_block_blocker(form, root)
+                              or _apply(graph, form, root, stats, shapes))
                 except NoFusion as err:
                     reason = str(err)
                 if reason is None:
@@ -181,18 +184,18 @@ def _materialize(form: Form) -> tuple[np.ndarray, np.ndarray, Geometry] | None:
     return weight, np.broadcast_to(form.bias, (geom.cout,)).copy(), geom
 
 
-def _macs(nodes: list[ir.Node]) -> int | None:
-    """MACs of ``nodes`` per sample, None when a conv's output shape is unknown."""
-    if any(n.op_type == "Conv" and n.outputs[0].shape is None for n in nodes):
-        return None
-    return sum(node_macs(n) for n in nodes)
+def _macs(nodes: list[ir.Node], shapes: ShapeTable) -> int | None:
+    """MACs of ``nodes`` per sample, None when a shape they need is unknown."""
+    macs = [node_macs(n, shapes) for n in nodes]
+    return None if None in macs else sum(m for m in macs if m is not None)
 
 
 def _scale_repr(scale: np.ndarray) -> float | list[float]:
     return float(scale) if scale.ndim == 0 else [float(v) for v in scale]
 
 
-def _apply(graph: ir.Graph, form: Form, root: ir.Node, stats: dict[str, Any]) -> str | None:
+def _apply(graph: ir.Graph, form: Form, root: ir.Node, stats: dict[str, Any],
+           shapes: ShapeTable) -> str | None:
     """Replace the block by one Conv (or by its input); a refusal reason if impossible."""
     fused = _materialize(form)
     out, base = root.outputs[0], form.base
@@ -204,10 +207,13 @@ def _apply(graph: ir.Graph, form: Form, root: ir.Node, stats: dict[str, Any]) ->
     else:
         conv = _fused_conv(graph, form, *fused)
         conv.outputs[0].type, conv.outputs[0].shape = out.type, out.shape
-        new_macs = node_macs(conv) if out.shape is not None else None
-    old_macs = _macs(form.nodes)
+        dims = shapes.dims(out)
+        if dims is not None:  # the fused conv has the block's output shape
+            shapes.values[conv.outputs[0].name or ""] = dims
+        new_macs = node_macs(conv, shapes)
+    old_macs = _macs(form.nodes, shapes)
     layers = [{"name": layer.name, "a": _scale_repr(layer.scale),
-               "macs_saved": _macs(layer.nodes)} for layer in form.dropped]
+               "macs_saved": _macs(layer.nodes, shapes)} for layer in form.dropped]
     if conv is not None:
         graph.insert_before(root, conv)
     replace_value(graph, out, base if conv is None else conv.outputs[0])

@@ -41,6 +41,7 @@ from onnxopt.ir import (
     remove_unused_initializers,
 )
 from onnxopt.layouts import WeightLayout, gemm_bias, weight_layout
+from onnxopt.provenance import why_not_constant
 
 __all__ = ["VIEWS", "LinearView", "linear_view", "sample_rows", "truncated_copy"]
 
@@ -183,15 +184,17 @@ class ConvView(LinearView):
 
 def _conv_view(node: ir.Node) -> LinearView | str:
     weight = const_array(node.inputs[1])
-    if weight is None or weight.ndim < 3:
-        return "Conv weight is not a constant"
+    if weight is None:
+        return f"Conv weight is not a constant: {why_not_constant(node.inputs[1])}"
+    if weight.ndim < 3:
+        return f"Conv weight has rank {weight.ndim}"
     layout = weight_layout(node, weight.ndim)
     if layout.group != 1:
         return "grouped Conv"
     nd = weight.ndim - 2
     bias = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
     if len(node.inputs) > 2 and node.inputs[2] is not None and bias is None:
-        return "Conv bias is not a constant"
+        return f"Conv bias is not a constant: {why_not_constant(node.inputs[2])}"
     auto_pad = attr(node, "auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     out, cin = layout.out_channels(weight.shape), layout.in_channels(weight.shape)
@@ -239,8 +242,10 @@ class GemmView(LinearView):
 
 def _gemm_view(node: ir.Node) -> LinearView | str:
     b = const_array(node.inputs[1])
-    if b is None or b.ndim != 2:
-        return "Gemm weight is not a constant matrix"
+    if b is None:
+        return f"Gemm weight is not a constant: {why_not_constant(node.inputs[1])}"
+    if b.ndim != 2:
+        return "Gemm weight is not a matrix"
     layout = weight_layout(node, b.ndim)
     alpha = float(attr(node, "alpha", 1.0))
     matrix = alpha * layout.by_output(b).astype(np.float64)  # [O, F]
@@ -249,7 +254,7 @@ def _gemm_view(node: ir.Node) -> LinearView | str:
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         c = const_array(node.inputs[2])
         if c is None:
-            return "Gemm bias is not a constant"
+            return f"Gemm bias is not a constant: {why_not_constant(node.inputs[2])}"
         bias = gemm_bias(node, c.astype(np.float64), out)
         if isinstance(bias, str):
             return bias
@@ -286,8 +291,10 @@ class MatMulView(LinearView):
 
 def _matmul_view(node: ir.Node) -> LinearView | str:
     b = const_array(node.inputs[1])
-    if b is None or b.ndim != 2:
-        return "MatMul weight is not a constant matrix"
+    if b is None:
+        return f"MatMul weight is not a constant: {why_not_constant(node.inputs[1])}"
+    if b.ndim != 2:
+        return "MatMul weight is not a matrix"
     layout = weight_layout(node, b.ndim)
     return MatMulView(node, layout.by_output(b).astype(np.float64)[:, :, None], None,
                       layout=layout, dtype=b.dtype)

@@ -8,7 +8,9 @@ owns a block, a concat slot a slice). MACs factor over the node's output channel
 for a consumer (Conv, Gemm, MatMul), the contracted input axis, so the total is a quadratic
 polynomial in the keep vectors (conv MACs ~ ``C_in * C_out``). Parameters factor the same way
 over the axes of each weight that groups slice. The counts are those of
-:mod:`~onnxopt.cost`, exactly, for any keep vectors.
+:mod:`~onnxopt.cost`, exactly, for any keep vectors, at the concrete shapes of
+:mod:`~onnxopt.shapes` (channel counts are static, so the spatial and batch dims found once
+hold for every keep vector). Nodes whose MACs stay unknown are named in ``unknown``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 from onnxopt.channels.groups import ChannelAnalysis, ChannelGroup, Member
 from onnxopt.channels.tie import IN0, Role, rank_of
 from onnxopt.cost import node_macs
+from onnxopt.ir import node_label
+from onnxopt.shapes import ShapeTable, concrete_shapes
 
 __all__ = ["COST_MODELS", "CostModel", "CostTerm", "Keep", "macs_model", "params_model"]
 
@@ -39,10 +43,15 @@ class CostTerm:
 
 @dataclass
 class CostModel:
-    """A cost (MACs or params) as a sum of :class:`CostTerm`; constant terms are folded in."""
+    """A cost (MACs or params) as a sum of :class:`CostTerm`; constant terms are folded in.
+
+    ``unknown`` says why the cost is incomplete (a node whose MACs need an unknown dim is
+    left out, so the total is a lower bound); empty when it is exact.
+    """
 
     constant: float = 0.0
     terms: list[CostTerm] = field(default_factory=list)
+    unknown: str = ""
 
     def by_group(self) -> dict[int, list[int]]:
         """Group index -> indices of the terms that depend on it."""
@@ -66,7 +75,7 @@ class CostModel:
     def restrict(self, groups: Sequence[int]) -> CostModel:
         """The same cost with factors of groups outside ``groups`` held at full width."""
         wanted = set(groups)
-        model = CostModel(self.constant)
+        model = CostModel(self.constant, unknown=self.unknown)
         for term in self.terms:
             factors = [(g, w) for g, w in term.factors if g in wanted]
             if factors:
@@ -91,8 +100,16 @@ def _add(model: CostModel, base: float, factors: list[tuple[int, np.ndarray]]) -
         model.constant += float(base)
 
 
-def macs_model(analysis: ChannelAnalysis) -> CostModel:
-    """MACs per sample (as :func:`~onnxopt.cost.node_macs` counts them) by keep vectors."""
+def macs_model(analysis: ChannelAnalysis, shapes: ShapeTable | None = None) -> CostModel:
+    """MACs per sample (as :func:`~onnxopt.cost.node_macs` counts them) by keep vectors.
+
+    Args:
+        analysis: The channel groups of the model.
+        shapes: Concrete shapes of the model's values (default: inferred with the inputs'
+            own dims, a dynamic leading axis at 1).
+    """
+    if shapes is None:
+        shapes = concrete_shapes(analysis.model)
     consumed: dict[int, tuple[ChannelGroup, Member]] = {}
     for group in analysis.groups:
         for tie in group.ties_with_role(Role.CONSUMER):
@@ -101,7 +118,10 @@ def macs_model(analysis: ChannelAnalysis) -> CostModel:
                 consumed[id(tie.node)] = (group, member)
     model = CostModel()
     for node in analysis.model.graph:
-        macs = node_macs(node)
+        macs = node_macs(node, shapes)
+        if macs is None:
+            model.unknown = model.unknown or shapes.why_unknown(node_label(node))
+            continue
         factors = []
         if node.outputs:
             out = node.outputs[0]
@@ -116,8 +136,11 @@ def macs_model(analysis: ChannelAnalysis) -> CostModel:
     return model
 
 
-def params_model(analysis: ChannelAnalysis) -> CostModel:
-    """Initializer elements by keep vectors (weights sliced by groups scale with them)."""
+def params_model(analysis: ChannelAnalysis, shapes: ShapeTable | None = None) -> CostModel:
+    """Initializer elements by keep vectors (weights sliced by groups scale with them).
+
+    ``shapes`` is accepted for a common signature; weight shapes are always static.
+    """
     axes: dict[int, dict[int, tuple[ChannelGroup, Member]]] = {}
     for group in analysis.groups:
         for member in group.weights:
@@ -136,7 +159,7 @@ def params_model(analysis: ChannelAnalysis) -> CostModel:
     return model
 
 
-COST_MODELS: dict[str, Callable[[ChannelAnalysis], CostModel]] = {
+COST_MODELS: dict[str, Callable[[ChannelAnalysis, ShapeTable | None], CostModel]] = {
     "macs": macs_model,
     "params": params_model,
 }

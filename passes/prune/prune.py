@@ -37,11 +37,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.channels import ChannelAnalysis, ChannelGroup, analyse_channels
+from onnxopt.channels.linear import SEEDS
 from onnxopt.channels.surgery import remove_channels
 from onnxopt.channels.tie import Role
 from onnxopt.cost import ModelCost, model_cost
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, node_label, unmatched
+from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 from onnxopt.passes.prune.budget import (
     ALLOCATORS,
@@ -61,6 +63,8 @@ from onnxopt.passes.prune.sensitivity import (
     refit_targets,
 )
 from onnxopt.passes.prune.statistics import collect_statistics
+from onnxopt.report import plural
+from onnxopt.shapes import ShapeTable, concrete_shapes, resolve_input_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -108,39 +112,32 @@ class PruneOptions:
             an explicit opt-in; without it, prune refuses to run without ``--calib``.
     """
 
-    ratio: float | None = None
-    macs: float | None = None
-    params: float | None = None
+    ratio: float | None = option(None, within="[0, 1)", effective=DEFAULT_RATIO)
+    macs: float | None = option(None, within="(0, 1]")
+    params: float | None = option(None, within="(0, 1]")
     criterion: CriterionName = "auto"
     allocation: Literal["knapsack", "uniform"] = "knapsack"
     reconstruct: bool | None = None
-    min_channels: int | None = None
-    round_to: int = 16
+    min_channels: int | None = option(None, within="[1, inf)")
+    round_to: int = option(16, within="[1, inf)")
     exclude: tuple[str, ...] = ()
     plan_only: bool = False
-    ridge: float = 1e-2
-    max_samples: int = 512
-    positions: int = 16
-    batch_size: int = 32
+    ridge: float = option(1e-2, within="[0, inf)")
+    max_samples: int = option(512, within="[1, inf)")
+    positions: int = option(16, within="[1, inf)")
+    batch_size: int = option(32, within="[1, inf)")
     refit_aware: bool = True
     sensitivity: bool | None = None
-    probes: int = 3
+    probes: int = option(3, within="[1, inf)")
     data_free: bool = False
 
     def __post_init__(self) -> None:
         given = [k for k in ("ratio", "macs", "params") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one budget, not {' and '.join(given)}")
-        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
-        for key in ("macs", "params"):
-            value = getattr(self, key)
-            if value is not None and not 0.0 < value <= 1.0:
-                raise ValueError(f"{key} is the fraction to keep, in (0, 1], got {value}")
+        # Ranges and choices are declared on the fields (onnxopt.options).
         if self.criterion != "auto" and self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}")
-        if self.round_to < 1 or (self.min_channels is not None and self.min_channels < 1):
-            raise ValueError("round_to and min_channels must be at least 1")
 
     def budget(self) -> tuple[str, float]:
         """``("ratio" | "macs" | "params", value)``."""
@@ -173,12 +170,16 @@ class PrunePass(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts: PruneOptions = self.options
         result = PassResult(modified=False)
-        plan = self._plan(model, ctx, result)
-        before = model_cost(model)
-        summary = self._summary(plan, opts, before)
+        input_shapes = resolve_input_shapes(model, ctx.input_shapes, (ctx.calib,))
+        shapes = concrete_shapes(model, input_shapes)
+        plan = self._plan(model, ctx, result, shapes)
+        before = model_cost(model, shapes=shapes)
+        summary = self._summary(plan, opts, before, _why_no_groups(result))
         result.stats.update({"criterion": plan.criterion, "allocation": plan.allocation,
                              "budget": f"{plan.kind}={plan.value:g}", "reconstruct": plan.refit,
                              "groups": plan.rows})
+        if before.macs_unknown:
+            result.stats["macs_unknown"] = before.macs_unknown
         result.plan = format_plan(plan.rows)
         pruned = [g for g in plan.groups if not plan.keep[g.index].all()]
         plan_only = opts.plan_only or ctx.dry_run
@@ -201,15 +202,21 @@ class PrunePass(Pass):
                 if r.reason and r.reason != "no improvement":
                     result.refuse(r.node, f"not refitted: {r.reason}")
             summary += self._calib_effect(original, unrefit, model, ctx, opts, result.stats)
-        after = model_cost(model)
+        after = model_cost(model, input_shapes)
         result.stats.update(macs_before=before.macs, macs_after=after.macs,
                             params_before=before.params, params_after=after.params)
         result.summary = summary
         logger.info("prune: %s", summary)
         return result
 
-    def _plan(self, model: ir.Model, ctx: PassContext, result: PassResult) -> _Plan:
-        """Score the channels of every candidate group and allocate the budget."""
+    def _plan(self, model: ir.Model, ctx: PassContext, result: PassResult,
+              shapes: ShapeTable) -> _Plan:
+        """Score the channels of every candidate group and allocate the budget.
+
+        Raises:
+            UserError: A MACs budget on a model whose MACs are unknown (a dim no input
+                shape fixes), or options the data given cannot serve.
+        """
         opts: PruneOptions = self.options
         has_data = ctx.calib is not None
         criterion = opts.criterion if opts.criterion != "auto" else (
@@ -224,6 +231,11 @@ class PrunePass(Pass):
             raise UserError(f"prune(exclude=...): {', '.join(map(repr, missing))} matches no "
                             "node or tensor name of the model")
         analysis = analyse_channels(model)
+        costs = {k: build(analysis, shapes) for k, build in COST_MODELS.items()}
+        kind, value = opts.budget()
+        if kind == "macs" and costs["macs"].unknown:
+            raise UserError(f"prune(macs={value:g}) needs the model's MACs, and they are "
+                            f"unknown: {costs['macs'].unknown}")
         groups = _candidates(analysis, opts.exclude, result)
         aware = refit and opts.refit_aware
         stats = None
@@ -235,8 +247,6 @@ class PrunePass(Pass):
                 input_shapes=ctx.input_shapes, seed=ctx.seed, show_progress=ctx.progress)
         scores = group_scores(groups, criterion, stats, ctx.seed, opts.ridge if aware else None)
         limits = Limits(opts.min_channels, opts.round_to)
-        costs = {k: build(analysis) for k, build in COST_MODELS.items()}
-        kind, value = opts.budget()
         allocation = "ratio" if kind == "ratio" else opts.allocation
         uniform = measuring = None
         if kind == "ratio":
@@ -277,19 +287,29 @@ class PrunePass(Pass):
                 result.refuse("budget", f"{kind} kept {reached:.1%} > target {value:.1%}: "
                               f"the limits allow no more")
         savings = {k: group_savings(c.restrict(list(keep)), keep) for k, c in costs.items()}
+        if costs["macs"].unknown:
+            del savings["macs"]  # unknown, not zero
         return _Plan(criterion, refit, kind, value, allocation, groups, keep,
                      _plan_rows(groups, keep, savings), savings)
 
     @staticmethod
-    def _summary(plan: _Plan, opts: PruneOptions, before: ModelCost) -> str:
+    def _summary(plan: _Plan, opts: PruneOptions, before: ModelCost, no_groups: str) -> str:
         kept = sum(r["kept"] for r in plan.rows)
         total = sum(r["total"] for r in plan.rows)
-        macs = before.macs - sum(plan.savings["macs"].values())
         params = before.params - sum(plan.savings["params"].values())
         how = "" if plan.kind == "ratio" else f", {plan.allocation}"
-        return (f"{plan.kind}={plan.value:g} by {plan.criterion}{how}: {len(plan.rows)} groups, "
-                f"channels {total} -> {kept}, MACs {100 * macs / max(before.macs, 1):.1f}%, "
+        if before.macs is None:
+            macs = "MACs unknown"  # why: stats["macs_unknown"]
+        else:
+            kept_macs = before.macs - sum(plan.savings.get("macs", {}).values())
+            macs = f"MACs {100 * kept_macs / max(before.macs, 1):.1f}%"
+        text = (f"{plan.kind}={plan.value:g} by {plan.criterion}{how}: "
+                f"{plural(len(plan.rows), 'group')}, "
+                f"channels {total} -> {kept}, {macs}, "
                 f"params {100 * params / max(before.params, 1):.1f}%")
+        if not plan.rows:
+            text += f" ({no_groups})"
+        return text
 
     @staticmethod
     def _calib_effect(original: ir.Model, unrefit: ir.Model, model: ir.Model, ctx: PassContext,
@@ -362,7 +382,11 @@ def _candidates(analysis: ChannelAnalysis, exclude: tuple[str, ...],
     found = []
     for group in analysis.groups:
         if not group.ties_with_role(Role.PRODUCER):
-            continue  # channels that come from graph inputs or constants
+            # Channels that come from graph inputs or constants, or from a weighted op whose
+            # weight is not a constant (its tie froze): say so for the latter.
+            if any(t.tie.frozen and t.node.op_type in SEEDS for t in group.ties):
+                result.refuse(group.label(), "frozen: " + "; ".join(group.frozen))
+            continue
         if not group.prunable:
             result.refuse(group.label(), "frozen: " + "; ".join(group.frozen))
             continue
@@ -372,6 +396,16 @@ def _candidates(analysis: ChannelAnalysis, exclude: tuple[str, ...],
         elif group.size > 1 and all(m.channels is not None for m in group.members):
             found.append(group)
     return found
+
+
+def _why_no_groups(result: PassResult) -> str:
+    """Why no channel group can be pruned, from the refusals collected while planning."""
+    if not result.refusals:
+        return ("no channel group starts at a Conv, ConvTranspose, Gemm or MatMul with a "
+                "constant weight")
+    reasons = list(dict.fromkeys(r.reason for r in result.refusals))
+    more = f" (+{len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
+    return f"no prunable group: {len(result.refusals)} refused, e.g. {reasons[0]}{more}"
 
 
 def _plan_rows(groups: list[ChannelGroup], keep: dict[int, np.ndarray],
@@ -385,7 +419,8 @@ def _plan_rows(groups: list[ChannelGroup], keep: dict[int, np.ndarray],
             "producers": producers,
             "kept": int(keep[group.index].sum()),
             "total": len(keep[group.index]),
-            "macs_saved": int(round(savings["macs"].get(group.index, 0.0))),
+            "macs_saved": (int(round(savings["macs"].get(group.index, 0.0)))
+                           if "macs" in savings else None),
             "params_saved": int(round(savings["params"].get(group.index, 0.0))),
         })
     return rows
@@ -396,6 +431,7 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'group':>5}  {'kept':>9}  {'MACs saved':>12}  {'params saved':>12}  producers"]
     for row in rows:
         names = ", ".join(row["producers"][:3]) + (" ..." if len(row["producers"]) > 3 else "")
+        macs = "?" if row["macs_saved"] is None else f"{row['macs_saved']:,}"
         lines.append(f"{row['group']:>5}  {row['kept']:>4}/{row['total']:<4}  "
-                     f"{row['macs_saved']:>12,}  {row['params_saved']:>12,}  {names}")
+                     f"{macs:>12}  {row['params_saved']:>12,}  {names}")
     return "\n".join(lines)

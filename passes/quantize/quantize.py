@@ -28,6 +28,7 @@ from onnxopt.cost import infer_shapes
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, node_label, opset_version, unmatched
 from onnxopt.model_io import OpsetConversionError, convert_opset, serialized_size
+from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 from onnxopt.passes.quantize.bias_correction import correct_biases
 from onnxopt.passes.quantize.calibration import calibrate, group_params
@@ -85,21 +86,21 @@ class QuantizeOptions:
     """
 
     method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
-    percentile: float = 99.999
+    percentile: float = option(99.999, within="(0, 100]")
     per_channel: bool = True
     activations: Literal["uint8", "int8"] = "uint8"
     reduce_range: bool | None = None
     equalize: bool = False
     bias_correction: bool = False
-    target: float | None = None
+    target: float | None = option(None, within="[0, 1]")
     exclude_nodes: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
-    calib_samples: int | None = None
-    batch_size: int = 16
-    bins: int = 2048
-    max_float_nodes: int = 8
+    calib_samples: int | None = option(None, within="[1, inf)")
+    batch_size: int = option(16, within="[1, inf)")
+    bins: int = option(2048, within="[2, inf)")
+    max_float_nodes: int = option(8, within="[0, inf)")
     report_sqnr: bool = True
-    sqnr_samples: int = 128
+    sqnr_samples: int = option(128, within="[1, inf)")
 
 
 @register_pass

@@ -216,11 +216,13 @@ def test_refuses_weight_fed_as_graph_input() -> None:
     model = _conv_bn("Conv")
     model.graph.input.append(_vi("w", [6, 4, 3, 3]))  # overridable initializer (old-IR style)
     onnx.checker.check_model(model, full_check=True)
-    _assert_refused(model, "weight of Conv -> c is not a constant (or is a graph input)")
+    _assert_refused(model, "weight of Conv -> c is not a constant: 'w' is a graph input "
+                    "(an initializer that callers may override)")
 
     del model.graph.initializer[0]  # now a genuine input
     feeds = {**random_feeds(model), "w": np.ones((6, 4, 3, 3), np.float32)}
-    _assert_refused(model, "is not a constant", feeds=feeds)
+    _assert_refused(model, "weight of Conv -> c is not a constant: 'w' is a graph input",
+                    feeds=feeds)
 
 
 def test_refuses_conv_output_read_twice() -> None:
@@ -236,7 +238,8 @@ def test_refuses_bn_param_graph_input() -> None:
     model.graph.initializer.remove(mean)
     model.graph.input.append(_vi("bn.mean", [6]))
     feeds = {**random_feeds(model), "bn.mean": np.zeros(6, np.float32)}
-    _assert_refused(model, "BatchNormalization mean is not a constant", feeds=feeds)
+    _assert_refused(model, "BatchNormalization mean is not a constant: 'bn.mean' is a graph "
+                    "input", feeds=feeds)
 
 
 def test_refuses_gemm_bias_varying_over_rows() -> None:
@@ -316,6 +319,28 @@ def test_bn_in_if_branches_folded_with_outer_scope_weight() -> None:
         "w_outer.bn_bias", "w_outer.bn_weight"]
     _, again = apply_pass(_fold_bn(), out)
     assert again.modified is False
+
+
+def test_in_subgraphs_counts_only_the_folds_inside_bodies() -> None:
+    _, result = apply_pass(_fold_bn(), _conv_bn())
+    assert result.stats["folded"] == 1 and result.stats["in_subgraphs"] == 0
+    # A main-graph Conv+BN in front of the If whose two branches fold too.
+    model = _if_conv_bn(shared_weight=False)
+    bn, bn_inits = _bn("c_main", "x", 4, "bn_main", seed=4)
+    weight = np.random.default_rng(7).normal(0, 0.3, (4, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x0", "w_main"], ["c_main"], kernel_shape=[1, 1]), bn,
+             *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.input[0].name = "x0"
+    model.graph.initializer.extend([_init("w_main", weight), *bn_inits])
+    onnx.checker.check_model(model, full_check=True)
+    out, result = apply_pass(_fold_bn(), model)
+    assert result.stats == {"folded": 3, "standalone": 0, "refused": 0, "in_subgraphs": 2}
+    assert _all_ops(out) == {"If": 1, "Conv": 3, "Relu": 1}
+    for cond in (True, False):
+        feeds = _if_feeds(cond)
+        assert_same_outputs(model, out, {"x0": feeds["x"], "cond": feeds["cond"]})
 
 
 def test_bn_in_if_branches_refused_when_outer_weight_is_shared() -> None:

@@ -177,10 +177,28 @@ def test_shape_of_dynamic_input_not_folded() -> None:
     model = _model(
         [helper.make_node("Shape", ["x"], ["s"]),
          helper.make_node("Reshape", ["x", "s"], ["y"])],
-        [_vi("x", ["N", 3])], [_vi("y", ["N", 3])])
+        [_vi("x", ["N", "M"])], [_vi("y", ["N", "M"])])
     out, result = _run_checked(model)
     assert op_counts(out) == {"Shape": 1, "Reshape": 1}
     assert result.modified is False
+
+
+@pytest.mark.parametrize("declared", [-1, "N"])
+def test_reshape_target_with_one_dynamic_entry_becomes_minus_one(declared) -> None:
+    """``Reshape(x, Shape(x))`` with ``x [N, 3]``: the target is ``[-1, 3]`` for every N; a
+    declared ``-1`` dim is dynamic too (Shape must not fold to ``-1``)."""
+    model = _model(
+        [helper.make_node("Shape", ["x"], ["s"]),
+         helper.make_node("Reshape", ["x", "s"], ["y"])],
+        [_vi("x", [declared, 3])], [_vi("y", [declared, 3])])
+    out, result = _run_checked(model, {"x": np.ones((2, 3), np.float32)})
+    assert op_counts(out) == {"Reshape": 1}
+    assert result.stats["reshape_targets"] == 1 and result.stats["folded"] == 0
+    inits = {i.name: numpy_helper.to_array(i) for i in to_proto(out).graph.initializer}
+    assert [a.tolist() for a in inits.values()] == [[-1, 3]]
+    for n in (1, 5):  # the batch stays dynamic
+        x = np.random.default_rng(n).standard_normal((n, 3)).astype(np.float32)
+        assert_same_outputs(model, out, {"x": x})
 
 
 def test_dequantize_and_large_results_not_folded() -> None:
@@ -292,8 +310,9 @@ def test_body_output_identity_and_constant_node_input() -> None:
         feeds = {"x": np.array([-1.0, 2.0], np.float32), "c": np.array(cond)}
         out, result = _run_checked(model, feeds)
     assert op_counts(out) == {"Relu": 1, "If": 1, "Mul": 1}
-    assert (result.stats["identities"], result.stats["folded"], result.stats["dead_nodes"]) == (
-        1, 1, 1)
+    # The Constant is lifted to an initializer first, so it is no dead node once Cast folds.
+    assert (result.stats["constants_lifted"], result.stats["identities"], result.stats["folded"],
+            result.stats["dead_nodes"]) == (1, 1, 1, 0)
     branches = {a.name: a.g for a in to_proto(out).graph.node[1].attribute}
     assert [(n.op_type, n.output[0]) for n in branches["then_branch"].node] == [("Neg", "t")]
     assert [n.op_type for n in branches["else_branch"].node] == ["Identity"]

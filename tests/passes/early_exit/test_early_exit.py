@@ -318,4 +318,19 @@ def test_dry_run_plans_exits_and_leaves_the_model_alone(digits_model: Path,
     work, result = apply_pass(get_pass("early-exit")(exits=("relu2",)), model, ctx)
     assert not result.modified and "If" not in op_counts(work)
     assert [e["cut"] for e in result.stats["exits"]] == ["relu2"]
-    assert result.summary.startswith("1 exits at relu2")
+    assert result.summary.startswith("1 exit at relu2")
+
+
+def test_bundle_files_follow_the_umask(tmp_path: Path, capsys, umask_027) -> None:
+    from onnxopt.passes.early_exit.bundle import update_manifest
+
+    path = tmp_path / "se.onnx"
+    onnx.save(STRUCTURES["se_block"](), path)
+    bundle = tmp_path / "b"
+    assert split_main([str(path), "-o", str(bundle), "--exits", "relu0", "-q"]) == 0
+    update_manifest(bundle, evaluation=None)  # rewrites manifest.json atomically
+    assert bundle.stat().st_mode & 0o777 == 0o750
+    files = sorted(bundle.iterdir())
+    assert {f.name for f in files} >= {"manifest.json", "stage0.onnx", "stage1.onnx"}
+    assert all(f.stat().st_mode & 0o777 == 0o640 for f in files), [
+        (f.name, oct(f.stat().st_mode)) for f in files]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from onnxopt.compare import compare_outputs
 from onnxopt.ir import to_proto
-from onnxopt.pass_base import get_pass
+from onnxopt.pass_base import PassContext, get_pass
 from onnxopt.session import run_model
 from testmodels.resconv import (
     REFUSAL_CASES,
@@ -68,10 +68,22 @@ def test_zero_scale_blocks_are_removed_exactly() -> None:
     assert_same_outputs(model, out, random_feeds(model))
 
 
-def test_macs_are_unknown_without_shapes() -> None:
-    _, result = apply_pass(_fuse(), resconv_net())
-    assert result.stats["macs_saved"] is None
-    assert all(layer["macs_saved"] is None for layer in result.stats["layers_removed"])
+def test_macs_saved_are_counted_at_concrete_shapes() -> None:
+    """No shape inference is needed beforehand and the batch N counts 1 (per sample); while
+    the spatial dims are unknown so are the MACs, and ``--input-shape`` fixes them."""
+    _, shaped = apply_pass(_fuse(), _with_shapes(resconv_net()))
+    _, plain = apply_pass(_fuse(), resconv_net())
+    assert plain.stats["macs_saved"] == shaped.stats["macs_saved"] > 0
+    dynamic = resconv_net()
+    for dim, name in zip(dynamic.graph.input[0].type.tensor_type.shape.dim[2:], "HW",
+                         strict=True):
+        dim.dim_param = name
+    _, unknown = apply_pass(_fuse(), dynamic)
+    assert unknown.stats["macs_saved"] is None
+    assert all(layer["macs_saved"] is None for layer in unknown.stats["layers_removed"])
+    _, given = apply_pass(_fuse(), dynamic, PassContext(input_shapes={"input": (4, 3, 16, 16)}))
+    assert given.stats["macs_saved"] == shaped.stats["macs_saved"]
+    assert given.stats["layers_removed"] == shaped.stats["layers_removed"]
 
 
 def test_threshold_removes_small_nonzero_scales_as_a_lossy_run() -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 
 from onnxopt.channels import analyse_channels
 from onnxopt.channels.tie import Role
-from onnxopt.cost import infer_shapes, model_cost
+from onnxopt.cost import infer_shapes, model_cost, node_macs
 from onnxopt.data import from_npz, input_specs, random_source
 from onnxopt.errors import PipelineError, UserError
 from onnxopt.ir import attr, from_proto, to_proto
@@ -16,6 +19,7 @@ from onnxopt.pass_base import PassContext
 from onnxopt.passes.prune import PrunePass
 from onnxopt.pipeline import parse_pipeline
 from onnxopt.session import run_model
+from testmodels.dynamic import with_input_dims
 from testmodels.structures import (
     STRUCTURES,
     concat_branches,
@@ -153,6 +157,43 @@ def test_refusals_and_user_errors() -> None:
         parse_pipeline("prune(macs=1.5)")
     (parsed,) = parse_pipeline("prune(macs=0.5,exclude=conv*;gemm*,criterion=l2,round_to=4)")
     assert parsed.options.exclude == ("conv*", "gemm*") and parsed.options.round_to == 4
+
+
+def _real_macs(model: onnx.ModelProto | ir.Model, shape: tuple[int, ...]) -> int:
+    """MACs at ``shape`` counted on a copy whose input dims are all static (IR shapes)."""
+    proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
+    macs = [node_macs(n) for n in infer_shapes(from_proto(with_input_dims(proto, shape))).graph]
+    assert None not in macs
+    return sum(m for m in macs if m is not None)
+
+
+def test_macs_budget_on_dynamic_dims_needs_shapes_and_meets_the_real_macs() -> None:
+    from onnxopt.api import optimize
+
+    proto = with_input_dims(conv_chain(width=16), ["N", 3, "H", "W"])
+    with pytest.raises(UserError, match=r"prune\(macs=0.5\) needs .* unknown: input input "
+                                        r"\[1, 3, \?, \?\] .* --input-shape input:1x3xHxW"):
+        optimize(proto, "prune(macs=0.5,data_free=true,round_to=1)", validate=False)
+    _, report = optimize(proto, "prune(ratio=0.5,data_free=true,round_to=1)", validate=False)
+    (record,) = report.records  # a ratio needs no MACs: they are reported unknown
+    assert record.status == "kept" and report.original.macs is None
+    assert "MACs unknown" in record.summary and record.stats["groups"][0]["macs_saved"] is None
+    shape = (1, 3, 32, 48)
+    before = _real_macs(proto, shape)
+    spec = "prune(macs=0.5,criterion=l1,reconstruct=false,sensitivity=false,round_to=1)"
+    data = {"input": np.random.default_rng(0).standard_normal((8, 3, 32, 48), np.float32)}
+    for given in ({"input_shapes": {"input": (4, 3, 32, 48)}, "calib": "random:8"},
+                  {"calib": data}):  # shapes from --input-shape, else from the data
+        model, report = optimize(proto, spec, quality_floor=False, **given)
+        (record,) = report.records
+        after = _real_macs(model, shape)
+        assert record.status == "kept" and after <= 0.5 * before
+        assert (report.original.macs, record.after.macs) == (before, after)
+        claimed = float(re.search(r"MACs (\d+\.\d)%", record.summary).group(1))
+        assert claimed == pytest.approx(100 * after / before, abs=0.05)
+        # the pruned model still takes any H and W
+        for x in ((2, 3, 32, 48), (1, 3, 24, 40)):
+            assert run_model(model, {"input": np.ones(x, np.float32)})[0].shape == (x[0], 10)
 
 
 def test_defaults_without_data_are_ratio_l1_and_no_refit() -> None:

@@ -1,0 +1,1 @@
+"""The real-world corpus: production ONNX models that pip packages ship, run through every pass."""
