@@ -39,7 +39,7 @@ from onnxopt.feeds import input_specs
 from onnxopt.passes.prune.capture import LinearView, linear_view
 from onnxopt.passes.prune.runner import LevelRunner, segment
 from onnxopt.progress import progress
-from onnxopt.session import make_session
+from onnxopt.session import batch_within, make_session
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +143,12 @@ def _solve(system: _System, ridge: float) -> RefitResult:
     rhs = system.cross + regulariser[:, None] * theta0
     try:
         theta = np.linalg.solve(lhs, rhs)
+        # H theta = R + lam (theta0 - theta) at the solution: no second D x D product
+        after = float(system.energy - np.sum(theta * system.cross)
+                      + np.sum(theta * (regulariser[:, None] * (theta0 - theta)))) / energy
     except np.linalg.LinAlgError:
         theta = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
-    after = _residual(system, theta) / energy
+        after = _residual(system, theta) / energy
     if not np.all(np.isfinite(theta)) or after >= before:
         return RefitResult(name, before, before, system.rows, False, "no improvement")
     out, shape = theta.shape[1], view.weight.shape
@@ -306,6 +309,10 @@ def reconstruct(original: ir.Model, pruned: ir.Model, targets: Sequence[RefitTar
               for level in refit_levels(pruned, [systems[i].target.node for i in order])]
     shared = cache is not None
     if cache is None:
+        outputs = [s.target.node.outputs[0].name for s in systems.values()]
+        if outputs:
+            batch_size = batch_within(original, outputs, source, batch_size,
+                                      input_shapes=input_shapes)
         cache = TargetCache(original, source, input_shapes, positions=positions, seed=seed,
                             batch_size=batch_size, limit=limit, show_progress=show_progress)
     by_name = {v.name: node for node in original.graph for v in node.outputs}

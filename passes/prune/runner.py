@@ -32,7 +32,7 @@ from onnxopt.session import make_session
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LevelRunner", "outer_names", "segment"]
+__all__ = ["LevelRunner", "outer_names", "segment", "stream_segments"]
 
 #: Above this many bytes of weights, segments are not built as protos (2 GB protobuf limit).
 PROTO_WEIGHTS = 1_500_000_000
@@ -126,6 +126,31 @@ def segment(model: ir.Model, outputs: Sequence[str], cut: Collection[str] = (),
     for function in model.functions.values():
         proto.functions.append(ir.serde.serialize_function(function))
     return proto, nodes, reads
+
+
+def stream_segments(models: Sequence[ir.Model], names: Sequence[str], source: FeedSource,
+                    specs: list[InputSpec], *, batch_size: int = 32, limit: int | None = None,
+                    show_progress: bool = False, desc: str = "running",
+                    ) -> Iterator[list[dict[str, np.ndarray]]]:
+    """The tensors ``names`` of each model per batch, from sessions of only what they need.
+
+    Like :func:`onnxopt.session.stream_tensors` without cloning each model to expose them;
+    graph inputs among ``names`` come from the feeds.
+    """
+    sessions = []
+    for model in models:
+        proto, _, _ = segment(model, names)
+        sessions.append(make_session(proto) if proto is not None else None)
+    inputs = [set() if s is None else {i.name for i in s.get_inputs()} for s in sessions]
+    batches = source.batches(specs, batch_size, limit)
+    for feeds, _ in progress(batches, enabled=show_progress, desc=desc):
+        found = []
+        for session, wanted in zip(sessions, inputs, strict=True):
+            run = [n for n in names if n not in feeds]
+            got = dict(zip(run, session.run(run, {k: v for k, v in feeds.items() if k in wanted}),
+                           strict=True)) if run and session is not None else {}
+            found.append({n: feeds[n] if n in feeds else got[n] for n in names})
+        yield found
 
 
 class LevelRunner:

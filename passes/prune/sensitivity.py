@@ -28,7 +28,9 @@ from onnxopt.passes.prune.budget import (
 from onnxopt.passes.prune.capture import linear_view
 from onnxopt.passes.prune.crops import crop_source
 from onnxopt.passes.prune.reconstruct import RefitTarget, TargetCache, reconstruct
+from onnxopt.passes.prune.runner import stream_segments
 from onnxopt.progress import progress
+from onnxopt.session import batch_within
 
 if TYPE_CHECKING:
     from onnxopt.passes.prune.prune import PruneOptions
@@ -90,9 +92,13 @@ def measurement(model: ir.Model, ctx: PassContext, opts: PruneOptions,
         fit, held = (dataclasses.replace(ctx, calib=part) for part in parts)
     cache = None
     if refit and fit.calib is not None:
+        consumers = [n.outputs[0].name for n in model.graph
+                     if not isinstance(linear_view(n), str)]
+        batch = batch_within(model, consumers, fit.calib, opts.batch_size,
+                             input_shapes=fit.input_shapes)
         cache = TargetCache(model, fit.calib, fit.input_shapes, positions=opts.positions,
-                            seed=fit.seed, batch_size=opts.batch_size,
-                            limit=opts.max_samples, show_progress=ctx.progress)
+                            seed=fit.seed, batch_size=batch, limit=opts.max_samples,
+                            show_progress=ctx.progress)
     return Measurement(model, opts, refit, fit, held, cache)
 
 
@@ -183,8 +189,8 @@ def pruned_copy(model: ir.Model, ctx: PassContext, opts: PruneOptions,
     already refitted; the consumers above that group's change take its weights instead of
     being refitted again (they see the same inputs and keep the same channels).
     """
-    probe = clone_model(model)
-    twins = [g for g in analyse_channels(probe).groups if g.index in keep]
+    probe = clone_model(model)  # carries the model's inferred shapes: no new inference
+    twins = [g for g in analyse_channels(probe, infer=False).groups if g.index in keep]
     if any(g.size != len(keep[g.index]) for g in twins):  # the analysis is deterministic
         raise RuntimeError("channel groups of a copy differ from the model's")
     targets = refit_targets(twins, keep) if refit else []
@@ -206,13 +212,10 @@ def pruned_copy(model: ir.Model, ctx: PassContext, opts: PruneOptions,
 
 def _reference(model: ir.Model, ctx: PassContext, opts: PruneOptions) -> list[np.ndarray]:
     """The first graph output of ``model`` per calibration batch (float64)."""
-    from onnxopt.session import stream_tensors
-
     name = model.graph.outputs[0].name
-    return [outs[0][name].astype(np.float64)
-            for outs, _ in stream_tensors([model], [[name]], ctx.calib,
-                                          batch_size=opts.batch_size, limit=opts.max_samples,
-                                          input_shapes=ctx.input_shapes)]
+    return [outs[0][name].astype(np.float64) for outs in stream_segments(
+        [model], [name], ctx.calib, input_specs(model, ctx.input_shapes),
+        batch_size=opts.batch_size, limit=opts.max_samples)]
 
 
 def _output_errors(model: ir.Model, probes: list[ir.Model], ctx: PassContext,
@@ -221,16 +224,14 @@ def _output_errors(model: ir.Model, probes: list[ir.Model], ctx: PassContext,
 
     ``reference``: ``model``'s outputs per batch (:func:`_reference`), when already known.
     """
-    from onnxopt.session import stream_tensors
-
     if reference is None:
         reference = _reference(model, ctx, opts)
     name = model.graph.outputs[0].name
     error = np.zeros(len(probes))
     energy = sum(float(np.sum(r ** 2)) for r in reference)
-    for b, (outs, _) in enumerate(stream_tensors(
-            probes, [[name]] * len(probes), ctx.calib, batch_size=opts.batch_size,
-            limit=opts.max_samples, input_shapes=ctx.input_shapes)):
+    for b, outs in enumerate(stream_segments(
+            probes, [name], ctx.calib, input_specs(model, ctx.input_shapes),
+            batch_size=opts.batch_size, limit=opts.max_samples)):
         error += [np.sum((o[name] - reference[b]) ** 2) for o in outs]
     return error / max(energy, 1e-30)
 
