@@ -5,7 +5,7 @@ from __future__ import annotations
 from onnxopt.api import optimize
 from onnxopt.data import FeedSource, open_feeds
 from onnxopt.errors import DataError, ModelError, PipelineError, UserError
-from onnxopt.manager import Gates, PassManager
+from onnxopt.manager import PassManager
 from onnxopt.model_io import load, save
 from onnxopt.options import option
 from onnxopt.pass_base import (
@@ -20,6 +20,7 @@ from onnxopt.pass_base import (
 )
 from onnxopt.pipeline import parse_pipeline
 from onnxopt.report import PassRecord, RunReport, Status
+from onnxopt.validation import Gates
 
 __all__ = [
     "DataError",

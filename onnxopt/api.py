@@ -10,11 +10,12 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.data import open_feeds
-from onnxopt.manager import Gates, Instrumentation, PassManager
+from onnxopt.manager import Instrumentation, PassManager
 from onnxopt.model_io import SOURCE_BYTES, load, save
 from onnxopt.pass_base import Pass
 from onnxopt.pipeline import parse_pipeline
 from onnxopt.report import RunReport
+from onnxopt.validation import Gates
 
 
 def optimize(

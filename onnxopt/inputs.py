@@ -100,7 +100,9 @@ def _numpy_dtype(dtype: ir.DataType | None) -> Any:
 def _model_dims(value: ir.Value) -> tuple[Dim, ...] | None:
     if value.shape is None:
         return None
-    return tuple(d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
+    # a negative dim (-1, as some exporters write a dynamic one) is unknown, not a size
+    return tuple((d if d >= 0 else None) if isinstance(d, int)
+                 else (d.value if isinstance(d, ir.SymbolicDim) else None)
                  for d in value.shape)
 
 

@@ -7,7 +7,7 @@ converter rewrites the nodes whose operator changed on the way (``Upsample`` bec
 exact: the manager checks the converted model against the previous outputs like any other
 rewrite. It only upgrades; a model at or above the target is left alone. When the converter
 cannot convert some node, the pass refuses in one line naming its op (see
-:func:`onnxopt.model_io.convert_opset`). Other domains (``ai.onnx.ml``, custom ones) are kept.
+:func:`onnxopt.opset.convert_opset`). Other domains (``ai.onnx.ml``, custom ones) are kept.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.ir import opset_version
-from onnxopt.model_io import OpsetConversionError, convert_opset
+from onnxopt.opset import OpsetConversionError, convert_opset
+from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class ConvertOpsetOptions:
         target: The default-domain opset to convert to (13 gives per-channel quantization).
     """
 
-    target: int = 13
+    target: int = option(13, within=f"[{MIN_TARGET}, {onnx.defs.onnx_opset_version()}]")
 
     def __post_init__(self) -> None:
         newest = onnx.defs.onnx_opset_version()

@@ -43,6 +43,13 @@ def corpus_paths() -> dict[str, Path]:
     return paths
 
 
+def _count_ifs(graph: onnx.GraphProto) -> int:
+    """If nodes in ``graph`` and in every body below it."""
+    return sum((n.op_type == "If") + sum(_count_ifs(x.g) for x in n.attribute
+                                          if x.type == onnx.AttributeProto.GRAPH)
+               for n in graph.node)
+
+
 def _outputs(path: Path | onnx.ModelProto,
              samples: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
     """Every output of every sample, from a fresh session (one sample per run)."""
@@ -54,12 +61,13 @@ def _outputs(path: Path | onnx.ModelProto,
 
 
 def _assert_within(name: str, reference: list[list[np.ndarray]], actual: list[list[np.ndarray]],
-                   rtol: float, atol: float) -> None:
-    """``|a - r| <= atol * max|r| + rtol * |r|`` for every element of every output."""
+                   rtol: float, atol: float, noise_abs: float = 0.0) -> None:
+    """``|a - r| <= atol * max|r| + rtol * |r|``, or ``<= noise_abs`` (the stated multiple of
+    onnxruntime's own noise on the model), for every element of every output."""
     for ref_run, got_run in zip(reference, actual, strict=True):
         for ref, got in zip(ref_run, got_run, strict=True):
             assert got.shape == ref.shape and got.dtype == ref.dtype
-            bound = atol * np.abs(ref).max() + rtol * np.abs(ref)
+            bound = np.maximum(atol * np.abs(ref).max() + rtol * np.abs(ref), noise_abs)
             assert np.all(np.abs(got.astype(np.float64) - ref) <= bound), (
                 f"{name}: max abs error {np.abs(got - ref).max():.3g} beyond rtol {rtol:g}, "
                 f"atol {atol:g}")
@@ -98,7 +106,10 @@ def test_exact_pipeline_keeps_the_outputs_of_a_production_model(
     tolerance = [p["vs_previous"] for p in report["passes"] if p["vs_previous"]]
     rtol = max(c["rtol"] for c in tolerance)
     atol = max(c["atol"] for c in tolerance)
-    _assert_within(name, _outputs(source, samples), _outputs(out, samples), rtol, atol)
+    multiple = max((c["noise_multiple"] or 0.0) for c in tolerance)
+    noise_abs = multiple * max(report["noise_floor"] or [0.0])
+    _assert_within(name, _outputs(source, samples), _outputs(out, samples), rtol, atol,
+                   noise_abs)
 
 
 @pytest.mark.parametrize("name", SMOKE_API)
@@ -122,7 +133,8 @@ def test_exact_pipeline_keeps_the_outputs_of_a_control_flow_model_fed_run_by_run
     assert "kept" in {str(r.status) for r in report.records}
     proto = ir.serde.serialize_model(result)
     onnx.checker.check_model(proto)
-    assert sum(1 for n in proto.graph.node if n.op_type == "If") == ifs  # the branches stay
+    # control flow stays (an If whose condition is a constant of static shapes may be inlined)
+    assert 0 < _count_ifs(proto.graph) <= _count_ifs(original.graph)
     assert len(proto.graph.node) < len(original.graph.node)
     tolerance = [r.vs_previous.tolerance for r in report.records if r.vs_previous]
     _assert_within(name, _outputs(source, feeds), _outputs(proto, feeds),

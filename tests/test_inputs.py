@@ -138,3 +138,15 @@ def test_shape_errors_quote_the_files_shape_and_sample_count(tmp_path, capsys, c
     assert _one_line_error(capsys, code) == (
         f"onnxopt: error: {data}: input 'input' has shape [100, 1, 28, 28] (100 samples); "
         f"the model expects [N, 3, 16, 16]")
+
+
+def test_a_minus_one_batch_dim_is_dynamic_and_data_is_batched_along_it():
+    # exporters write -1 for a dynamic dim; it used to be taken as a size and crash the batching
+    from onnxopt import optimize
+    from testmodels.dynamic import dynamic_hw_net
+
+    proto = dynamic_hw_net(batch=-1)
+    x = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    _, report = optimize(proto, "cleanup,fold-bn", eval={proto.graph.input[0].name: x})
+    assert report.validated_samples == 6
+    assert not report.failures

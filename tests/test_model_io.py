@@ -11,7 +11,8 @@ import pytest
 from onnxopt import model_io
 from onnxopt.errors import ModelError
 from onnxopt.ir import to_proto
-from onnxopt.model_io import OpsetConversionError, convert_opset, load, save
+from onnxopt.model_io import load, save
+from onnxopt.opset import OpsetConversionError, convert_opset
 from testmodels.old_opsets import conv_relu_gemm, conv_then_scan8
 from testmodels.structures import conv_chain
 from tests.helpers import assert_same_outputs, random_feeds
@@ -132,7 +133,7 @@ def test_convert_opset_failure_names_the_op_and_leaves_the_model_alone():
 
 
 def test_convert_opset_finds_the_op_when_the_message_does_not_name_it():
-    from onnxopt.model_io import _conversion_error
+    from onnxopt.opset import _conversion_error
 
     proto = conv_then_scan8()
     error = _conversion_error(RuntimeError("Assertion failed: something else"), proto, 8, 13)

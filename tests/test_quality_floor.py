@@ -13,6 +13,7 @@ import pytest
 from onnxopt import Pass, PassContext, PassResult, optimize
 from onnxopt.cli import main
 from onnxopt.ir import add_initializer, const_array
+from onnxopt.options import option
 from onnxopt.pass_base import register_pass
 from onnxopt.report import Status
 from testmodels.graph_builder import GraphBuilder
@@ -20,7 +21,7 @@ from testmodels.graph_builder import GraphBuilder
 
 @dataclass(frozen=True)
 class _ScaleOptions:
-    scale: float = -1.0
+    scale: float = option(-1.0, within="[-10, 10]")
 
 
 @register_pass

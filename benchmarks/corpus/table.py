@@ -93,7 +93,9 @@ def _recheck(row: dict[str, Any]) -> str:
         return f"does not run: {r['error']}"
     if row["pipeline"].startswith(("exact", "onnxsim")):
         verdict = "ok" if r["within"] else "FAIL"
-        return f"{verdict} (max {_g(r['max_abs_error'])}, rtol needed {_g(r['needed_rtol'])})"
+        noise = f", or <= {_g(r['noise_abs'])} (8x noise)" if r.get("noise_abs") else ""
+        return (f"{verdict} (max {_g(r['max_abs_error'])}, rtol needed "
+                f"{_g(r['needed_rtol'])}{noise})")
     text = f"SQNR {_g(r['sqnr_db'], 3)} dB"
     if r.get("agreement") is not None:
         text += f", agree {r['agreement']:.3f}"

@@ -27,7 +27,8 @@ import onnx_ir as ir
 from onnxopt.cost import infer_shapes
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, node_label, opset_version, unmatched
-from onnxopt.model_io import OpsetConversionError, convert_opset, serialized_size
+from onnxopt.model_io import serialized_size
+from onnxopt.opset import OpsetConversionError, convert_opset
 from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 from onnxopt.passes.quantize.bias_correction import correct_biases
