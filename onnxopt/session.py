@@ -302,6 +302,31 @@ def expose_tensors(model: ir.Model, names: Sequence[str]) -> ir.Model:
     return copy
 
 
+#: Memory for the intermediate tensors one batch hands out (see :func:`batch_within`).
+BATCH_BYTES = 512 << 20
+
+
+def batch_within(model: ir.Model, names: Sequence[str], source: FeedSource, batch_size: int,
+                 *, input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 budget: int = BATCH_BYTES) -> int:
+    """The largest batch up to ``batch_size`` whose tensors ``names`` take at most ``budget``.
+
+    Measured on one sample: the convolutions of a text detector take 180 MB a sample at
+    640x640, every tensor of it 700 MB, so a batch of 32 of them would not fit in memory.
+    A model that fixes its batch keeps it (the size is then not measured).
+    """
+    if batch_size <= 1 or not names:
+        return batch_size
+    specs = input_specs(model, input_shapes)
+    if any(s.dims and s.dims[0] is not None for s in specs if s.is_tensor):
+        return batch_size  # a fixed batch: FeedSource.batches ignores the size
+    for (tensors,), _ in stream_tensors([model], [names], source, batch_size=1, limit=1,
+                                        input_shapes=input_shapes):
+        size = sum(a.nbytes for a in tensors.values() if isinstance(a, np.ndarray))
+        return int(max(1, min(batch_size, budget // max(size, 1))))
+    return batch_size
+
+
 def stream_tensors(
     models: Sequence[ir.Model],
     names: Sequence[Sequence[str]],

@@ -70,3 +70,18 @@ def test_concat_batches_joins_on_the_batch_axis() -> None:
     assert concat_batches(equal).shape == (4, 4, 3)  # no counts: axis 0
     ragged = concat_batches([np.zeros((2, 3)), np.zeros((3, 4))])
     assert ragged.dtype == object and ragged.shape == (2,)
+
+
+def test_batch_within_fits_the_exposed_tensors_in_the_budget() -> None:
+    from onnxopt.session import batch_within
+
+    proto, _ = two_layer_model()
+    model = from_proto(proto)
+    source = from_arrays({"x": np.ones((40, 4), np.float32)}, "x")
+    per_sample = (6 + 6) * 4  # h and r: six float32 each
+    assert batch_within(model, ["h", "r"], source, 32, budget=10 * per_sample) == 10
+    assert batch_within(model, ["h", "r"], source, 32, budget=10 ** 9) == 32
+    assert batch_within(model, ["h", "r"], source, 32, budget=1) == 1
+    # a batch the model fixes is kept: the size would be ignored anyway
+    fixed = {"x": (1, 4)}
+    assert batch_within(model, ["h", "r"], source, 32, input_shapes=fixed, budget=1) == 32

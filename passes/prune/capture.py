@@ -157,13 +157,19 @@ class ConvView(LinearView):
         return [(self.pads[d], self.pads[d + nd]) for d in range(nd)]
 
     def rows(self, x: np.ndarray, coords: np.ndarray) -> np.ndarray:
-        padded = np.pad(x, [(0, 0), (0, 0), *self._pads(x)])
+        # Gathered from x itself with the padding as a mask: padding a whole large map
+        # copied it once per consumer and batch.
+        pads = self._pads(x)
         n, where = coords[:, 0], coords[:, 1:]
         columns = []
         for offset in itertools.product(*(range(k) for k in self.kernel)):
-            index = [where[:, d] * self.strides[d] + offset[d] * self.dilations[d]
-                     for d in range(len(self.kernel))]
-            columns.append(padded[(n, slice(None), *index)])  # [S, P]
+            index, inside = [], np.ones(len(coords), dtype=bool)
+            for d in range(len(self.kernel)):
+                at = where[:, d] * self.strides[d] + offset[d] * self.dilations[d] - pads[d][0]
+                inside &= (at >= 0) & (at < x.shape[2 + d])
+                index.append(np.clip(at, 0, x.shape[2 + d] - 1))
+            column = x[(n, slice(None), *index)]  # [S, P]
+            columns.append(column if inside.all() else column * inside[:, None])
         return np.stack(columns, axis=2)
 
     def outputs(self, y: np.ndarray, coords: np.ndarray) -> np.ndarray:

@@ -56,7 +56,12 @@ from onnxopt.passes.prune.budget import (
 from onnxopt.passes.prune.channel_cost import COST_MODELS
 from onnxopt.passes.prune.importance import CRITERIA, group_scores
 from onnxopt.passes.prune.reconstruct import reconstruct
-from onnxopt.passes.prune.sensitivity import measured_error, measured_scores, refit_targets
+from onnxopt.passes.prune.sensitivity import (
+    measured_error,
+    measured_scores,
+    measurement,
+    refit_targets,
+)
 from onnxopt.passes.prune.statistics import collect_statistics
 from onnxopt.report import plural
 from onnxopt.shapes import ShapeTable, concrete_shapes, resolve_input_shapes
@@ -243,7 +248,7 @@ class PrunePass(Pass):
         scores = group_scores(groups, criterion, stats, ctx.seed, opts.ridge if aware else None)
         limits = Limits(opts.min_channels, opts.round_to)
         allocation = "ratio" if kind == "ratio" else opts.allocation
-        uniform = None
+        uniform = measuring = None
         if kind == "ratio":
             keep = allocate_ratio(scores, value, limits)
         else:
@@ -256,16 +261,18 @@ class PrunePass(Pass):
                 context = allocate_uniform(scores, cost, value * costs[kind].total(), limits)
                 uniform = {g.index: keep_every_tensor(g, context[g.index], scores[g.index])
                            for g in groups}
+                measuring = measurement(model, ctx, opts, refit)
                 scores, uniform_error = measured_scores(model, ctx, opts, groups, scores,
-                                                        context, limits, refit)
+                                                        context, limits, refit, measuring)
                 if any(not np.array_equal(uniform[i], context[i]) for i in uniform):
-                    uniform_error = measured_error(model, ctx, opts, uniform, refit)
+                    uniform_error = measured_error(model, ctx, opts, uniform, refit,
+                                                   measuring)
                 calibrated = True
             keep = ALLOCATORS[opts.allocation](scores, cost, value * costs[kind].total(), limits,
                                                not calibrated)
         keep = {g.index: keep_every_tensor(g, keep[g.index], scores[g.index]) for g in groups}
         if uniform is not None:
-            knapsack_error = measured_error(model, ctx, opts, keep, refit)
+            knapsack_error = measured_error(model, ctx, opts, keep, refit, measuring)
             result.stats["allocation_check"] = {"knapsack_error": knapsack_error,
                                                 "uniform_error": uniform_error}
             if uniform_error < knapsack_error:
@@ -310,7 +317,10 @@ class PrunePass(Pass):
         """Top-1 agreement (and accuracy) on calibration data before and after the refit."""
         from onnxopt.session import stream_tensors
 
-        name = model.graph.outputs[0].name
+        output = model.graph.outputs[0]
+        if output.shape is not None and (len(output.shape) != 2 or output.shape[1] == 1):
+            return ""  # no class scores (checked before running three models over the data)
+        name = output.name
         hits = np.zeros(3)
         correct = np.zeros(3)
         seen, labelled = 0, True

@@ -15,26 +15,38 @@ after, ``sum|y|^2 - 2 <Theta, R> + <Theta, H Theta>``, needs no further pass; a 
 not lower it is discarded.
 
 Order. A consumer's rows depend on every refit above it, so consumers are processed in
-levels (level = refitted consumers on the longest path above it). One calibration pass per
-level runs the original model (targets) and the current pruned model (rows) side by side.
+levels (level = refitted consumers on the longest path above it). The original model's outputs
+at the sampled rows (the targets) are computed in one pass (:class:`TargetCache`, shareable
+between refits of the same data); the pruned model runs level by level through a
+:class:`~onnxopt.passes.prune.runner.LevelRunner`, so each of its nodes runs once in all.
+Rows are buffered and added to ``H`` and ``R`` in blocks of :data:`FLUSH_ROWS`, so the cost
+does not grow with the number of batches (a model with a fixed batch of 1 streams one sample
+at a time).
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxopt.data import FeedSource
-from onnxopt.passes.prune.capture import LinearView, linear_view, truncated_copy
-from onnxopt.session import stream_tensors
+from onnxopt.feeds import input_specs
+from onnxopt.passes.prune.capture import LinearView, linear_view
+from onnxopt.passes.prune.runner import LevelRunner, segment
+from onnxopt.progress import progress
+from onnxopt.session import batch_within, make_session
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RefitResult", "RefitTarget", "reconstruct", "refit_levels"]
+__all__ = ["RefitResult", "RefitTarget", "TargetCache", "reconstruct", "refit_levels"]
+
+#: Rows buffered per consumer before they are added to its normal equations.
+FLUSH_ROWS = 4096
 
 
 @dataclass(eq=False)
@@ -80,6 +92,8 @@ class _System:
     cross: np.ndarray
     energy: float = 0.0
     rows: int = 0
+    pending: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    pending_rows: int = 0
 
 
 def refit_levels(model: ir.Model, nodes: Sequence[ir.Node]) -> list[list[int]]:
@@ -129,9 +143,12 @@ def _solve(system: _System, ridge: float) -> RefitResult:
     rhs = system.cross + regulariser[:, None] * theta0
     try:
         theta = np.linalg.solve(lhs, rhs)
+        # H theta = R + lam (theta0 - theta) at the solution: no second D x D product
+        after = float(system.energy - np.sum(theta * system.cross)
+                      + np.sum(theta * (regulariser[:, None] * (theta0 - theta)))) / energy
     except np.linalg.LinAlgError:
         theta = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
-    after = _residual(system, theta) / energy
+        after = _residual(system, theta) / energy
     if not np.all(np.isfinite(theta)) or after >= before:
         return RefitResult(name, before, before, system.rows, False, "no improvement")
     out, shape = theta.shape[1], view.weight.shape
@@ -141,21 +158,33 @@ def _solve(system: _System, ridge: float) -> RefitResult:
     return RefitResult(name, before, after, system.rows, True)
 
 
+def _flush(system: _System) -> None:
+    if not system.pending:
+        return
+    design = np.concatenate([d for d, _ in system.pending])
+    target = np.concatenate([t for _, t in system.pending])
+    system.gram += (design.T @ design).astype(np.float64)
+    system.cross += (design.T @ target).astype(np.float64)
+    system.pending, system.pending_rows = [], 0
+
+
 def _accumulate(system: _System, x: np.ndarray, target: np.ndarray,
                 coords: np.ndarray) -> None:
     design = _design(system.view, system.view.rows(x, coords))
-    system.gram += (design.T @ design).astype(np.float64)
-    system.cross += (design.T @ target).astype(np.float64)
     system.energy += float(np.sum(target.astype(np.float64) ** 2))
     system.rows += design.shape[0]
+    system.pending.append((design, target))
+    system.pending_rows += design.shape[0]
+    if system.pending_rows >= FLUSH_ROWS:
+        _flush(system)
 
 
 def _chunks(levels: list[list[_System]], rows: int, budget: int) -> list[list[list[_System]]]:
-    """Consecutive levels whose cached targets (``rows x kept outputs`` floats) fit ``budget``."""
+    """Consecutive levels whose cached targets (``rows x outputs`` floats) fit ``budget``."""
     chunks: list[list[list[_System]]] = []
     used = budget + 1
     for level in levels:
-        size = 4 * rows * sum(len(s.target.kept_outputs) for s in level)
+        size = 4 * rows * sum(s.view.weight.shape[0] for s in level)
         if used + size > budget:
             chunks.append([])
             used = 0
@@ -164,17 +193,79 @@ def _chunks(levels: list[list[_System]], rows: int, budget: int) -> list[list[li
     return chunks
 
 
+class TargetCache:
+    """The original model's outputs at sampled rows of its linear consumers, per batch.
+
+    Computed in one pass of the original model for the consumers asked for, and kept, so
+    several refits on the same data (the probes of :mod:`.sensitivity`) share them. The
+    rows of a consumer in a batch are drawn from a generator seeded by ``seed``, the batch's
+    first sample and the consumer's output name, so they do not depend on which other
+    consumers were asked for at the same time.
+
+    Args:
+        original: The unpruned model.
+        source: Calibration feeds.
+        input_shapes: Concrete shapes of dynamic inputs.
+        positions: Output locations sampled per sample and Conv.
+        seed: Seed of the sampling.
+        batch_size: Batch size when the batch axis is dynamic (the refits that use the
+            cache must use the same).
+        limit: At most this many samples.
+        show_progress: Allow a progress bar.
+    """
+
+    def __init__(self, original: ir.Model, source: FeedSource,
+                 input_shapes: Mapping[str, tuple[int, ...]] | None = None, *,
+                 positions: int = 16, seed: int = 0, batch_size: int = 32,
+                 limit: int | None = None, show_progress: bool = False) -> None:
+        self.original = original
+        self.source = source
+        self.specs = input_specs(original, input_shapes)
+        self.positions = positions
+        self.seed = seed
+        self.batch_size = batch_size
+        self.limit = limit
+        self.show_progress = show_progress
+        self.rows: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def ensure(self, views: Mapping[str, LinearView]) -> None:
+        """Compute the rows of the consumers ``views`` (output name -> view) not yet known."""
+        missing = {name: view for name, view in views.items() if name not in self.rows}
+        if not missing:
+            return
+        proto, _, _ = segment(self.original, list(missing))
+        if proto is None:
+            raise ValueError("consumer outputs must be computed by nodes")
+        session = make_session(proto)
+        names = list(missing)
+        for name in names:
+            self.rows[name] = []
+        start = 0
+        batches = self.source.batches(self.specs, self.batch_size, self.limit)
+        for feeds, _ in progress(batches, enabled=self.show_progress, desc="prune: targets"):
+            wanted = {i.name for i in session.get_inputs()}
+            arrays = session.run(names, {k: v for k, v in feeds.items() if k in wanted})
+            for name, y in zip(names, arrays, strict=True):
+                rng = np.random.default_rng([self.seed, start, zlib.crc32(name.encode())])
+                coords = missing[name].sample(y.shape, self.positions, rng)
+                self.rows[name].append((coords, np.ascontiguousarray(
+                    missing[name].outputs(y, coords), dtype=np.float32)))
+            start += len(next(iter(feeds.values()))) if feeds else 1
+
+    def drop(self, names: Sequence[str]) -> None:
+        """Forget the rows of these consumers."""
+        for name in names:
+            self.rows.pop(name, None)
+
+
 def reconstruct(original: ir.Model, pruned: ir.Model, targets: Sequence[RefitTarget],
                 source: FeedSource, *, ridge: float = 1e-2, positions: int = 16,
                 batch_size: int = 32, limit: int | None = None, max_inputs: int = 4096,
                 input_shapes: Mapping[str, tuple[int, ...]] | None = None, seed: int = 0,
                 show_progress: bool = False, cache_bytes: int = 256 << 20,
+                frontier_bytes: int = 1 << 30, cache: TargetCache | None = None,
                 ) -> list[RefitResult]:
     """Refit ``targets`` of ``pruned`` in place so they reproduce ``original``'s outputs.
-
-    The original model's outputs at the sampled rows are computed once per chunk of levels
-    (as many as ``cache_bytes`` holds) and reused; each level then runs the pruned model only
-    up to the inputs it needs.
 
     Args:
         original: The unpruned model; its tensors carry the same names.
@@ -189,7 +280,11 @@ def reconstruct(original: ir.Model, pruned: ir.Model, targets: Sequence[RefitTar
         input_shapes: Concrete shapes of dynamic inputs.
         seed: Seed of the position sampling.
         show_progress: Allow a progress bar.
-        cache_bytes: Memory for cached targets.
+        cache_bytes: Memory for cached targets (levels are refitted in chunks that fit).
+        frontier_bytes: Memory for the pruned model's activations kept between levels.
+        cache: Targets shared with other refits on the same data (its sampling settings
+            replace ``positions``, ``seed``, ``batch_size`` and ``limit``); None makes a
+            private one.
 
     Returns:
         One result per target, in the order given.
@@ -212,35 +307,46 @@ def reconstruct(original: ir.Model, pruned: ir.Model, targets: Sequence[RefitTar
     order = list(systems)
     levels = [[systems[order[k]] for k in level]
               for level in refit_levels(pruned, [systems[i].target.node for i in order])]
-    samples = limit or source.num_samples or 512
-    options = {"batch_size": batch_size, "limit": limit, "input_shapes": input_shapes}
-    for c, chunk in enumerate(_chunks(levels, samples * positions, cache_bytes)):
-        flat = [system for level in chunk for system in level]
-        outs = [s.target.node.outputs[0].name for s in flat]
-        rng = np.random.default_rng([seed, c])
-        cached: list[list[tuple[np.ndarray, np.ndarray]]] = []
-        for (ys,), _ in stream_tensors([truncated_copy(original, outs)], [outs], source,
-                                       show_progress=show_progress, desc="prune: targets",
-                                       **options):
-            batch = []
-            for system, out in zip(flat, outs, strict=True):
-                coords = system.view.sample(ys[out].shape, positions, rng)
-                target = system.view.outputs(ys[out], coords)[:, system.target.kept_outputs]
-                batch.append((coords, np.ascontiguousarray(target)))
-            cached.append(batch)
-        offset = 0
+    shared = cache is not None
+    if cache is None:
+        outputs = [s.target.node.outputs[0].name for s in systems.values()]
+        if outputs:
+            batch_size = batch_within(original, outputs, source, batch_size,
+                                      input_shapes=input_shapes)
+        cache = TargetCache(original, source, input_shapes, positions=positions, seed=seed,
+                            batch_size=batch_size, limit=limit, show_progress=show_progress)
+    by_name = {v.name: node for node in original.graph for v in node.outputs}
+    runner = LevelRunner(
+        pruned, [[s.target.node.inputs[0].name for s in level] for level in levels],
+        cache.source, input_specs(pruned, input_shapes), batch_size=cache.batch_size,
+        limit=cache.limit, cache_bytes=frontier_bytes, show_progress=show_progress,
+        desc="prune: refit")
+    samples = cache.limit or source.num_samples or 512
+    chunks = [levels] if shared else _chunks(levels, samples * cache.positions, cache_bytes)
+    k = 0
+    for chunk in chunks:
+        outs = [s.target.node.outputs[0].name for level in chunk for s in level]
+        views = {}
+        for name in outs:
+            node = by_name.get(name)
+            view = linear_view(node) if node is not None else "missing"
+            if isinstance(view, str):
+                raise ValueError(f"{name!r} is not the output of a linear consumer in the "
+                                 "original model")
+            views[name] = view
+        cache.ensure(views)
         for level in chunk:
-            ins = [s.target.node.inputs[0].name for s in level]
-            model = truncated_copy(pruned, ins)
-            batches = stream_tensors([model], [list(dict.fromkeys(ins))], source,
-                                     show_progress=show_progress, desc="prune: refit", **options)
-            for b, ((xs,), _) in enumerate(batches):
-                for k, (system, name) in enumerate(zip(level, ins, strict=True)):
-                    coords, target = cached[b][offset + k]
-                    _accumulate(system, xs[name], target, coords)
-            offset += len(level)
+            for b, xs in enumerate(runner.run(k)):
+                for system in level:
+                    coords, y = cache.rows[system.target.node.outputs[0].name][b]
+                    _accumulate(system, xs[system.target.node.inputs[0].name],
+                                y[:, system.target.kept_outputs], coords)
+            k += 1
             for system in level:
+                _flush(system)
                 result = results[system.index] = _solve(system, ridge)
                 logger.debug("refit %s: error %.4g -> %.4g", result.node,
                              result.error_before, result.error_after)
+        if not shared:
+            cache.drop(outs)
     return [results[i] for i in range(len(targets))]

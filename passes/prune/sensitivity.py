@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,8 +26,11 @@ from onnxopt.passes.prune.budget import (
     keep_every_tensor,
 )
 from onnxopt.passes.prune.capture import linear_view
-from onnxopt.passes.prune.reconstruct import RefitTarget, reconstruct
+from onnxopt.passes.prune.crops import crop_source
+from onnxopt.passes.prune.reconstruct import RefitTarget, TargetCache, reconstruct
+from onnxopt.passes.prune.runner import stream_segments
 from onnxopt.progress import progress
+from onnxopt.session import batch_within
 
 if TYPE_CHECKING:
     from onnxopt.passes.prune.prune import PruneOptions
@@ -39,18 +43,63 @@ HOLDOUT_MIN = 32
 """Below this many calibration samples they refit and measure on all of them."""
 
 
-def _holdout(model: ir.Model, ctx: PassContext) -> tuple[PassContext, PassContext]:
-    """``(fit, held)`` contexts: refit probes on ``fit``, measure their error on ``held``.
+@dataclass(eq=False)
+class Measurement:
+    """The data the measurements of one plan run on, and what they share.
+
+    Attributes:
+        model: The unpruned model.
+        opts: The pass's options.
+        refit: Whether pruned copies are refitted.
+        fit: Context whose calibration data the probes are refitted on.
+        held: Context whose calibration data their output change is measured on.
+        cache: The unpruned model's outputs at the refit's sampled rows of ``fit`` (shared
+            by every probe's refit), when refitting.
+        reference: The unpruned model's first output per batch of ``held`` (once known).
+    """
+
+    model: ir.Model
+    opts: PruneOptions
+    refit: bool
+    fit: PassContext
+    held: PassContext
+    cache: TargetCache | None = None
+    reference: list[np.ndarray] | None = field(default=None, repr=False)
+
+
+def measurement(model: ir.Model, ctx: PassContext, opts: PruneOptions,
+                refit: bool) -> Measurement:
+    """The measuring data of one plan: crops of large images, split into fit and held parts.
+
+    Images at least twice :data:`~onnxopt.passes.prune.crops.CROP` in both directions are
+    cropped when the model allows it (:func:`~onnxopt.passes.prune.crops.crop_source`).
 
     Measured on the samples it was fitted to, a refit looks better than it is, and most
     where the consumer has about as many inputs as there are rows (a Gemm after Flatten
     sees one row per sample): the knapsack would then thin the layers above such consumers
     for nothing. So the measuring holds out every 4th sample. The final refit uses all.
     """
-    if ctx.calib is None or ctx.calib.count(input_specs(model)) < HOLDOUT_MIN:
-        return ctx, ctx
-    fit, held = ctx.calib.holdout(HOLDOUT_EVERY)
-    return dataclasses.replace(ctx, calib=fit), dataclasses.replace(ctx, calib=held)
+    if ctx.calib is not None:
+        cropped = crop_source(model, ctx.calib, ctx.input_shapes, ctx.seed)
+        if cropped is not None:
+            source, shapes = cropped
+            logger.info("prune: measuring on %s", source.description)
+            ctx = dataclasses.replace(ctx, calib=source, input_shapes=shapes)
+    fit = held = ctx
+    if ctx.calib is not None and ctx.calib.count(input_specs(model, ctx.input_shapes)) >= \
+            HOLDOUT_MIN:
+        parts = ctx.calib.holdout(HOLDOUT_EVERY)
+        fit, held = (dataclasses.replace(ctx, calib=part) for part in parts)
+    cache = None
+    if refit and fit.calib is not None:
+        consumers = [n.outputs[0].name for n in model.graph
+                     if not isinstance(linear_view(n), str)]
+        batch = batch_within(model, consumers, fit.calib, opts.batch_size,
+                             input_shapes=fit.input_shapes)
+        cache = TargetCache(model, fit.calib, fit.input_shapes, positions=opts.positions,
+                            seed=fit.seed, batch_size=batch, limit=opts.max_samples,
+                            show_progress=ctx.progress)
+    return Measurement(model, opts, refit, fit, held, cache)
 
 
 def refit_targets(groups: list[ChannelGroup], keep: dict[int, np.ndarray]) -> list[RefitTarget]:
@@ -132,15 +181,16 @@ def _reuse_refits(probe: ir.Model, targets: list[RefitTarget], reuse: ir.Model,
 
 def pruned_copy(model: ir.Model, ctx: PassContext, opts: PruneOptions,
                  keep: dict[int, np.ndarray], refit: bool,
-                 reuse: tuple[ir.Model, int] | None = None) -> ir.Model:
+                 reuse: tuple[ir.Model, int] | None = None,
+                 cache: TargetCache | None = None) -> ir.Model:
     """A copy of ``model`` with the channels ``keep`` drops removed (and refitted).
 
     ``reuse=(refitted, index)``: ``refitted`` is the same plan but for group ``index``,
     already refitted; the consumers above that group's change take its weights instead of
     being refitted again (they see the same inputs and keep the same channels).
     """
-    probe = clone_model(model)
-    twins = [g for g in analyse_channels(probe).groups if g.index in keep]
+    probe = clone_model(model)  # carries the model's inferred shapes: no new inference
+    twins = [g for g in analyse_channels(probe, infer=False).groups if g.index in keep]
     if any(g.size != len(keep[g.index]) for g in twins):  # the analysis is deterministic
         raise RuntimeError("channel groups of a copy differ from the model's")
     targets = refit_targets(twins, keep) if refit else []
@@ -156,31 +206,52 @@ def pruned_copy(model: ir.Model, ctx: PassContext, opts: PruneOptions,
     if targets:
         reconstruct(model, probe, targets, ctx.calib, ridge=opts.ridge, positions=opts.positions,
                     batch_size=opts.batch_size, limit=opts.max_samples,
-                    input_shapes=ctx.input_shapes, seed=ctx.seed)
+                    input_shapes=ctx.input_shapes, seed=ctx.seed, cache=cache)
     return probe
 
 
-def _output_errors(model: ir.Model, probes: list[ir.Model], ctx: PassContext,
-                   opts: PruneOptions) -> np.ndarray:
-    """``|y_probe - y|^2 / |y|^2`` of the first graph output on calibration data."""
-    from onnxopt.session import stream_tensors
-
+def _reference(model: ir.Model, ctx: PassContext, opts: PruneOptions) -> list[np.ndarray]:
+    """The first graph output of ``model`` per calibration batch (float64)."""
     name = model.graph.outputs[0].name
-    models = [model, *probes]
-    error, energy = np.zeros(len(probes)), 0.0
-    for outs, _ in stream_tensors(models, [[name]] * len(models), ctx.calib,
-                                  batch_size=opts.batch_size, limit=opts.max_samples,
-                                  input_shapes=ctx.input_shapes):
-        reference = outs[0][name].astype(np.float64)
-        energy += float(np.sum(reference ** 2))
-        error += [np.sum((o[name] - reference) ** 2) for o in outs[1:]]
+    return [outs[0][name].astype(np.float64) for outs in stream_segments(
+        [model], [name], ctx.calib, input_specs(model, ctx.input_shapes),
+        batch_size=opts.batch_size, limit=opts.max_samples)]
+
+
+def _output_errors(model: ir.Model, probes: list[ir.Model], ctx: PassContext,
+                   opts: PruneOptions, reference: list[np.ndarray] | None = None) -> np.ndarray:
+    """``|y_probe - y|^2 / |y|^2`` of the first graph output on calibration data.
+
+    ``reference``: ``model``'s outputs per batch (:func:`_reference`), when already known.
+    """
+    if reference is None:
+        reference = _reference(model, ctx, opts)
+    name = model.graph.outputs[0].name
+    error = np.zeros(len(probes))
+    energy = sum(float(np.sum(r ** 2)) for r in reference)
+    for b, outs in enumerate(stream_segments(
+            probes, [name], ctx.calib, input_specs(model, ctx.input_shapes),
+            batch_size=opts.batch_size, limit=opts.max_samples)):
+        error += [np.sum((o[name] - reference[b]) ** 2) for o in outs]
     return error / max(energy, 1e-30)
+
+
+def _copy(m: Measurement, keep: dict[int, np.ndarray],
+          reuse: tuple[ir.Model, int] | None = None) -> ir.Model:
+    return pruned_copy(m.model, m.fit, m.opts, keep, m.refit, reuse, m.cache)
+
+
+def _errors(m: Measurement, probes: list[ir.Model]) -> np.ndarray:
+    if m.reference is None:
+        m.reference = _reference(m.model, m.held, m.opts)
+    return _output_errors(m.model, probes, m.held, m.opts, m.reference)
 
 
 def measured_scores(model: ir.Model, ctx: PassContext, opts: PruneOptions,
                      groups: list[ChannelGroup], scores: dict[int, np.ndarray],
-                     context: dict[int, np.ndarray], limits: Limits,
-                     refit: bool) -> tuple[dict[int, np.ndarray], float]:
+                     context: dict[int, np.ndarray], limits: Limits, refit: bool,
+                     measuring: Measurement | None = None,
+                     ) -> tuple[dict[int, np.ndarray], float]:
     """Scores whose sums measure the change of the graph output, comparable across groups.
 
     Per-layer scores order a group's channels but say nothing across groups: a layer's own
@@ -190,7 +261,8 @@ def measured_scores(model: ir.Model, ctx: PassContext, opts: PruneOptions,
     criterion's order while the other groups keep ``context`` (refitted when the pass
     refits), and the relative energy ``E(r) = |y_r - y|^2 / |y|^2`` of the change of the
     first graph output is measured for ``r`` channels removed (refitted on 3 of every 4
-    calibration samples and measured on the 4th, :func:`_holdout`).
+    calibration samples and measured on the 4th, on crops of large images: see
+    :func:`measurement`, whose result ``measuring`` may be given to share it).
     ``E(r) - E(0)``, interpolated linearly between probes (the last slope beyond them) and
     made increasing, scores the channel removed ``i``-th by ``E(i + 1) - E(i)``: a chunk's
     score is its measured damage, and the knapsack adds the damages of groups.
@@ -198,9 +270,9 @@ def measured_scores(model: ir.Model, ctx: PassContext, opts: PruneOptions,
     Returns:
         ``(scores, error)``: the measured scores and ``E`` of ``context`` itself.
     """
-    fit, held = _holdout(model, ctx)
-    operating = pruned_copy(model, fit, opts, context, refit)
-    base = float(_output_errors(model, [operating], held, opts)[0])
+    m = measuring or measurement(model, ctx, opts, refit)
+    operating = _copy(m, context)
+    base = float(_errors(m, [operating])[0])
     measured = dict(scores)
     for group in progress(groups, enabled=ctx.progress, desc="prune: measuring groups",
                           unit="group"):
@@ -216,9 +288,8 @@ def measured_scores(model: ir.Model, ctx: PassContext, opts: PruneOptions,
             keep[order[:size - width]] = False
             probe_keep = dict(context)
             probe_keep[group.index] = keep_every_tensor(group, keep, scores[group.index])
-            probes.append(pruned_copy(model, fit, opts, probe_keep, refit,
-                                      (operating, group.index)))
-        errors = dict(zip(widths, _output_errors(model, probes, held, opts), strict=True))
+            probes.append(_copy(m, probe_keep, (operating, group.index)))
+        errors = dict(zip(widths, _errors(m, probes), strict=True))
         errors[current] = base
         removed = np.array([size - w for w in sorted(errors, reverse=True)], dtype=np.float64)
         damage = np.array([errors[w] for w in sorted(errors, reverse=True)]) - errors[size]
@@ -236,10 +307,10 @@ def measured_scores(model: ir.Model, ctx: PassContext, opts: PruneOptions,
 
 
 def measured_error(model: ir.Model, ctx: PassContext, opts: PruneOptions,
-                   keep: dict[int, np.ndarray], refit: bool) -> float:
+                   keep: dict[int, np.ndarray], refit: bool,
+                   measuring: Measurement | None = None) -> float:
     """``|y_pruned - y|^2 / |y|^2`` of the first graph output on calibration data once the
     channels ``keep`` drops are removed (and the consumers refitted), on held-out samples
-    (see :func:`_holdout`)."""
-    fit, held = _holdout(model, ctx)
-    return float(_output_errors(model, [pruned_copy(model, fit, opts, keep, refit)], held,
-                                opts)[0])
+    (see :func:`measurement`)."""
+    m = measuring or measurement(model, ctx, opts, refit)
+    return float(_errors(m, [_copy(m, keep)])[0])

@@ -23,8 +23,10 @@ import onnx_ir as ir
 from onnxopt.channels.groups import ChannelGroup, Member
 from onnxopt.channels.tie import IN0, Role
 from onnxopt.data import FeedSource
-from onnxopt.passes.prune.capture import LinearView, linear_view, truncated_copy
-from onnxopt.session import stream_tensors
+from onnxopt.feeds import input_specs
+from onnxopt.passes.prune.capture import LinearView, linear_view
+from onnxopt.passes.prune.runner import stream_segments
+from onnxopt.session import batch_within
 
 __all__ = ["CalibStatistics", "ConsumerSystem", "collect_statistics"]
 
@@ -32,6 +34,8 @@ __all__ = ["CalibStatistics", "ConsumerSystem", "collect_statistics"]
 _BLOCK = 4_000_000
 #: Largest consumer input (``P x K`` columns) whose second moment is kept.
 MAX_COLUMNS = 2048
+#: Rows buffered per consumer before they are added to its second moment.
+FLUSH_ROWS = 4096
 
 
 @dataclass(eq=False)
@@ -50,6 +54,7 @@ class ConsumerSystem:
     columns: tuple[np.ndarray, np.ndarray]
     moment: np.ndarray
     energy: float = 0.0
+    name: str = ""
 
 
 @dataclass
@@ -69,6 +74,7 @@ class CalibStatistics:
     seen: dict[int, np.ndarray] = field(default_factory=dict)
     gram: dict[int, np.ndarray] = field(default_factory=dict)
     systems: dict[int, list[ConsumerSystem]] = field(default_factory=dict)
+    consumers: dict[str, tuple[int, ConsumerSystem]] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -80,6 +86,16 @@ class _Consumer:
     energy: float = 0.0
     system: ConsumerSystem | None = None
     needs_gram: bool = True
+    pending: list[np.ndarray] = field(default_factory=list)
+    pending_rows: int = 0
+
+
+def _flush(consumer: _Consumer) -> None:
+    """Add the buffered rows to the consumer's second moment (one product per block)."""
+    if consumer.pending and consumer.system is not None:
+        design = np.concatenate(consumer.pending)
+        consumer.system.moment += (design.T @ design).astype(np.float64)
+    consumer.pending, consumer.pending_rows = [], 0
 
 
 def _columns(member: Member, kernel: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -101,7 +117,7 @@ def _system(view: LinearView, member: Member) -> ConsumerSystem | None:
     weight = view.weight.reshape(out, -1)
     if view.fits_bias:
         weight = np.concatenate([weight, view.bias[:, None]], axis=1)
-    return ConsumerSystem(weight, columns, np.zeros((size, size)))
+    return ConsumerSystem(weight, columns, np.zeros((size, size)), name=view.node.name or "")
 
 
 def _consumers(groups: Sequence[ChannelGroup], systems: bool) -> list[_Consumer]:
@@ -165,7 +181,10 @@ def _observe(consumer: _Consumer, x: np.ndarray, y: np.ndarray, positions: int,
         design = rows.reshape(rows.shape[0], -1).astype(np.float32)
         if view.fits_bias:
             design = np.concatenate([design, np.ones((len(design), 1), np.float32)], axis=1)
-        system.moment += (design.T @ design).astype(np.float64)
+        consumer.pending.append(design)
+        consumer.pending_rows += len(design)
+        if consumer.pending_rows >= FLUSH_ROWS:
+            _flush(consumer)
         system.energy = consumer.energy
 
 
@@ -208,19 +227,24 @@ def collect_statistics(model: ir.Model, groups: Sequence[ChannelGroup], source: 
     if not names:
         return stats
     rng = np.random.default_rng(seed)
-    batches = stream_tensors([truncated_copy(model, names)], [names], source,
-                             batch_size=batch_size, limit=limit, input_shapes=input_shapes,
-                             show_progress=show_progress, desc="prune: scoring channels")
-    for (tensors,), _ in batches:
+    specs = input_specs(model, input_shapes)
+    batch = batch_within(model, names, source, batch_size, input_shapes=input_shapes)
+    for (tensors,) in stream_segments([model], names, source, specs, batch_size=batch,
+                                      limit=limit, show_progress=show_progress,
+                                      desc="prune: scoring channels"):
         for (name, _), (group, member) in members.items():
             _count_zeros(stats, group, member, tensors[name])
         for consumer in consumers:
             _observe(consumer, tensors[consumer.member.value.name],
                      tensors[consumer.view.node.outputs[0].name], positions, rng)
     for consumer in consumers:
+        _flush(consumer)
         if consumer.energy > 0 and consumer.needs_gram:
             index = consumer.group.index
             stats.gram[index] = stats.gram.get(index, 0.0) + consumer.gram / consumer.energy
+    for consumer in consumers:
+        if consumer.system is not None and consumer.energy > 0 and consumer.system.name:
+            stats.consumers[consumer.system.name] = (consumer.group.index, consumer.system)
     for group in groups:
         mine = [c for c in consumers if c.group is group]
         if mine and all(c.system is not None and c.energy > 0 for c in mine):

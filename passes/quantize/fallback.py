@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.data import FeedSource
-from onnxopt.session import stream_tensors
+from onnxopt.session import BATCH_BYTES, batch_within, stream_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +97,19 @@ def tensor_sqnr(float_model: ir.Model, quant_model: ir.Model, names: Mapping[str
     keys = list(names)
     signal = dict.fromkeys(keys, 0.0)
     noise = dict.fromkeys(keys, 0.0)
+    # two models' tensors per batch: each gets half the memory
+    batch_size = batch_within(float_model, keys, source, batch_size, input_shapes=input_shapes,
+                              budget=BATCH_BYTES // 2)
     for (ref, got), _ in stream_tensors([float_model, quant_model],
                                         [keys, [names[k] for k in keys]], source,
                                         batch_size=batch_size, limit=limit,
                                         input_shapes=input_shapes, desc="per-node SQNR"):
         for k in keys:
-            r = ref[k].astype(np.float64)
-            signal[k] += float(np.sum(r**2))
-            noise[k] += float(np.sum((got[names[k]].astype(np.float64) - r) ** 2))
+            r, g = ref[k].reshape(-1), got[names[k]].reshape(-1)
+            d = g - r if g.dtype == r.dtype else g.astype(np.float64) - r
+            # sums of squares accumulated in float64 without float64 copies of the tensors
+            signal[k] += float(np.einsum("i,i->", r, r, dtype=np.float64))
+            noise[k] += float(np.einsum("i,i->", d, d, dtype=np.float64))
     return {k: sqnr_db(signal[k], noise[k]) for k in keys}
 
 

@@ -213,8 +213,9 @@ class _Builder:
             return plan, Rewritten()
         missing = [n for n in plan.tensors if n not in self.stats]
         if missing:
+            bins = o.bins if o.method != "minmax" else 0  # minmax reads no histogram
             self.stats.update(calibrate(
-                self.float_model, missing, ctx.calib, bins=o.bins, batch_size=o.batch_size,
+                self.float_model, missing, ctx.calib, bins=bins, batch_size=o.batch_size,
                 limit=o.calib_samples, input_shapes=ctx.input_shapes,
                 show_progress=ctx.progress))
         params, _ = group_params(plan, self.stats, method=o.method, percentile=o.percentile,

@@ -3,7 +3,8 @@
 Statistics are gathered in onnxruntime: the wanted intermediate tensors are made extra graph
 outputs of a copy of the model, the copy runs batch by batch, and every batch is folded into
 fixed-size per-tensor accumulators and then dropped, so memory depends on the batch size and
-the number of tensors, never on the number of samples.
+the number of tensors, never on the number of samples; the batch is made smaller where the
+tensors of one batch would take more than :data:`onnxopt.session.BATCH_BYTES`.
 
 Per tensor (:class:`TensorStats`): exact running min/max; a histogram of ``bins`` bins over
 ``[lo, lo + bins * width)`` (:class:`StreamingHistogram`); optionally per-channel sums and
@@ -29,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxopt.data import FeedSource
-from onnxopt.session import stream_tensors
+from onnxopt.session import batch_within, stream_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +212,7 @@ def collect_activation_stats(
         Tensor name -> :class:`TensorStats`.
     """
     stats = {n: TensorStats(n, bins, channel_stats, mean_sample) for n in names}
+    batch_size = batch_within(model, list(stats), source, batch_size, input_shapes=input_shapes)
     for (tensors,), _ in stream_tensors([model], [list(stats)], source, batch_size=batch_size,
                                         limit=limit, input_shapes=input_shapes,
                                         show_progress=show_progress, threads=threads):

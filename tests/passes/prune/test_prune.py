@@ -128,7 +128,9 @@ def test_plan_only_reports_without_rewriting() -> None:
     assert result.summary.startswith("plan only: macs=0.5")
     assert "MACs saved" in result.plan
     saved = sum(r["macs_saved"] for r in rows)
-    assert 0.45 < saved / model_cost(infer_shapes(model)).macs < 0.55
+    # at least the half asked for; a kept uniform plan overshoots by the rounding of its
+    # 8-channel groups
+    assert 0.5 <= saved / model_cost(infer_shapes(model)).macs < 0.6
 
 
 def test_refusals_and_user_errors() -> None:
@@ -322,11 +324,13 @@ def test_knapsack_plan_is_checked_against_the_uniform_plan(monkeypatch) -> None:
 
     measured = prune_module.measured_scores
 
-    def misleading(model_, ctx_, opts, groups, scores, context, limits, refit):
-        # the widest group looks free to remove: the knapsack empties it
-        values, error = measured(model_, ctx_, opts, groups, scores, context, limits, refit)
-        widest = max(groups, key=lambda g: g.size).index
-        values = {g: v * (1e-9 if g == widest else 1e3) for g, v in values.items()}
+    def misleading(model_, ctx_, opts, groups, scores, context, limits, refit, measuring):
+        # the group whose thinning was measured to hurt most looks free to remove: the
+        # knapsack empties it
+        values, error = measured(model_, ctx_, opts, groups, scores, context, limits, refit,
+                                 measuring)
+        worst = max(values, key=lambda g: float(np.sum(values[g])))
+        values = {g: v * (1e-9 if g == worst else 1e3) for g, v in values.items()}
         return values, error
 
     monkeypatch.setattr(prune_module, "measured_scores", misleading)
