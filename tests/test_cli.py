@@ -150,6 +150,22 @@ def test_strict_exit_code_on_rollback(conv_chain_path, capsys, monkeypatch):
     assert "rolled back" in capsys.readouterr().err
 
 
+def test_strict_states_a_rollback_once(conv_chain_path, capsys, monkeypatch):
+    """The reason for a rollback is on stderr once: in the warning, or in the --strict line
+    when -q silenced the warning."""
+    import onnxopt.pass_base as pb
+    from tests.test_manager import PerturbWeight
+
+    monkeypatch.setitem(pb._REGISTRY, PerturbWeight.name, PerturbWeight)
+    for quiet in (["-q"], []):
+        assert main([str(conv_chain_path), "-p", "test-perturb", "--strict", *quiet]) == 1
+        err = capsys.readouterr().err
+        assert err.count("exact pass changed the outputs") == 1, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("onnxopt: --strict: exit 1: pass test-perturb rolled back")
+        assert last.endswith("(reason above)") is not bool(quiet)
+
+
 def test_gate_exit_code_names_pass(conv_chain_path, capsys, monkeypatch):
     import onnxopt.pass_base as pb
     from tests.test_manager import LossyPerturb
