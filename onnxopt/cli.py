@@ -111,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(args_list: list[str]) -> int:
+    if args_list[:1] == ["build"]:  # the engine's own build command
+        from onnxopt.build.cli import COMMANDS
+
+        return COMMANDS[args_list[0]](args_list[1:])
     if args_list and args_list[0] != "info" and not args_list[0].startswith("-"):
         from onnxopt.pass_base import registered_commands
 
