@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(args_list: list[str]) -> int:
-    if args_list[:1] == ["build"]:  # the engine's own build command
+    if args_list[:1] in (["build"], ["sweep"]):  # the engine's own build commands
         from onnxopt.build.cli import COMMANDS
 
         return COMMANDS[args_list[0]](args_list[1:])

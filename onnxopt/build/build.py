@@ -35,7 +35,8 @@ class BuildOutcome:
 
 
 def build(recipe: Recipe, executor: Executor | None = None, *, force: bool = False,
-          progress: Progress | None = None, verbose: int = -1) -> BuildOutcome:
+          progress: Progress | None = None, verbose: int = -1,
+          summaries: bool = True) -> BuildOutcome:
     """Build every entry of ``recipe`` whose content hash changed (all with ``force``).
 
     Each entry writes its model and JSON report (atomically, as ``onnxopt`` does); a failed
@@ -48,6 +49,7 @@ def build(recipe: Recipe, executor: Executor | None = None, *, force: bool = Fal
         force: Rebuild every entry, cached or not.
         progress: Called after each entry.
         verbose: Logging level of the jobs (-1 errors only, 0 warnings, 1 info, 2 debug).
+        summaries: False writes no summary (``onnxopt sweep`` writes its own).
 
     Returns:
         The outcome; ``outcome.exit_code`` is what the command exits with.
@@ -85,5 +87,6 @@ def build(recipe: Recipe, executor: Executor | None = None, *, force: bool = Fal
     if jobs:
         executor.run(jobs, finished)
     outcome = BuildOutcome(recipe, [r for r in results if r is not None], executor.description)
-    outcome.summary_paths = write_summaries(outcome)
+    if summaries:
+        outcome.summary_paths = write_summaries(outcome)
     return outcome

@@ -147,3 +147,32 @@ CHARTS.update({"prune": _prune_chart, "quantize": _quantize_chart,
 
 def _css(text: str) -> str:
     return text.replace(" ", "-")
+
+
+def sweep_page(result: Any) -> str:
+    """The sweep report: the table, and quality against latency and against MACs."""
+    from onnxopt.build.svg import Point, scatter
+    from onnxopt.build.sweep_table import format_table
+
+    batch = result.primary_batch
+    original = result.rows[0]
+    quality = "top-1 accuracy" if result.labelled else "top-1 agreement"
+    rows = [original, *result.candidates()]
+    by_latency, by_macs = [], []
+    for r in rows:
+        y = r.quality(result.labelled)
+        if y is None:
+            continue
+        by_latency.append(Point(r.latency[batch].ratio, y, r.label, r.pareto))
+        if r.macs and original.macs:
+            by_macs.append(Point(r.macs / original.macs, y, r.label, r.pareto))
+    text = format_table(result)
+    body = [f"<p><code>{escape(result.model)}</code>: {len(result.rows) - 1} variants, "
+            f"built {escape(result.executor)}. Orange: the Pareto front (quality against "
+            f"latency at batch {batch}).</p>",
+            "<div>" + scatter(f"{quality} vs latency (batch {batch})", by_latency,
+                              "latency, x the original", quality)
+            + scatter(f"{quality} vs MACs", by_macs, "MACs, x the original", quality)
+            + "</div>",
+            f"<pre>{escape(text)}</pre>"]
+    return page(f"onnxopt sweep: {result.model.rsplit('/', 1)[-1]}", body)
