@@ -15,7 +15,7 @@ STYLE = """
 body{font-family:sans-serif;margin:2em;color:#222;max-width:1100px}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 font-size:13px;text-align:right}td:first-child,th:first-child{text-align:left}
-th{background:#f0f3f8}.built,.cached,.kept{color:#1a7f37}.error,.crashed,.gate-missed,
+th{background:#f0f3f8}td.text{text-align:left}.built,.cached,.kept{color:#1a7f37}.error,.crashed,.gate-missed,
 .gate-failed,.rolled-back{color:#c62828;font-weight:bold}section{border-top:2px solid #dde;
 margin-top:1.5em}code{background:#f4f4f4;padding:1px 4px}.note{color:#555;font-size:13px}
 """
@@ -32,13 +32,15 @@ def page(title: str, body: Sequence[str]) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
-          status_column: int | None = None) -> str:
-    """An HTML table of text cells (escaped); the status column gets a CSS class."""
+          status_column: int | None = None, text_columns: Sequence[int] = ()) -> str:
+    """An HTML table of text cells (escaped); the status column gets a CSS class, text
+    columns are aligned left (numbers right)."""
     out = ["<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in headers) + "</tr>"]
     for row in rows:
         cells = []
         for i, cell in enumerate(row):
-            cls = f' class="{_css(cell)}"' if i == status_column else ""
+            cls = f' class="{_css(cell)}"' if i == status_column else \
+                ' class="text"' if i in text_columns else ""
             cells.append(f"<td{cls}>{escape(cell)}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     return "".join(out) + "</table>"
@@ -47,7 +49,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
 def build_page(results: Sequence[JobResult], title: str, executor: str) -> str:
     """The build report: the summary table, then one section per entry."""
     body = [f'<p class="note">{len(results)} models, run {escape(executor)}.</p>',
-            table(HEADERS, summary_rows(list(results)), status_column=1)]
+            table(HEADERS, summary_rows(list(results)), status_column=1, text_columns=(2,))]
     body += [entry_section(r) for r in results]
     return page(title, body)
 
@@ -110,7 +112,7 @@ def pass_table(report: dict[str, Any]) -> str:
             "" if orig is None else _pct(orig["accuracy"]), f"{p['seconds']:.2f}s",
             (p["message"] or p["summary"] or "")[:160]])
     return table(["pass", "status", "nodes", "params", "MACs", "size", "max err", "agree",
-                  "acc", "time", "note"], rows, status_column=1)
+                  "acc", "time", "note"], rows, status_column=1, text_columns=(10,))
 
 
 def _prune_chart(stats: dict[str, Any]) -> str | None:
