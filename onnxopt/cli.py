@@ -31,7 +31,9 @@ def _main_parser() -> argparse.ArgumentParser:
         prog="onnxopt",
         description="Optimize an ONNX model with a pipeline of passes; every rewrite is "
                     "checked with onnxruntime. 'onnxopt info MODEL' prints its cost; "
-                    "'onnxopt split MODEL --calib DATA' writes an early-exit bundle.",
+                    "'onnxopt split MODEL --calib DATA' writes an early-exit bundle; "
+                    "'onnxopt build [RECIPE]' builds every model of an onnxopt.toml; "
+                    "'onnxopt sweep MODEL -p SPEC' compares pipeline variants.",
         epilog="Exit codes: 0 ok, 1 validation failure or missed gate, 2 user error, 141 "
                "stdout closed by its reader.")
     p.add_argument("model", nargs="?", help="input .onnx model")

@@ -12,10 +12,11 @@ from onnxopt.build.svg import Bar, bar_chart
 from onnxopt.report import _bytes, _num, _pct
 
 STYLE = """
-body{font-family:sans-serif;margin:2em;color:#222;max-width:1100px}
+body{font-family:sans-serif;margin:2em;color:#222;max-width:1250px}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 font-size:13px;text-align:right}td:first-child,th:first-child{text-align:left}
-th{background:#f0f3f8}td.text{text-align:left}.built,.cached,.kept{color:#1a7f37}.error,.crashed,.gate-missed,
+th{background:#f0f3f8}.text{text-align:left;
+min-width:16em;max-width:30em}.built,.cached,.kept{color:#1a7f37}.error,.crashed,.gate-missed,
 .gate-failed,.rolled-back{color:#c62828;font-weight:bold}section{border-top:2px solid #dde;
 margin-top:1.5em}code{background:#f4f4f4;padding:1px 4px}.note{color:#555;font-size:13px}
 """
@@ -35,7 +36,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
           status_column: int | None = None, text_columns: Sequence[int] = ()) -> str:
     """An HTML table of text cells (escaped); the status column gets a CSS class, text
     columns are aligned left (numbers right)."""
-    out = ["<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in headers) + "</tr>"]
+    out = ["<table><tr>" + "".join(
+        f'<th{" class=text" if i in text_columns else ""}>{escape(h)}</th>'
+        for i, h in enumerate(headers)) + "</tr>"]
     for row in rows:
         cells = []
         for i, cell in enumerate(row):
@@ -46,26 +49,34 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
     return "".join(out) + "</table>"
 
 
-def build_page(results: Sequence[JobResult], title: str, executor: str) -> str:
-    """The build report: the summary table, then one section per entry."""
+def build_page(results: Sequence[JobResult], title: str, executor: str,
+               base: str | None = None) -> str:
+    """The build report: the summary table, then one section per entry.
+
+    Paths under ``base`` (the recipe's folder) are shown relative to it.
+    """
     body = [f'<p class="note">{len(results)} models, run {escape(executor)}.</p>',
             table(HEADERS, summary_rows(list(results)), status_column=1, text_columns=(2,))]
-    body += [entry_section(r) for r in results]
+    body += [entry_section(r, base) for r in results]
     return page(title, body)
 
 
-def entry_section(result: JobResult) -> str:
+def entry_section(result: JobResult, base: str | None = None) -> str:
     """One model: status, gates, before/after, the per-pass table and the pass charts."""
+
+    def shown(text: str) -> str:
+        return escape(text.replace(base.rstrip("/") + "/", "") if base else text)
+
     parts = [f'<section><h2>{escape(result.name)} <span class="{_css(result.status)}">'
              f"{escape(result.status)}</span></h2>"]
     if result.message and result.status != "cached":
-        parts.append(f"<pre>{escape(result.message.strip())}</pre>")
+        parts.append(f"<pre>{shown(result.message.strip())}</pre>")
     report = result.report
     if report is None:
         return "".join(parts) + "</section>"
     build = report.get("build", {})
-    parts.append(f"<p><code>{escape(build.get('model', ''))}</code> &rarr; "
-                 f"<code>{escape(str(report.get('output_path')))}</code>, pipeline "
+    parts.append(f"<p><code>{shown(build.get('model', ''))}</code> &rarr; "
+                 f"<code>{shown(str(report.get('output_path')))}</code>, pipeline "
                  f"<code>{escape(build.get('pipeline', ''))}</code></p>")
     gates = ", ".join(f"{k} = {v}" for k, v in build.get("gates", {}).items()) or "none"
     parts.append(f"<p>Gates: {escape(gates)}; quality floor: "
@@ -74,7 +85,7 @@ def entry_section(result: JobResult) -> str:
     parts.append(pass_table(report))
     for note in (report.get("validation_note"), report.get("validation_source")):
         if note:
-            parts.append(f'<p class="note">{escape(note)}</p>')
+            parts.append(f'<p class="note">{shown(note)}</p>')
             break
     for record in report["passes"]:
         chart = CHARTS.get(record["name"].split("(", 1)[0])
@@ -103,16 +114,17 @@ def pass_table(report: dict[str, Any]) -> str:
     """One row per pass, as ``onnxopt`` prints it (each pass against the stage before)."""
     rows = []
     for p in report["passes"]:
+        name = p["name"].replace(",", ", ")  # long option lists may wrap
         prev, orig, after = p["vs_previous"], p["vs_original"], p["after"]
         rows.append([
-            p["name"] + ("" if p["exact"] else " ~"), p["status"], str(after["nodes"]),
+            name + ("" if p["exact"] else " ~"), p["status"], str(after["nodes"]),
             _num(after["params"]), _num(after["macs"]), _bytes(after["bytes"]),
             "" if prev is None else f"{prev['max_abs_error']:.2g}",
             "" if prev is None or prev["agreement"] is None else f"{prev['agreement']:.3f}",
             "" if orig is None else _pct(orig["accuracy"]), f"{p['seconds']:.2f}s",
             (p["message"] or p["summary"] or "")[:160]])
     return table(["pass", "status", "nodes", "params", "MACs", "size", "max err", "agree",
-                  "acc", "time", "note"], rows, status_column=1, text_columns=(10,))
+                  "acc", "time", "note"], rows, status_column=1, text_columns=(0, 10))
 
 
 def _prune_chart(stats: dict[str, Any]) -> str | None:

@@ -46,9 +46,10 @@ def summary_rows(results: list[JobResult]) -> list[list[str]]:
             continue
         f = figures(r.report)
         o, n = f["original"], f["final"]
-        arrow = " -> "
+        arrow = " → "
         rows.append([
-            r.name, r.status, ", ".join(f["passes_kept"]) or "none",
+            r.name, r.status, ", ".join(p.replace(",", ", ") for p in f["passes_kept"])
+            or "none",
             f"{o['nodes']}{arrow}{n['nodes']}",
             f"{_num(o['params'])}{arrow}{_num(n['params'])}",
             f"{_num(o['macs'])}{arrow}{_num(n['macs'])} ({ratio(n['macs'], o['macs'])})",
@@ -85,6 +86,6 @@ def write_summaries(outcome: Any) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     title = f"onnxopt build: {outcome.recipe.path.name}"
     md = write_text(out / "summary.md", markdown(outcome.results, title, outcome.executor))
-    page = write_text(out / "summary.html", build_page(outcome.results, title,
-                                                      outcome.executor))
+    page = write_text(out / "summary.html", build_page(
+        outcome.results, title, outcome.executor, str(outcome.recipe.path.resolve().parent)))
     return [md, page]
