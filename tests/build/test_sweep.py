@@ -106,19 +106,22 @@ def test_sweep_of_the_bundled_classifier(tmp_path: Path, small_data, capsys) -> 
     session = ort.InferenceSession(str(picked), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input": np.zeros((2, 1, 32, 32), np.float32)})[0].shape == (2, 10)
     # a second sweep reuses the built variants; without matplotlib it says so in one line
+    (out / "sweep.png").unlink()
     sys.modules["matplotlib"] = None  # type: ignore[assignment]
     try:
         code = main(["sweep", str(ROOT / "testmodels" / "digits_resnet.onnx"), "-p", SPEC,
                      "--calib", str(calib), "--eval", str(eval_data), "--batch-sizes", "8",
-                     "--rounds", "3", "--out", str(tmp_path / "again"),
-                     "--pick", "min-agreement=1.5"])
+                     "--rounds", "3", "--out", str(out), "--pick", "min-agreement=1.5",
+                     "-o", str(tmp_path / "none.onnx")])
     finally:
         del sys.modules["matplotlib"]
     text, _ = capsys.readouterr()
     assert code == 1 and "no variant meets min-agreement=1.5" in text
+    assert [line.split()[2] for line in text.splitlines() if line.startswith("[")] == \
+        ["cached"] * 4
     notes = [line for line in text.splitlines() if "matplotlib is not installed" in line]
-    assert len(notes) == 1 and not (tmp_path / "again" / "sweep.png").exists()
-    assert (tmp_path / "again" / "sweep.md").is_file()
+    assert len(notes) == 1 and not (out / "sweep.png").exists()
+    assert (out / "sweep.md").is_file() and not (tmp_path / "none.onnx").exists()
 
 
 def test_sweep_user_errors(tmp_path: Path, capsys) -> None:
