@@ -71,3 +71,36 @@ def test_jobs_1_jobs_2_and_ray_write_identical_models_and_reports(recipe: Path,
     assert_same(one, stored, "--ray --ray-files store")
     summary = (recipe.parent / "out" / "summary.md").read_text()
     assert "a local Ray, files by store" in summary
+
+
+def test_files_packed_for_the_object_store_come_back_the_same(tmp_path: Path) -> None:
+    from onnxopt.build.ray_executor import _materialize, pack
+
+    folder = tmp_path / "npy"
+    (folder / "sub").mkdir(parents=True)
+    np.save(folder / "input.npy", np.arange(6, dtype=np.float32).reshape(2, 3))
+    (folder / "sub" / "note.txt").write_text("x")
+    kind, files = pack(folder)
+    copy = _materialize((kind, files), tmp_path / "copy")
+    assert kind == "dir" and sorted(files) == ["input.npy", "sub/note.txt"]
+    np.testing.assert_array_equal(np.load(copy / "input.npy"), np.load(folder / "input.npy"))
+    # a model travels with its external-data file
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                             [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
+                                                             [1, 64])], [weight])
+    model_path = tmp_path / "m" / "model.onnx"
+    model_path.parent.mkdir()
+    onnx.save(helper.make_model(graph), model_path, save_as_external_data=True,
+              location="model.data", size_threshold=0)
+    kind, files = pack(model_path, model=True)
+    assert sorted(files) == ["model.data", "model.onnx"]
+    moved = _materialize((kind, files), tmp_path / "m2")
+    x = np.ones((1, 64), np.float32)
+    out = ort.InferenceSession(str(moved)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(out, np.full((1, 64), 64, np.float32))
