@@ -93,8 +93,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         RecipeError: The file is missing or not TOML, a key is unknown or has the wrong
             type, a path does not exist, or two entries share a name or an output.
     """
-    import tomllib
-
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise RecipeError("onnxopt build reads recipes with tomllib, which needs Python "
+                          "3.11 or later") from None
     recipe_path = Path(path)
     if recipe_path.is_dir():
         recipe_path = recipe_path / "onnxopt.toml"
