@@ -119,8 +119,8 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the variants and the report (default: "
                                  "MODEL.sweep beside the model)")
     p.add_argument("--pick", metavar="NAME=VALUE",
-                   help="write the fastest variant meeting it: max-accuracy-drop=0.5 (points "
-                        "of accuracy) or min-agreement=0.99")
+                   help="write the fastest variant meeting it: max-accuracy-drop=0.005 (a "
+                        "fraction; 0.5%% in points) or min-agreement=0.99")
     p.add_argument("-o", "--output", help="where --pick writes its variant (default: "
                                           "MODEL.picked.onnx)")
     add_executor_options(p)

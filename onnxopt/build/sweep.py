@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 #: ``--pick`` constraints: name -> what its value means.
 CONSTRAINTS: dict[str, str] = {
-    "max-accuracy-drop": "points of top-1 accuracy (0.5 = half a point) below the original",
+    "max-accuracy-drop": "top-1 accuracy below the original, a fraction as for "
+                         "--max-accuracy-drop (0.005), or points with a % sign (0.5%)",
     "min-agreement": "top-1 agreement with the original, a fraction (0.99)",
 }
 
@@ -158,20 +159,28 @@ def mark_pareto(result: SweepResult) -> None:
 
 
 def parse_constraint(text: str) -> tuple[str, float]:
-    """``max-accuracy-drop=0.5`` -> ``("max-accuracy-drop", 0.5)``.
+    """``max-accuracy-drop=0.005`` or ``=0.5%`` -> ``("max-accuracy-drop", 0.005)``.
+
+    Values are fractions, as the command line's ``--max-accuracy-drop`` and
+    ``--min-agreement`` take them; a ``%`` sign gives percentage points.
 
     Raises:
-        UserError: Unknown name or a value that is not a number.
+        UserError: Unknown name, a value that is not a number or not a fraction in [0, 1].
     """
     name, eq, value = text.partition("=")
     name = name.strip()
     if not eq or name not in CONSTRAINTS:
         raise UserError(f"--pick {text!r}: expected NAME=VALUE with NAME one of "
                         f"{', '.join(CONSTRAINTS)}")
+    value = value.strip()
+    percent = value.endswith("%")
     try:
-        number = float(value.strip().removesuffix("%"))
+        number = float(value.removesuffix("%")) / (100 if percent else 1)
     except ValueError:
         raise UserError(f"--pick {text!r}: {value!r} is not a number") from None
+    if not 0 <= number <= 1:
+        raise UserError(f"--pick {text!r}: {name} is a fraction between 0 and 1 (0.005), "
+                        f"or percentage points with a % sign (0.5%)")
     return name, number
 
 
@@ -190,7 +199,7 @@ def pick(result: SweepResult, constraint: str) -> tuple[SweepRow | None, str]:
 
         def meets(r: SweepRow) -> bool:
             return r.accuracy is not None and \
-                100 * (original.accuracy - r.accuracy) <= value + 1e-9
+                original.accuracy - r.accuracy <= value + 1e-12
     else:
         def meets(r: SweepRow) -> bool:
             return r.agreement is not None and r.agreement >= value

@@ -48,16 +48,25 @@ def test_pareto_front_and_pick_by_hand() -> None:
     mark_pareto(result)
     # c is beaten by b (better and faster); the original by a (as good, faster)
     assert [r.label for r in rows if r.pareto] == ["a", "b", "d"]
-    assert pick(result, "max-accuracy-drop=0.5")[0].label == "b"
+    # a fraction as for --max-accuracy-drop, or points with a % sign
+    assert pick(result, "max-accuracy-drop=0.005")[0].label == "b"
+    assert pick(result, "max-accuracy-drop=0.5%")[0].label == "b"
+    assert pick(result, "max-accuracy-drop=0.004")[0].label == "a"
     assert pick(result, "max-accuracy-drop=0")[0].label == "a"
-    assert pick(result, "max-accuracy-drop=5")[0].label == "d"
-    chosen, why = pick(result, "min-agreement=1.01")
+    assert pick(result, "max-accuracy-drop=5%")[0].label == "d"
+    with pytest.raises(UserError, match="fraction between 0 and 1"):
+        pick(result, "max-accuracy-drop=5")
+    for r in rows[1:]:
+        r.agreement = 0.97
+    chosen, why = pick(result, "min-agreement=0.98")
     assert chosen is None and "no variant" in why
+    with pytest.raises(UserError, match="fraction between 0 and 1"):
+        pick(result, "min-agreement=1.01")
     with pytest.raises(UserError, match="NAME=VALUE"):
         pick(result, "fastest")
     result.labelled = False
     with pytest.raises(UserError, match="labelled"):
-        pick(result, "max-accuracy-drop=0.5")
+        pick(result, "max-accuracy-drop=0.005")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +83,7 @@ def test_sweep_of_the_bundled_classifier(tmp_path: Path, small_data, capsys) -> 
     out, picked = tmp_path / "sweep", tmp_path / "picked.onnx"
     code = main(["sweep", str(ROOT / "testmodels" / "digits_resnet.onnx"), "-p", SPEC,
                  "--calib", str(calib), "--eval", str(eval_data), "--batch-sizes", "8,1",
-                 "--rounds", "3", "--out", str(out), "--pick", "max-accuracy-drop=0.5",
+                 "--rounds", "3", "--out", str(out), "--pick", "max-accuracy-drop=0.5%",
                  "-o", str(picked)])
     text, err = capsys.readouterr()
     assert code == 0, text + err
@@ -111,16 +120,22 @@ def test_sweep_of_the_bundled_classifier(tmp_path: Path, small_data, capsys) -> 
     try:
         code = main(["sweep", str(ROOT / "testmodels" / "digits_resnet.onnx"), "-p", SPEC,
                      "--calib", str(calib), "--eval", str(eval_data), "--batch-sizes", "8",
-                     "--rounds", "3", "--out", str(out), "--pick", "min-agreement=1.5",
-                     "-o", str(tmp_path / "none.onnx")])
+                     "--rounds", "3", "--out", str(out)])
     finally:
         del sys.modules["matplotlib"]
-    text, _ = capsys.readouterr()
-    assert code == 1 and "no variant meets min-agreement=1.5" in text
+    text, err = capsys.readouterr()
+    assert code == 0, text + err
     assert [line.split()[2] for line in text.splitlines() if line.startswith("[")] == \
         ["cached"] * 4
     notes = [line for line in text.splitlines() if "matplotlib is not installed" in line]
     assert len(notes) == 1 and not (out / "sweep.png").exists()
+    # a --pick that is not a fraction is refused before any work
+    code = main(["sweep", str(ROOT / "testmodels" / "digits_resnet.onnx"), "-p", SPEC,
+                 "--calib", str(calib), "--eval", str(eval_data), "--out", str(out),
+                 "--pick", "max-accuracy-drop=-0.01", "-o", str(tmp_path / "none.onnx")])
+    text, err = capsys.readouterr()
+    assert code == 2 and "fraction between 0 and 1" in err, text + err
+    assert not any(line.startswith("[") for line in text.splitlines())
     assert (out / "sweep.md").is_file() and not (tmp_path / "none.onnx").exists()
 
 
