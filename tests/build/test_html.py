@@ -34,25 +34,19 @@ VOID = {"meta", "br", "hr", "img", "input", "link", "col", "wbr", "area", "base"
 
 
 class _Nesting(HTMLParser):
-    """Records tags that close out of order or never close, and every SVG element."""
+    """Records tags that close out of order or never close."""
 
     def __init__(self) -> None:
         super().__init__()
         self.open: list[str] = []
         self.errors: list[str] = []
-        self.svg_elements: list[str] = []
 
     def handle_starttag(self, tag: str, attrs) -> None:
-        if self.open and ("svg" in self.open or tag == "svg"):
-            self.svg_elements.append(tag)
-        elif tag == "svg":
-            self.svg_elements.append(tag)
         if tag not in VOID:
             self.open.append(tag)
 
     def handle_startendtag(self, tag: str, attrs) -> None:
-        if "svg" in self.open:
-            self.svg_elements.append(tag)
+        pass  # <x/> opens nothing
 
     def handle_endtag(self, tag: str) -> None:
         if tag in VOID:
