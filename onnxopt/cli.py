@@ -31,7 +31,9 @@ def _main_parser() -> argparse.ArgumentParser:
         prog="onnxopt",
         description="Optimize an ONNX model with a pipeline of passes; every rewrite is "
                     "checked with onnxruntime. 'onnxopt info MODEL' prints its cost; "
-                    "'onnxopt split MODEL --calib DATA' writes an early-exit bundle.",
+                    "'onnxopt split MODEL --calib DATA' writes an early-exit bundle; "
+                    "'onnxopt build [RECIPE]' builds every model of an onnxopt.toml; "
+                    "'onnxopt sweep MODEL -p SPEC' compares pipeline variants.",
         epilog="Exit codes: 0 ok, 1 validation failure or missed gate, 2 user error, 141 "
                "stdout closed by its reader.")
     p.add_argument("model", nargs="?", help="input .onnx model")
@@ -111,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(args_list: list[str]) -> int:
+    if args_list[:1] in (["build"], ["sweep"]):  # the engine's own build commands
+        from onnxopt.build.cli import COMMANDS
+
+        return COMMANDS[args_list[0]](args_list[1:])
     if args_list and args_list[0] != "info" and not args_list[0].startswith("-"):
         from onnxopt.pass_base import registered_commands
 
