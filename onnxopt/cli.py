@@ -218,7 +218,9 @@ def _optimize(args: argparse.Namespace) -> int:
         return EXIT_VALIDATION
     if args.strict and report.failures:
         first = report.failures[0]
-        print(f"onnxopt: --strict: pass {first.name} {first.status}: {first.message}",
+        # Stated once on stderr: the manager's warning gives the reason unless -q hid it.
+        reason = f": {first.message}" if args.quiet else " (reason above)"
+        print(f"onnxopt: --strict: exit 1: pass {first.name} {first.status}{reason}",
               file=sys.stderr)
         return EXIT_VALIDATION
     return EXIT_OK

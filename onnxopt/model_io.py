@@ -277,7 +277,12 @@ def serialized_size(model: ir.Model) -> int:
 
 
 def check_model(model: ir.Model, path: str | os.PathLike | None = None) -> None:
-    """Refuse models that fail ``onnx.checker`` or carry NaN/Inf weights.
+    """Refuse models that fail ``onnx.checker`` or carry non-finite weights.
+
+    NaN in any floating-point initializer is refused. An infinity is refused only in an
+    initializer that a Conv, ConvTranspose, Gemm, MatMul or normalization layer computes with
+    (``_FINITE_INPUTS``): elsewhere ``-inf`` is a legitimate constant (a mask, the start of a
+    running max, a clip bound), as in models exported from JAX or TensorFlow.
 
     Args:
         model: The loaded model.
@@ -301,8 +306,11 @@ def check_model(model: ir.Model, path: str | os.PathLike | None = None) -> None:
         tensor = value.const_value
         if tensor is None or not tensor.dtype.is_floating_point():
             continue
+        infinite_ok = not any(
+            index in _FINITE_INPUTS.get(node.op_type, ()) for node, index in value.uses()
+            if node.domain in ("", "ai.onnx"))
         try:
-            finite = _all_finite(tensor.numpy())
+            bad = _non_finite(tensor.numpy(), infinite_ok=infinite_ok)
         except Exception:  # exotic dtypes numpy cannot hold; the runtime will judge them
             continue
         if isinstance(tensor, ir.ExternalTensor):
@@ -310,13 +318,27 @@ def check_model(model: ir.Model, path: str | os.PathLike | None = None) -> None:
             # else still holds a view of the mapping.
             with contextlib.suppress(BufferError):
                 tensor.release()
-        if not finite:
-            raise ModelError(f"weight {name!r} contains NaN or Inf (--no-check proceeds "
-                             f"anyway)")
+        if bad:
+            raise ModelError(f"weight {name!r} contains {bad} (--no-check proceeds anyway)")
 
 
-def _all_finite(array: np.ndarray, chunk: int = 1 << 22) -> bool:
-    """``np.isfinite(array).all()`` in chunks, so a huge weight needs no huge temporary."""
+#: Inputs (by index) whose values a layer multiplies or divides with: an infinity there
+#: makes every output it reaches NaN or Inf, so it is a broken model, not a mask.
+_FINITE_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
+    "BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2),
+    "LayerNormalization": (1, 2),
+}
+
+
+def _non_finite(array: np.ndarray, *, infinite_ok: bool, chunk: int = 1 << 22) -> str:
+    """``"NaN"`` or ``"Inf"`` if the array holds one (Inf only when not ``infinite_ok``),
+    else ``""``; scanned in chunks, so a huge weight needs no huge temporary."""
     flat = array.reshape(-1)
-    return all(bool(np.isfinite(flat[i:i + chunk].astype(np.float32, copy=False)).all())
-               for i in range(0, flat.size, chunk))
+    for i in range(0, flat.size, chunk):
+        part = flat[i:i + chunk].astype(np.float32, copy=False)
+        if np.isnan(part).any():
+            return "NaN"
+        if not infinite_ok and np.isinf(part).any():
+            return "Inf"
+    return ""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 from onnxopt.cli import main
@@ -149,6 +150,22 @@ def test_strict_exit_code_on_rollback(conv_chain_path, capsys, monkeypatch):
     assert "rolled back" in capsys.readouterr().err
 
 
+def test_strict_states_a_rollback_once(conv_chain_path, capsys, monkeypatch):
+    """The reason for a rollback is on stderr once: in the warning, or in the --strict line
+    when -q silenced the warning."""
+    import onnxopt.pass_base as pb
+    from tests.test_manager import PerturbWeight
+
+    monkeypatch.setitem(pb._REGISTRY, PerturbWeight.name, PerturbWeight)
+    for quiet in (["-q"], []):
+        assert main([str(conv_chain_path), "-p", "test-perturb", "--strict", *quiet]) == 1
+        err = capsys.readouterr().err
+        assert err.count("exact pass changed the outputs") == 1, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("onnxopt: --strict: exit 1: pass test-perturb rolled back")
+        assert last.endswith("(reason above)") is not bool(quiet)
+
+
 def test_gate_exit_code_names_pass(conv_chain_path, capsys, monkeypatch):
     import onnxopt.pass_base as pb
     from tests.test_manager import LossyPerturb
@@ -206,9 +223,53 @@ def test_nan_weights_refused_unless_no_check(tmp_path, capsys):
     path = tmp_path / "nan.onnx"
     onnx.save(proto, path)
     code = main([str(path), "-p", "cleanup", "-o", str(tmp_path / "o.onnx")])
-    assert "NaN or Inf" in _one_line_error(capsys, code)
+    assert f"weight '{proto.graph.initializer[0].name}' contains NaN" in _one_line_error(
+        capsys, code)
     assert main([str(path), "-p", "cleanup", "--no-check", "-q",
                  "-o", str(tmp_path / "o.onnx")]) == 0
+
+
+def test_inf_in_a_conv_weight_is_refused(tmp_path, capsys):
+    from testmodels.structures import conv_chain
+
+    proto = conv_chain()
+    conv = next(n for n in proto.graph.node if n.op_type == "Conv")
+    init = next(i for i in proto.graph.initializer if i.name == conv.input[1])
+    weight = onnx.numpy_helper.to_array(init).copy()
+    weight.flat[3] = -np.inf
+    init.CopyFrom(onnx.numpy_helper.from_array(weight, init.name))
+    path = tmp_path / "inf.onnx"
+    onnx.save(proto, path)
+    code = main([str(path), "-p", "cleanup", "-o", str(tmp_path / "o.onnx")])
+    assert f"weight '{init.name}' contains Inf" in _one_line_error(capsys, code)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_minus_inf_mask_constant_is_a_legitimate_weight(tmp_path):
+    """A -inf constant that is not a layer's weight (here the floor of a running Max, as
+    JAX/TensorFlow exports write them) passes the input check, and the model is optimized
+    with its outputs unchanged."""
+    from onnx import TensorProto, helper
+
+    floor = np.full((1, 4), -np.inf, np.float32)
+    floor[0, 1] = 0.5
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]),
+         helper.make_node("Max", ["h", "floor"], ["y"])],
+        "mask", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [onnx.numpy_helper.from_array(
+            np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), "w"),
+         onnx.numpy_helper.from_array(floor, "floor")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path, out = tmp_path / "mask.onnx", tmp_path / "o.onnx"
+    onnx.save(proto, path)
+    assert main([str(path), "-p", "cleanup", "-q", "-o", str(out)]) == 0
+    x = np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(before.run(None, {"x": x})[0], after.run(None, {"x": x})[0])
 
 
 def test_empty_calibration_data(tmp_path, capsys, conv_chain_path):

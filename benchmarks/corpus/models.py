@@ -152,8 +152,8 @@ MODELS: tuple[CorpusModel, ...] = (
 #: The CI smoke subset (tests/test_corpus_smoke.py): one light_* model from the onnx wheel,
 #: which is always installed, RapidOCR's text detector and direction classifier (one 15 MB
 #: wheel) and a silero VAD with If branches and a state batched on axis 1. The exact pipeline
-#: must pass on each of them through the CLI. Not in it yet: magika, whose -inf constant the
-#: input check refuses (see benchmarks/results/corpus.md).
+#: must pass on each of them through the CLI. magika (a -inf mask constant, which the input
+#: check accepts outside layer weights) runs in the full corpus only.
 SMOKE: tuple[str, ...] = ("light_squeezenet", "ppocr_v2_cls", "ppocr_v4_det",
                           "silero_vad_16k_op15")
 #: Control flow through the API too, with one feed dict per run.

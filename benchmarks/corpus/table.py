@@ -52,7 +52,11 @@ def _num(n: float) -> str:
     return f"{n:g}"
 
 
-def _change(before: float, after: float, fmt: Any = str) -> str:
+def _change(before: float | None, after: float | None, fmt: Any = str) -> str:
+    """``before → after (ratio)``; an unknown figure (``None``) shows as "unknown"."""
+    if before is None or after is None:
+        return (f"{'unknown' if before is None else fmt(before)} → "
+                f"{'unknown' if after is None else fmt(after)}")
     ratio = f" ({after / before:.3f}x)" if before else ""
     return f"{fmt(before)} → {fmt(after)}{ratio}"
 
