@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -118,11 +119,13 @@ class PassManager:
             if self.dry_run and not pass_.supports_dry_run \
                     and not (pass_.exact and as_real_run):
                 record = PassRecord(repr(pass_), pass_.exact, Status.NOT_RUN,
-                                    _snapshot(model, self._cost_shapes), 0.0,
+                                    dataclasses.replace(report.final), 0.0,
                                     message="not run (no plan mode)")
                 as_real_run = False
             else:
-                model, record = self._run_one(pass_, model, ctx, validator)
+                # the model a pass starts from is the one the last record describes
+                model, record = self._run_one(pass_, model, ctx, validator,
+                                              dataclasses.replace(report.final))
                 as_real_run = as_real_run and not (self.dry_run and pass_.supports_dry_run)
             report.records.append(record)
         return model, report
@@ -189,7 +192,8 @@ class PassManager:
                             f"{calib.description} has {have}")
 
     def _run_one(self, pass_: Pass, model: ir.Model, ctx: PassContext,
-                 validator: Validator | None) -> tuple[ir.Model, PassRecord]:
+                 validator: Validator | None, before: Snapshot,
+                 ) -> tuple[ir.Model, PassRecord]:
         for hook in self.instruments:
             hook.before_pass(pass_, model)
         snapshot = clone_model(model)
@@ -203,16 +207,14 @@ class PassManager:
             logger.error("pass %s crashed (a bug; -v shows the traceback): %s", pass_,
                          text[:300])
             logger.info("traceback of the crash in pass %s", pass_, exc_info=True)
-            record = PassRecord(repr(pass_), pass_.exact, Status.CRASHED,
-                                _snapshot(snapshot, self._cost_shapes),
+            record = PassRecord(repr(pass_), pass_.exact, Status.CRASHED, before,
                                 time.perf_counter() - start,
                                 message=f"crashed (the model before it is kept): {text[:300]}")
             self._notify_failed(pass_, snapshot, record)
             return snapshot, record
         exact = pass_.exact if result.exact is None else result.exact
         status = Status.KEPT if result.modified else Status.UNCHANGED
-        record = PassRecord(repr(pass_), exact, status,
-                            _snapshot(snapshot, self._cost_shapes), 0.0,
+        record = PassRecord(repr(pass_), exact, status, before, 0.0,
                             stats=result.stats,
                             refusals=list(result.refusals), summary=result.summary,
                             plan=result.plan)
@@ -238,8 +240,7 @@ class PassManager:
                    message: str) -> tuple[ir.Model, PassRecord]:
         if record.status is not Status.GATE_FAILED:
             record.status = Status.ROLLED_BACK
-        record.message = message
-        record.after = _snapshot(snapshot, self._cost_shapes)
+        record.message = message  # record.after is still the snapshot's
         record.seconds = time.perf_counter() - start
         # A missed gate is an outcome the caller asked to be told about in the report (the
         # CLI prints it once, in the table); a rolled-back rewrite is a warning.

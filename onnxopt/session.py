@@ -39,7 +39,7 @@ def make_session(
     optimized_path: str | None = None,
     graph_optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 ) -> ort.InferenceSession | FedWeightsSession:
-    """An onnxruntime CPU session for a model object or file.
+    """An onnxruntime CPU session for a model object or file (its threads do not spin).
 
     Args:
         model: The model. onnx_ir models are serialized; one with more than 1.8 GB of
@@ -52,6 +52,9 @@ def make_session(
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = graph_optimization
     opts.log_severity_level = 4  # errors arrive as exceptions; no second copy on stderr
+    # Threads that spin after a run take cores from what runs next: numpy's solves between
+    # runs, the next session (prune measures through hundreds), other processes.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     providers = ["CPUExecutionProvider"]

@@ -85,3 +85,12 @@ def test_batch_within_fits_the_exposed_tensors_in_the_budget() -> None:
     # a batch the model fixes is kept: the size would be ignored anyway
     fixed = {"x": (1, 4)}
     assert batch_within(model, ["h", "r"], source, 32, input_shapes=fixed, budget=1) == 32
+
+
+def test_sessions_do_not_spin_their_threads() -> None:
+    from onnxopt.session import make_session
+    from testmodels.structures import residual_blocks
+
+    session = make_session(residual_blocks(width=8))
+    entries = session.get_session_options().get_session_config_entry
+    assert entries("session.intra_op.allow_spinning") == "0"

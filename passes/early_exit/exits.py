@@ -38,7 +38,7 @@ from onnxopt.passes.early_exit.heads import (
     softmax,
 )
 from onnxopt.report import plural
-from onnxopt.session import stream_tensors
+from onnxopt.session import batch_within, stream_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,9 @@ def collect_features(model: ir.Model, source: FeedSource, cuts: Sequence[str], *
     output = model.graph.outputs[0].name or ""
     pooled: list[list[np.ndarray]] = [[] for _ in cuts]
     logits, labels = [], []
+    # the cut tensors are whole feature maps until pooled: a batch takes what fits in memory
+    batch_size = batch_within(model, [output, *cuts], source, batch_size,
+                              input_shapes=input_shapes)
     for (tensors,), batch_labels in stream_tensors([model], [[output, *cuts]], source,
                                                    batch_size=batch_size, limit=limit,
                                                    input_shapes=input_shapes):

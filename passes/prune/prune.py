@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.blas import single_blas_thread
 from onnxopt.channels import ChannelAnalysis, ChannelGroup, analyse_channels
 from onnxopt.channels.linear import SEEDS
 from onnxopt.channels.surgery import remove_channels
@@ -167,6 +168,7 @@ class PrunePass(Pass):
                 f"layers; give --calib DATA, or opt in to magnitude pruning without data "
                 f"with prune(data_free=true) and fine-tune the result afterwards")
 
+    @single_blas_thread  # thousands of small solves between onnxruntime runs
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts: PruneOptions = self.options
         result = PassResult(modified=False)
