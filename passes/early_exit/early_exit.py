@@ -230,22 +230,30 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
                              const_value=ir.tensor(head.threshold, dtype=ir.DataType.FLOAT))
         inits.append(threshold)
         below = node("Less", [parts.confidence, threshold], f"{prefix}_below")
-        nodes.append(below)
         waiting = below.outputs[0]  # [N, 1]: samples that go on
-        mask = None
-        if not batched:
+        mask = done_now = None
+        if batched:
+            # One decision: does any sample go on (is the lowest margin below the threshold)?
+            low_name = names(f"{prefix}_lowest")
+            low = _named(reduce_node("ReduceMin", parts.confidence, None, 0, opset, inits,
+                                     low_name), low_name)
+            cond = node("Less", [low.outputs[0], threshold], f"{prefix}_any")
+            nodes += [low, cond]
+        else:
             mask = node("Not", [waiting], f"{prefix}_mask")
-            nodes.append(mask)
+            nodes += [below, mask]
+            done_now = mask.outputs[0]
             if done is not None:
-                nodes.append(node("Or", [done, mask.outputs[0]], f"{prefix}_done"))
-                nodes.append(node("Not", [nodes[-1].outputs[0]], f"{prefix}_waiting"))
+                nodes.append(node("Or", [done, done_now], f"{prefix}_done"))
+                done_now = nodes[-1].outputs[0]
+                nodes.append(node("Not", [done_now], f"{prefix}_waiting"))
                 waiting = nodes[-1].outputs[0]
-        as_float = node("Cast", [waiting], f"{prefix}_waiting_f", to=ir.DataType.FLOAT)
-        any_name = names(f"{prefix}_any_f")
-        any_ = _named(reduce_node("ReduceMax", as_float.outputs[0], None, 0, opset, inits,
-                                  any_name), any_name)
-        cond = node("Cast", [any_.outputs[0]], f"{prefix}_any", to=ir.DataType.BOOL)
-        nodes += [as_float, any_, cond]
+            as_float = node("Cast", [waiting], f"{prefix}_waiting_f", to=ir.DataType.FLOAT)
+            any_name = names(f"{prefix}_any_f")
+            any_ = _named(reduce_node("ReduceMax", as_float.outputs[0], None, 0, opset, inits,
+                                      any_name), any_name)
+            cond = node("Cast", [any_.outputs[0]], f"{prefix}_any", to=ir.DataType.BOOL)
+            nodes += [as_float, any_, cond]
         early = node("Identity", [parts.logits], f"{prefix}_early")
         _typed(early.outputs[0], out_type, out_shape)
         early_graph = ir.Graph([], early.outputs, nodes=[early], name=names(f"{prefix}_exit"))
@@ -267,9 +275,9 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
             inner_nodes, inner_inits, inner_out = level(k + 1, None)
             merge = node("ScatterND", [parts.logits, column.outputs[0], inner_out],
                          f"{prefix}_merged")
-            go_nodes = [rows, index, column, rest, *inner_nodes, merge]
+            go_nodes = [below, rows, index, column, rest, *inner_nodes, merge]
         else:
-            inner_nodes, inner_inits, inner_out = level(k + 1, waiting)
+            inner_nodes, inner_inits, inner_out = level(k + 1, done_now)
             assert mask is not None
             merge = node("Where", [mask.outputs[0], parts.logits, inner_out],
                          f"{prefix}_merged")

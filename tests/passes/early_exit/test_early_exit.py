@@ -163,6 +163,29 @@ def test_single_file_at_opset_18_uses_axes_inputs(digits_model: Path, digits_cal
     assert np.mean(got.argmax(1) == reference.argmax(1)) >= 0.95
 
 
+def test_below_opset_11_whole_batches_go_on_and_where_picks(digits_model: Path,
+                                                             digits_calib: Path,
+                                                             eval_data) -> None:
+    proto = onnx.load(digits_model)
+    proto.opset_import[0].version = 10  # the digits model's ops read the same at opset 10
+    ctx = PassContext(calib=from_npz(digits_calib))
+    out, result = apply_pass(get_pass("early-exit")(), proto, ctx)
+    assert result.modified
+    exits = len(result.stats["exits"])
+    out_proto = to_proto(out)
+    nested = Counter(n.op_type for g in _subgraphs(out_proto.graph) for n in g.node)
+    assert nested["Where"] == exits and "GatherND" not in nested and "ScatterND" not in nested
+    x = eval_data["input"][:96]
+    session = make_session(out_proto)
+    batched = session.run(None, {"input": x})[0]
+    one_by_one = np.concatenate([session.run(None, {"input": x[i:i + 1]})[0]
+                                 for i in range(len(x))])
+    np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-5)
+    reference = make_session(proto).run(None, {"input": x})[0]
+    assert np.mean(batched.argmax(1) == reference.argmax(1)) >= 0.97
+    assert (np.abs(batched - reference).max(axis=1) > 1e-3).mean() > 0.5  # exits were taken
+
+
 def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     found = []
     for node in graph.node:
