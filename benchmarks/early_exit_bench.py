@@ -16,7 +16,8 @@ single-file form and the bundle runner against a plain session of the original m
 interleaved in a rotating order after a warm-up, median over rounds, at batch 1, 8 and 32,
 with an A/A row (a second plain session) for the noise. Then the cost of the If form itself:
 the single-file model with every sample exiting at the first exit against stage 0 with its
-head as one plain model. Only ratios are printed, with the load average.
+head as one plain model, both relative to the plain model. Only ratios are printed, with the
+load average.
 """
 
 from __future__ import annotations
@@ -185,11 +186,14 @@ def _latency(args: argparse.Namespace) -> None:
         ratios = {batch: _time(forms, x, batch, args.rounds) for batch in (1, 8, 32)}
         for name in forms:
             print(f"{name:<16} " + " ".join(f"{ratios[b][name]:8.3f}x" for b in (1, 8, 32)))
-        overhead = _time({"stage 0 + head": lambda s: stage0.run(None, {"input": s}),
+        overhead = _time({"plain": forms["plain"],
+                          "stage 0 + head": lambda s: stage0.run(None, {"input": s}),
                           "If form, all exit 1": lambda s: first_exit.run(None, {"input": s})},
                          x, 1, args.rounds)
-        print(f"If form over stage 0 + head alone at batch 1 (every sample exits there): "
-              f"{overhead['If form, all exit 1']:.3f}x")
+        stage0_time, if_time = overhead["stage 0 + head"], overhead["If form, all exit 1"]
+        print(f"cost of the If form at batch 1, every sample exiting at the first exit: "
+              f"{if_time:.3f}x of the plain model against {stage0_time:.3f}x for stage 0 and "
+              f"its head alone: {if_time - stage0_time:+.3f}x of the plain model per exit taken")
         print(f"load average after: {_load()}")
 
 
