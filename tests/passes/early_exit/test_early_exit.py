@@ -70,6 +70,11 @@ def test_margin_and_temperature() -> None:
     # Logits scaled up 5x are overconfident: the fitted temperature undoes the scale.
     assert fit_temperature(5 * logits, classes) == pytest.approx(
         5 * fit_temperature(logits, classes), rel=0.1)
+    # A head without mistakes keeps a finite temperature (the targets are smoothed): the
+    # smoothed target odds, class against each other one, are (0.99 + 0.01/3) / (0.01/3) =
+    # 298, so the margin 2 / T should be log(298).
+    perfect = np.eye(3)[classes] * 2.0
+    assert fit_temperature(perfect, classes) == pytest.approx(2 / np.log(298), rel=0.06)
 
 
 # -- the trained classifier --------------------------------------------------------------------
