@@ -16,8 +16,9 @@ single-file form and the bundle runner against a plain session of the original m
 interleaved in a rotating order after a warm-up, median over rounds, at batch 1, 8 and 32,
 with an A/A row (a second plain session) for the noise. Then the cost of the If form itself:
 the single-file model with every sample exiting at the first exit against stage 0 with its
-head as one plain model, both relative to the plain model. Only ratios are printed, with the
-load average.
+head as one plain model, both relative to the plain model, and the single-file model with no
+sample exiting (what all the exits cost a sample that runs to the end). Only ratios are
+printed, with the load average.
 """
 
 from __future__ import annotations
@@ -168,6 +169,11 @@ def _latency(args: argparse.Namespace) -> None:
     first.heads[0].threshold = -1.0  # every sample exits at the first exit
     first_model = load(path)
     build_if_form(first_model, first)
+    never = copy.deepcopy(plan)
+    for head in never.heads:
+        head.threshold = 3e38  # no sample ever exits: every head, decision and gather runs
+    never_model = load(path)
+    build_if_form(never_model, never)
     print(f"\nPart 2: digits ResNet latency ({args.clock} clock), {args.threads} thread(s), "
           f"{args.rounds} rounds of "
           f"{len(x)} samples; exits at {', '.join(plan.cuts)}; expected MACs on the "
@@ -182,6 +188,7 @@ def _latency(args: argparse.Namespace) -> None:
         plain2 = make_session(path, threads=args.threads)
         single = make_session(to_proto(single_model), threads=args.threads)
         first_exit = make_session(to_proto(first_model), threads=args.threads)
+        no_exit = make_session(to_proto(never_model), threads=args.threads)
         forms: dict[str, Callable[[np.ndarray], object]] = {
             "plain": lambda s: plain.run(None, {"input": s}),
             "plain (A/A)": lambda s: plain2.run(None, {"input": s}),
@@ -196,12 +203,15 @@ def _latency(args: argparse.Namespace) -> None:
             print(f"{name:<16} " + " ".join(f"{ratios[b][name]:8.3f}x" for b in (1, 8, 32)))
         overhead = _time({"plain": forms["plain"],
                           "stage 0 + head": lambda s: stage0.run(None, {"input": s}),
-                          "If form, all exit 1": lambda s: first_exit.run(None, {"input": s})},
+                          "If form, all exit 1": lambda s: first_exit.run(None, {"input": s}),
+                          "If form, no exit": lambda s: no_exit.run(None, {"input": s})},
                          x, 1, args.rounds, clock)
         stage0_time, if_time = overhead["stage 0 + head"], overhead["If form, all exit 1"]
         print(f"cost of the If form at batch 1, every sample exiting at the first exit: "
               f"{if_time:.3f}x of the plain model against {stage0_time:.3f}x for stage 0 and "
               f"its head alone: {if_time - stage0_time:+.3f}x of the plain model per exit taken")
+        print(f"single-file form with no sample exiting (every head, decision, gather and "
+              f"scatter runs): {overhead['If form, no exit']:.3f}x of the plain model")
         print(f"load average after: {_load()}")
 
 
