@@ -7,12 +7,16 @@ Public API (the runner of the bundles ``onnxopt split`` writes)::
 
 Modules:
 
-- :mod:`.early_exit`: the pass (single-file form: later stages inside ``If`` branches);
+- :mod:`.early_exit`: the pass (single-file form: later stages inside ``If`` branches, run
+  only on the samples no exit took);
 - :mod:`.cuts`: cut points (dominators of the graph output) and their MACs;
-- :mod:`.heads`: exit heads (pooling, ridge/logistic fit, thresholds);
-- :mod:`.exits`: planning exits on calibration data, and the per-exit report;
+- :mod:`.heads`: exit heads (pooling, ridge/logistic fit, calibrated margin);
+- :mod:`.exits`: exit heads, plans, features and the per-exit report;
+- :mod:`.planning`: fitting heads, choosing the exits worth their cost, setting the level;
+- :mod:`.guarantee`: the level with a promise on new samples (conformal risk control,
+  Learn-then-Test);
 - :mod:`.bundle`: the bundle folder format (stage and head models, ``manifest.json``);
-- :mod:`.runner`: :class:`EarlyExitModel`, which runs a bundle;
+- :mod:`.runner`: :class:`EarlyExitModel`, which runs a bundle in batches;
 - :mod:`.cli`: the ``onnxopt split`` command.
 """
 

@@ -5,13 +5,14 @@ Layout::
     BUNDLE/
       manifest.json   format, inputs, outputs, stages, exits (cut, head file, threshold, MACs)
       stage0.onnx     model inputs -> cut 1
-      head0.onnx      cut 1 -> (logits [N, K], confidence [N])
+      head0.onnx      cut 1 -> (logits [N, K], margin [N, 1])
       stage1.onnx     cut 1 -> cut 2
       ...
       stageK.onnx     cut K -> model outputs
 
-An exit head is GlobalAveragePool -> Flatten -> Gemm (the logits) -> Softmax -> ReduceMax over
-the classes (the confidence). :func:`head_nodes` builds it as onnx_ir nodes, so the same head
+An exit head is pooling (GlobalAveragePool, or a 2x2 AveragePool) -> Flatten -> Gemm (the
+logits) -> TopK(2) -> MatMul with ``[1, -1]`` (the margin of the top two logits, which the
+exit's threshold applies to). :func:`head_nodes` builds it as onnx_ir nodes, so the same head
 serves the standalone head models here and the single-file form of the ``early-exit`` pass.
 """
 
@@ -40,7 +41,7 @@ from onnxopt.report import plural
 logger = logging.getLogger(__name__)
 
 FORMAT = "onnxopt-early-exit"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -52,7 +53,7 @@ class HeadNodes:
         nodes: The nodes, in execution order.
         initializers: Weight values the caller must register in the graph (or a parent).
         logits: The head's class scores ``[N, K]``.
-        confidence: The top softmax probability per sample ``[N]`` (or ``[N, 1]``).
+        confidence: The margin of the top two logits per sample ``[N, 1]``.
     """
 
     nodes: list[ir.Node]
@@ -79,34 +80,44 @@ def reduce_node(op: str, x: ir.Value, axes: Sequence[int] | None, keepdims: int,
     return ir.node(op, [x], {"axes": list(axes), "keepdims": keepdims}, name=name)
 
 
-def head_nodes(x: ir.Value, head: ExitHead, opset: int, prefix: str,
-               keepdims: bool = False) -> HeadNodes:
-    """Build the exit head reading ``x``; every new name starts with ``prefix``.
-
-    The confidence is ``[N]``, or ``[N, 1]`` with ``keepdims`` (to broadcast against logits).
-    """
+def head_nodes(x: ir.Value, head: ExitHead, opset: int, prefix: str) -> HeadNodes:
+    """Build the exit head reading ``x``; every new name starts with ``prefix``."""
     initializers = [_const(f"{prefix}_weight", head.weight), _const(f"{prefix}_bias", head.bias)]
     nodes: list[ir.Node] = []
     features = x
-    if head.rank > 2:
+    if head.pooling == "grid":
+        size = list(head.window)
+        nodes.append(ir.node("AveragePool", [x], {"kernel_shape": size, "strides": size},
+                             name=f"{prefix}_pool"))
+    elif head.rank > 2:
         nodes.append(ir.node("GlobalAveragePool", [x], name=f"{prefix}_pool"))
+    if nodes:
         nodes.append(ir.node("Flatten", [nodes[-1].outputs[0]], {"axis": 1},
                              name=f"{prefix}_flatten"))
         features = nodes[-1].outputs[0]
     gemm = ir.node("Gemm", [features, *initializers], {"transB": 1}, name=f"{prefix}_gemm")
-    softmax = ir.node("Softmax", [gemm.outputs[0]], {"axis": 1}, name=f"{prefix}_softmax")
-    top = reduce_node("ReduceMax", softmax.outputs[0], [1], int(keepdims), opset,
-                      initializers, f"{prefix}_confidence")
-    nodes += [gemm, softmax, top]
+    if opset >= 10:
+        k = _const(f"{prefix}_k", np.asarray([2], dtype=np.int64))
+        initializers.append(k)
+        top = ir.node("TopK", [gemm.outputs[0], k], {"axis": 1}, num_outputs=2,
+                      name=f"{prefix}_top2")
+    else:
+        top = ir.node("TopK", [gemm.outputs[0]], {"axis": 1, "k": 2}, num_outputs=2,
+                      name=f"{prefix}_top2")
+    sign = _const(f"{prefix}_sign", np.asarray([[1.0], [-1.0]], dtype=np.float32))
+    initializers.append(sign)
+    diff = ir.node("MatMul", [top.outputs[0], sign], name=f"{prefix}_margin")
+    nodes += [gemm, top, diff]
     for node in nodes:
         node.outputs[0].name = node.name
+    top.outputs[1].name = f"{prefix}_top2_index"
     classes = int(head.weight.shape[0])
     batch = x.shape[0] if x.shape is not None and len(x.shape) else "N"
-    logits, confidence = gemm.outputs[0], top.outputs[0]
+    logits, confidence = gemm.outputs[0], diff.outputs[0]
     logits.name = f"{prefix}_logits"
     logits.type = confidence.type = ir.TensorType(ir.DataType.FLOAT)
     logits.shape = ir.Shape([batch, classes])
-    confidence.shape = ir.Shape([batch, 1] if keepdims else [batch])
+    confidence.shape = ir.Shape([batch, 1])
     return HeadNodes(nodes, initializers, logits, confidence)
 
 
@@ -150,7 +161,9 @@ def write_bundle(path: str | os.PathLike, model: ir.Model, plan: ExitPlan | None
         "stages": [], "exits": [],
         "total_macs": None if plan is None else plan.total_macs,
         "target": None if plan is None else plan.target,
-        "dropped_exits": [] if plan is None else list(plan.dropped),
+        "dropped_exits": {} if plan is None else dict(plan.dropped),
+        "guarantee": None if plan is None or plan.guarantee is None
+        else plan.guarantee.to_dict(),
         "calibration": None if plan is None or plan.calib_report is None
         else plan.calib_report.to_dict(),
         "evaluation": None if eval_report is None else eval_report.to_dict(),
@@ -174,7 +187,8 @@ def write_bundle(path: str | os.PathLike, model: ir.Model, plan: ExitPlan | None
                         tmp / f"head{k}.onnx")
                 manifest["exits"].append({
                     "after_stage": k, "cut": head.cut, "head": f"head{k}.onnx",
-                    "threshold": head.threshold, "macs": macs[k],
+                    "threshold": head.threshold, "temperature": head.temperature,
+                    "pooling": head.pooling, "macs": macs[k],
                     "macs_before": head.macs_before, "head_macs": head.macs})
             manifest["full_macs"] = macs[-1]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False))

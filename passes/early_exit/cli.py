@@ -1,7 +1,8 @@
 """The ``onnxopt split MODEL -o BUNDLE`` command: cut a model into stages, add early exits.
 
-With ``--calib`` the bundle gets exit heads fitted on the calibration data and thresholds for
-``--target`` agreement; without it the bundle is a plain split into stage models (for
+With ``--calib`` the bundle gets exit heads fitted on part of the calibration data and
+thresholds, set on the rest, that promise ``--target`` agreement on new samples (in expectation,
+or with probability ``--confidence``); without it the bundle is a plain split into stage models (for
 pipelining), whose sequence reproduces the model. ``--list-cuts`` prints the cut points.
 """
 
@@ -37,9 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", dest="eval_data",
                    help="evaluation data: the written bundle is run on it and reported")
     p.add_argument("--exits", default="",
-                   help="cut tensor names separated by ';' (default: about 25/50/75%% of MACs)")
+                   help="candidate cut tensor names separated by ';' (default: cut points at "
+                        "about 5, 15, ..., 85%% of MACs); exits not worth their cost are dropped")
     p.add_argument("--target", type=float, default=0.99,
-                   help="minimum top-1 agreement with the full model per exit (default 0.99)")
+                   help="promised top-1 agreement with the full model on new samples "
+                        "(default 0.99)")
+    p.add_argument("--confidence", type=float,
+                   help="promise the target with this probability over the calibration draw "
+                        "(Learn-then-Test), e.g. 0.9; default: in expectation (conformal risk "
+                        "control)")
+    p.add_argument("--pool", choices=("grid", "avg"), default="grid",
+                   help="head features: 2x2 mean pool (grid) or global average (default grid)")
+    p.add_argument("--head-share", type=float,
+                   help="share of --calib that fits the heads; the rest sets the thresholds "
+                        "(default: half, less when the thresholds need more samples)")
     p.add_argument("--head", choices=("ridge", "logistic"), default="ridge",
                    help="exit head: ridge regression (closed form) or multinomial logistic "
                         "regression (default ridge)")
@@ -79,12 +91,22 @@ def _split(args: argparse.Namespace) -> int:
     from onnxopt.model_io import check_model, load
     from onnxopt.passes.early_exit import EarlyExitModel, write_bundle
     from onnxopt.passes.early_exit.bundle import check_destination, update_manifest
-    from onnxopt.passes.early_exit.cuts import choose_cuts, require_cut_points, resolve_cuts
-    from onnxopt.passes.early_exit.exits import exit_capable, plan_exits
+    from onnxopt.passes.early_exit.cuts import (
+        CANDIDATE_FRACTIONS,
+        choose_cuts,
+        require_cut_points,
+        resolve_cuts,
+    )
+    from onnxopt.passes.early_exit.exits import exit_capable
+    from onnxopt.passes.early_exit.planning import plan_exits
     from onnxopt.passes.early_exit.runner import evaluate_bundle
 
     if not 0.0 < args.target <= 1.0:
         raise UserError(f"--target must be in (0, 1], got {args.target}")
+    if args.confidence is not None and not 0.0 < args.confidence < 1.0:
+        raise UserError(f"--confidence must be in (0, 1), got {args.confidence}")
+    if args.head_share is not None and not 0.0 < args.head_share < 1.0:
+        raise UserError(f"--head-share must be in (0, 1), got {args.head_share}")
     output = Path(args.output) if args.output else output_beside(args.model, ".bundle")
     if not args.list_cuts:
         check_destination(output)
@@ -105,16 +127,17 @@ def _split(args: argparse.Namespace) -> int:
         print(f"wrote {output}")
         return EXIT_OK
     usable = [p for p in points if exit_capable(p)]
-    cuts = resolve_cuts(usable, names) if names else choose_cuts(usable)
+    cuts = resolve_cuts(usable, names) if names else choose_cuts(usable, CANDIDATE_FRACTIONS)
     calib = open_feeds(args.calib, model, seed=args.seed, input_shapes=shapes)
-    plan = plan_exits(model, calib, cuts, target=args.target, head=args.head,
-                      fit_to=args.fit_to, l2=args.l2, seed=args.seed, input_shapes=shapes,
+    plan = plan_exits(model, calib, cuts, target=args.target, confidence=args.confidence,
+                      head=args.head, fit_to=args.fit_to, pool_kind=args.pool, l2=args.l2,
+                      seed=args.seed, head_share=args.head_share, input_shapes=shapes,
                       batch_size=args.batch_size, limit=args.max_samples)
     write_bundle(output, model, plan)
     if not args.quiet and plan.calib_report is not None:
         print(plan.calib_report.format_table())
-    for name in plan.dropped:
-        print(f"exit at {name} dropped: it never reaches agreement {args.target}")
+    for name, reason in plan.dropped.items():
+        print(f"exit at {name} dropped: it {reason}")
     if args.eval_data:
         source = open_feeds(args.eval_data, model, seed=args.seed, input_shapes=shapes)
         report = evaluate_bundle(EarlyExitModel(output, threads=1), model, plan, source,

@@ -41,6 +41,8 @@ LAYER_OPS = frozenset({
 
 #: Default positions of automatic exits, as fractions of the model's MACs.
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
+#: Positions of the candidate exits the planner chooses from (see :mod:`.planning`).
+CANDIDATE_FRACTIONS = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85)
 
 _SOURCE = "__source__"
 _SINK = "__sink__"

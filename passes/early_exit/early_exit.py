@@ -1,23 +1,24 @@
 """The ``early-exit`` pass: exit heads at cut points, later stages inside ``If`` branches.
 
-The model is split at cut points (:mod:`.cuts`) into stages ``S_0 .. S_K``;
-at the end of each stage ``k < K`` an exit head fitted on calibration data
-(:mod:`.exits`) gives logits ``h_k`` and a confidence ``c_k``, and
-``m_k = c_k >= t_k`` says which samples may stop there. The rewrite nests the stages in ``If``
-branches so that a plain onnxruntime session skips the later stages when every sample in the
-batch is done (at batch 1: when the one sample is confident):
+The model is split at cut points (:mod:`.cuts`) into stages ``S_0 .. S_K``; at the end of each
+stage ``k < K`` an exit head (:mod:`.planning`) gives logits ``h_k`` and the margin ``c_k`` of
+its top two logits, and ``w_k = c_k < t_k`` marks the samples that go on. From opset 11 the
+rewrite is *batched*: only the samples that go on run the later stages, gathered from the
+batch and scattered back into place (plain ONNX, no runner needed):
 
-    level k:  S_k; head k; m_k; d_k = d_{k-1} or m_k (d_0 = m_0)
-              O_k = If(all(d_k), then: h_k,
-                                 else: Where(m_k, h_k, O_{k+1}))   with O_K = S_K's output
+    level k:  S_k; head k; w_k; rows_k = NonZero(w_k)
+              O_k = If(any(w_k), then: ScatterND(h_k, rows_k, O_{k+1}(GatherND(X_k, rows_k))),
+                                 else: h_k)                     with O_K = S_K's output
 
-The model output is ``O_0``, under the original output name. Per sample this is exactly the
-bundle runner's answer (the first confident exit's logits, else the full model's), for any
-batch size; a batch only saves work when all its samples are done early. The rewrite is lossy
+At batch 1 a confident sample skips everything after its exit; in a batch the later stages
+run on the rest only. Below opset 11 the whole batch goes on while any sample is not done,
+and ``Where(done_k, h_k, O_{k+1})`` picks each sample's answer. Per sample both are the bundle
+runner's answer (the first confident exit's logits, else the full model's) for any batch.
+The model output is ``O_0``, under the original output name. The rewrite is lossy
 (``exact = False``); the pass manager measures it against the original model.
 
-Nodes of stage ``k >= 1`` move into the else-branch of level ``k - 1``, together with the
-initializers only they read; values of earlier stages are read from the enclosing scope.
+Nodes of stage ``k >= 1`` move into the then-branch of level ``k - 1``, together with the
+initializers only they read; the cut tensor they read is replaced by its gathered rows.
 With ``single_file=false``, or in a dry run, the model is left unchanged and only the plan
 is reported (write a bundle with ``onnxopt split``).
 """
@@ -28,27 +29,38 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxopt.cost import infer_shapes
-from onnxopt.ir import FreshNames, clone_model, opset_version, remove_unused_initializers
+from onnxopt.ir import (
+    FreshNames,
+    clone_model,
+    opset_version,
+    remove_unused_initializers,
+    subgraphs,
+)
 from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 from onnxopt.passes.early_exit.bundle import head_nodes, reduce_node
 from onnxopt.passes.early_exit.cuts import (
+    CANDIDATE_FRACTIONS,
     CutError,
     choose_cuts,
     require_cut_points,
     resolve_cuts,
     stage_nodes,
 )
-from onnxopt.passes.early_exit.exits import ExitPlan, ExitPlanError, exit_capable, plan_exits
+from onnxopt.passes.early_exit.exits import ExitPlan, ExitPlanError, exit_capable
+from onnxopt.passes.early_exit.planning import plan_exits
 from onnxopt.report import plural
 
 logger = logging.getLogger(__name__)
 
 #: Where, Or and If with outer-scope values need at least this ONNX opset.
 _MIN_OPSET = 9
+#: GatherND and ScatterND (the batched form) need at least this opset.
+_MIN_BATCHED_OPSET = 11
 
 
 @dataclass(frozen=True)
@@ -56,20 +68,34 @@ class EarlyExitOptions:
     """Options of ``early-exit``.
 
     Attributes:
-        exits: Cut tensor names; empty chooses cuts at about 25/50/75% of the MACs.
-        target: Minimum top-1 agreement with the full model, per exit, on calibration data.
+        exits: Candidate cut tensor names; empty takes cut points at about 5, 15, ..., 85% of
+            the MACs. Candidates that do not pay for their head are dropped.
+        target: Promised top-1 agreement with the full model on new samples.
+        confidence: None promises ``target`` in expectation (conformal risk control); a
+            probability such as 0.9 promises it with that probability over the draw of the
+            calibration samples (Learn-then-Test).
         head: ``ridge`` (closed form) or ``logistic`` (multinomial logistic regression).
         fit_to: Fit the heads to the full model's ``logits`` or to the ``labels``.
+        pool: ``grid`` (2x2 mean pool where the cut allows) or ``avg`` (global average).
+        head_share: Share of the calibration samples that fit the heads; the rest, held
+            out, set the thresholds. None: half, but fewer when the thresholds would
+            otherwise get too few for the promise (a quarter stays for the heads).
+        exit_overhead: Decision cost of an exit as a share of the model's MACs, when
+            choosing which exits to keep.
         single_file: Rewrite the model into the If form; false only reports the plan.
         l2: Regularisation of the heads, relative to the number of samples.
-        folds: Folds for the out-of-fold confidences the thresholds are chosen on.
+        folds: Folds for the out-of-fold logits (temperatures and the choice of exits).
         max_samples: Cap on calibration samples (None uses all).
     """
 
     exits: tuple[str, ...] = ()
     target: float = option(0.99, within="(0, 1]")
+    confidence: float | None = option(None, within="(0, 1)")
     head: Literal["ridge", "logistic"] = "ridge"
     fit_to: Literal["logits", "labels"] = "logits"
+    pool: Literal["grid", "avg"] = "grid"
+    head_share: float | None = option(None, within="(0, 1)")
+    exit_overhead: float = option(0.01, within="[0, 1]")
     single_file: bool = True
     l2: float = option(1e-3, within="[0, inf)")
     folds: int = option(5, within="[1, inf)")
@@ -112,23 +138,27 @@ class EarlyExitPass(Pass):
                                    "needs")
             return result
         # A name that is not a cut point is the user's mistake: CutError propagates.
-        cuts = resolve_cuts(points, opts.exits) if opts.exits else choose_cuts(points)
+        cuts = (resolve_cuts(points, opts.exits) if opts.exits
+                else choose_cuts(points, CANDIDATE_FRACTIONS))
         try:
-            plan = plan_exits(shaped, ctx.calib, cuts, target=opts.target, head=opts.head,
-                              fit_to=opts.fit_to, l2=opts.l2, folds=opts.folds, seed=ctx.seed,
+            plan = plan_exits(shaped, ctx.calib, cuts, target=opts.target,
+                              confidence=opts.confidence, head=opts.head, fit_to=opts.fit_to,
+                              pool_kind=opts.pool, l2=opts.l2, folds=opts.folds, seed=ctx.seed,
+                              head_share=opts.head_share, exit_overhead=opts.exit_overhead,
                               input_shapes=ctx.input_shapes, limit=opts.max_samples)
         except ExitPlanError as exc:
             result.refuse("model", str(exc))
             return result
         result.stats = plan.to_dict()
-        if plan.calib_report is not None:
+        if plan.calib_report is not None and plan.guarantee is not None:
             cal = plan.calib_report
             result.summary = (
-                f"{plural(len(plan.heads), 'exit')} at {', '.join(h.cut for h in plan.heads)}; on "
-                f"calibration data: agreement {cal.agreement:.4f}, expected MACs "
-                f"{cal.macs_ratio:.3f}x (the MACs column counts the worst case)")
-        for name in plan.dropped:
-            result.refuse(name, f"exit never reaches agreement {opts.target}; dropped")
+                f"{plural(len(plan.heads), 'exit')} at {', '.join(h.cut for h in plan.heads)}; "
+                f"{plan.guarantee.describe()}; on those held-out samples: agreement "
+                f"{cal.agreement:.4f}, expected MACs {cal.macs_ratio:.3f}x (the MACs column "
+                f"counts the worst case)")
+        for name, reason in plan.dropped.items():
+            result.refuse(name, f"exit {reason}; dropped")
         if opts.single_file and not ctx.dry_run:
             build_if_form(model, plan)
             result.modified = True
@@ -179,6 +209,11 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
         if users and min(users) > 0 and not value.is_graph_output():
             del graph.initializers[value.name]
             owners.setdefault(min(users), []).append(value)
+    batched = opset >= _MIN_BATCHED_OPSET and not _captures(stages, [values[c] for c in
+                                                                      plan.cuts])
+
+    def node(op: str, inputs: list[ir.Value], name: str, **attributes: object) -> ir.Node:
+        return _named(ir.node(op, inputs, attributes), names(name))
 
     def level(k: int, done: ir.Value | None) -> tuple[list[ir.Node], list[ir.Value], ir.Value]:
         """Nodes, initializers and result value of stage k and everything after it."""
@@ -186,39 +221,72 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
             return list(stages[k]), owners.get(k, []), output
         head = plan.heads[k]
         prefix = names.prefix(f"exit{k}")
-        parts = head_nodes(values[head.cut], head, opset, prefix, keepdims=True)
+        cut = values[head.cut]
+        parts = head_nodes(cut, head, opset, prefix)
         nodes = [*stages[k], *parts.nodes]
         inits = [*owners.get(k, []), *parts.initializers]
         threshold = ir.Value(name=names(f"{prefix}_threshold"), shape=ir.Shape([]),
                              type=ir.TensorType(ir.DataType.FLOAT),
                              const_value=ir.tensor(head.threshold, dtype=ir.DataType.FLOAT))
         inits.append(threshold)
-        below = _named(ir.node("Less", [parts.confidence, threshold]), names(f"{prefix}_below"))
-        mask = _named(ir.node("Not", [below.outputs[0]]), names(f"{prefix}_mask"))
-        nodes += [below, mask]
-        done_now = mask.outputs[0]
-        if done is not None:
-            nodes.append(_named(ir.node("Or", [done, done_now]), names(f"{prefix}_done")))
-            done_now = nodes[-1].outputs[0]
-        as_float = _named(ir.node("Cast", [done_now], {"to": ir.DataType.FLOAT}),
-                          names(f"{prefix}_done_f"))
-        every_name = names(f"{prefix}_all_f")
-        every = _named(reduce_node("ReduceMin", as_float.outputs[0], None, 0, opset, inits,
-                                   every_name), every_name)
-        cond = _named(ir.node("Cast", [every.outputs[0]], {"to": ir.DataType.BOOL}),
-                      names(f"{prefix}_all"))
-        nodes += [as_float, every, cond]
-        then_out = _named(ir.node("Identity", [parts.logits]), names(f"{prefix}_early"))
-        _typed(then_out.outputs[0], out_type, out_shape)
-        then_graph = ir.Graph([], then_out.outputs, nodes=[then_out], name=names(f"{prefix}_then"))
-        inner_nodes, inner_inits, inner_out = level(k + 1, done_now)
-        merge = _named(ir.node("Where", [mask.outputs[0], parts.logits, inner_out]),
-                       names(f"{prefix}_merged"))
+        below = node("Less", [parts.confidence, threshold], f"{prefix}_below")
+        waiting = below.outputs[0]  # [N, 1]: samples that go on
+        mask = done_now = None
+        if batched:
+            # One decision: does any sample go on (is the lowest margin below the threshold)?
+            low_name = names(f"{prefix}_lowest")
+            low = _named(reduce_node("ReduceMin", parts.confidence, None, 0, opset, inits,
+                                     low_name), low_name)
+            cond = node("Less", [low.outputs[0], threshold], f"{prefix}_any")
+            nodes += [low, cond]
+        else:
+            mask = node("Not", [waiting], f"{prefix}_mask")
+            nodes += [below, mask]
+            done_now = mask.outputs[0]
+            if done is not None:
+                nodes.append(node("Or", [done, done_now], f"{prefix}_done"))
+                done_now = nodes[-1].outputs[0]
+                nodes.append(node("Not", [done_now], f"{prefix}_waiting"))
+                waiting = nodes[-1].outputs[0]
+            as_float = node("Cast", [waiting], f"{prefix}_waiting_f", to=ir.DataType.FLOAT)
+            any_name = names(f"{prefix}_any_f")
+            any_ = _named(reduce_node("ReduceMax", as_float.outputs[0], None, 0, opset, inits,
+                                      any_name), any_name)
+            cond = node("Cast", [any_.outputs[0]], f"{prefix}_any", to=ir.DataType.BOOL)
+            nodes += [as_float, any_, cond]
+        early = node("Identity", [parts.logits], f"{prefix}_early")
+        _typed(early.outputs[0], out_type, out_shape)
+        early_graph = ir.Graph([], early.outputs, nodes=[early], name=names(f"{prefix}_exit"))
+        if batched:
+            # Only the samples that go on run further: gather them, scatter their answers.
+            # NonZero of the [N, 1] mask is [2, M] (row and column indices); the rows are
+            # column 0 of its transpose, as the [M, 1] indices GatherND and ScatterND take.
+            rows = node("NonZero", [waiting], f"{prefix}_rows")
+            index = node("Transpose", [rows.outputs[0]], f"{prefix}_index")
+            column = node("Slice", [index.outputs[0], *_slice_consts(names, prefix, inits)],
+                          f"{prefix}_column")
+            rest = node("GatherND", [cut, column.outputs[0]], f"{prefix}_rest")
+            _typed(rest.outputs[0], cut.type, ir.Shape(["M", *list(cut.shape or ())[1:]])
+                   if cut.shape is not None else None)
+            for later in stages[k + 1]:
+                for i, value in enumerate(later.inputs):
+                    if value is cut:
+                        later.replace_input_with(i, rest.outputs[0])
+            inner_nodes, inner_inits, inner_out = level(k + 1, None)
+            merge = node("ScatterND", [parts.logits, column.outputs[0], inner_out],
+                         f"{prefix}_merged")
+            go_nodes = [below, rows, index, column, rest, *inner_nodes, merge]
+        else:
+            inner_nodes, inner_inits, inner_out = level(k + 1, done_now)
+            assert mask is not None
+            merge = node("Where", [mask.outputs[0], parts.logits, inner_out],
+                         f"{prefix}_merged")
+            go_nodes = [*inner_nodes, merge]
         _typed(merge.outputs[0], out_type, out_shape)
-        else_graph = ir.Graph([], merge.outputs, nodes=[*inner_nodes, merge],
-                              initializers=inner_inits, name=names(f"{prefix}_else"))
-        branch = _named(ir.node("If", [cond.outputs[0]], {"then_branch": then_graph,
-                                                          "else_branch": else_graph},
+        go_graph = ir.Graph([], merge.outputs, nodes=go_nodes, initializers=inner_inits,
+                            name=names(f"{prefix}_go_on"))
+        branch = _named(ir.node("If", [cond.outputs[0]], {"then_branch": go_graph,
+                                                          "else_branch": early_graph},
                                 num_outputs=1), names(f"{prefix}_result"))
         _typed(branch.outputs[0], out_type, out_shape)
         nodes.append(branch)
@@ -233,7 +301,33 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
     result.name = out_name
     graph.outputs.append(result)
     remove_unused_initializers(graph)
-    logger.info("early-exit: %d exits at %s", len(plan.heads), ", ".join(plan.cuts))
+    logger.info("early-exit: %d exits at %s (%s)", len(plan.heads), ", ".join(plan.cuts),
+                "batched" if batched else "whole batches")
+
+
+def _slice_consts(names: _Names, prefix: str, inits: list[ir.Value]) -> list[ir.Value]:
+    """Slice inputs selecting column 0 of a ``[M, 2]`` tensor (starts, ends, axes)."""
+    consts = []
+    for part, number in (("start", 0), ("end", 1), ("axis", 1)):
+        name = names(f"{prefix}_{part}")
+        consts.append(ir.Value(name=name, shape=ir.Shape([1]),
+                               type=ir.TensorType(ir.DataType.INT64),
+                               const_value=ir.tensor(np.asarray([number], dtype=np.int64),
+                                                     name=name)))
+    inits.extend(consts)
+    return consts
+
+
+def _captures(stages: list[list[ir.Node]], cuts: list[ir.Value]) -> bool:
+    """Whether a subgraph in a later stage reads a cut tensor from its enclosing scope."""
+    wanted = set(cuts)
+    for stage in stages[1:]:
+        for node in stage:
+            for sub in subgraphs(node):
+                for inner in sub.all_nodes():
+                    if any(v in wanted for v in inner.inputs):
+                        return True
+    return False
 
 
 def _typed(value: ir.Value, type_: ir.TypeProtocol | None, shape: ir.Shape | None) -> None:

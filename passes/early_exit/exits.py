@@ -1,18 +1,11 @@
-"""Early-exit planning: exit heads at cut points and thresholds for an agreement target.
+"""Exit heads, plans and reports: what a staged model is made of and how it did on data.
 
-For each chosen cut the full model is run once over the calibration data, keeping the pooled
-cut tensors and the outputs; a linear head (:mod:`.heads`) is fitted at each cut against the
-full model's logits (soft targets) or the labels.
-
-Thresholds. Exits are taken in order; exit k sees the calibration samples no earlier exit took
-and takes those whose confidence is at least ``t_k``. ``t_k`` is the lowest value for which the
-samples it takes agree with the full model's top-1 class on at least ``target`` of them, so the
-staged model as a whole agrees on at least ``target`` too. The confidences used for this choice
-are out-of-fold (each from a head fitted without that sample), so they are not inflated by
-fitting and testing on the same data. An exit that takes no sample is dropped.
-
-The report per exit (:class:`StagedReport`) gives the share of samples answered there, their
-agreement with the full model and accuracy, and the expected MACs per sample, heads included.
+:func:`collect_features` runs the full model once over a data set and keeps the pooled cut
+tensors and the outputs; :mod:`.planning` fits the heads and chooses the thresholds from them.
+:func:`simulate` replays a plan on such features in numpy. The report per exit
+(:class:`StagedReport`) gives the share of samples answered there, their agreement with the
+full model and accuracy, the expected MACs per sample (heads included) and the promise the
+thresholds were chosen to keep.
 """
 
 from __future__ import annotations
@@ -20,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -29,20 +22,12 @@ from onnxopt.compare import classifier_like
 from onnxopt.data import FeedSource
 from onnxopt.errors import DataError, UserError
 from onnxopt.passes.early_exit.cuts import CutPoint
-from onnxopt.passes.early_exit.heads import (
-    HeadKind,
-    choose_threshold,
-    fit_head,
-    head_macs,
-    pool,
-    softmax,
-)
+from onnxopt.passes.early_exit.guarantee import Guarantee
+from onnxopt.passes.early_exit.heads import PoolKind, margin, pool, pooling
 from onnxopt.report import plural
 from onnxopt.session import batch_within, stream_tensors
 
 logger = logging.getLogger(__name__)
-
-FitTarget = Literal["logits", "labels"]
 
 
 class ExitPlanError(UserError):
@@ -55,12 +40,15 @@ class ExitHead:
 
     Attributes:
         cut: Name of the cut tensor the head reads.
-        weight: Gemm weight ``[K, C]`` (used with ``transB=1``).
+        weight: Gemm weight ``[K, F]`` (used with ``transB=1``).
         bias: Gemm bias ``[K]``.
-        threshold: Exit when the top softmax probability is at least this.
+        threshold: Exit when the margin between the top two logits is at least this.
         macs_before: MACs per sample of the model up to the cut.
         macs: MACs per sample of the head itself.
         rank: Rank of the cut tensor (2 means no pooling).
+        pooling: ``none``, ``avg`` or ``grid`` (see :mod:`.heads`).
+        temperature: Divides the margin into the calibrated score the level applies to.
+        window: Kernel (and stride) of the ``grid`` pooling: half the cut's spatial dims.
     """
 
     cut: str
@@ -70,10 +58,21 @@ class ExitHead:
     macs_before: int
     macs: int
     rank: int
+    pooling: str = "avg"
+    temperature: float = 1.0
+    window: tuple[int, ...] = ()
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        """Head output for pooled features ``[n, C]``, computed as onnxruntime would (fp32)."""
+        """Head output for pooled features ``[n, F]``, computed as onnxruntime would (fp32)."""
         return features.astype(np.float32) @ self.weight.T + self.bias
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        """Calibrated confidence: the margin of the top two logits over the temperature."""
+        return margin(self.logits(features)).astype(np.float64) / self.temperature
+
+    def takes(self, features: np.ndarray) -> np.ndarray:
+        """Which samples answer here, as the ONNX head decides (margin >= threshold)."""
+        return margin(self.logits(features)) >= np.float32(self.threshold)
 
 
 @dataclass
@@ -101,6 +100,7 @@ class StagedReport:
     expected_macs: float
     total_macs: int
     source: str = ""
+    promise: str = ""
 
     @property
     def macs_ratio(self) -> float:
@@ -113,23 +113,26 @@ class StagedReport:
             "source": self.source, "samples": self.samples, "agreement": self.agreement,
             "accuracy": self.accuracy, "full_accuracy": self.full_accuracy,
             "expected_macs": self.expected_macs, "total_macs": self.total_macs,
-            "macs_ratio": self.macs_ratio,
+            "macs_ratio": self.macs_ratio, "promise": self.promise,
             "exits": [vars(r).copy() for r in self.rows],
         }
 
     def format_table(self) -> str:
-        """Per-exit table and a summary line, for the CLI."""
+        """Per-exit table, a summary line and the promise, for the CLI."""
         lines = [f"{'exit':<8} {'cut':<24} {'thresh':>7} {'exits':>7} {'agree':>7} "
                  f"{'acc':>7} {'MACs':>8}"]
         for r in self.rows:
             lines.append(
-                f"{r.name:<8} {r.cut[:24]:<24} {_fmt(r.threshold, '.4f'):>7} "
+                f"{r.name:<8} {r.cut[:24]:<24} {_fmt(r.threshold, '.3f'):>7} "
                 f"{100 * r.fraction:6.1f}% {_fmt(r.agreement, '.4f'):>7} "
                 f"{_fmt(r.accuracy, '.2%'):>7} {r.macs / max(self.total_macs, 1):7.2f}x")
         acc = "" if self.accuracy is None else (
             f", accuracy {self.accuracy:.2%} (full model {_fmt(self.full_accuracy, '.2%')})")
-        lines.append(f"{plural(self.samples, 'sample')} from {self.source or 'data'}: agreement "
-                     f"{self.agreement:.4f}{acc}, expected MACs {self.macs_ratio:.3f}x")
+        lines.append(f"{plural(self.samples, 'sample')} from {self.source or 'data'}: measured "
+                     f"agreement {self.agreement:.4f}{acc}, expected MACs "
+                     f"{self.macs_ratio:.3f}x")
+        if self.promise:
+            lines.append(self.promise)
         return "\n".join(lines)
 
 
@@ -148,8 +151,9 @@ class ExitPlan:
         total_macs: MACs per sample of the full model.
         target: Agreement target the thresholds were chosen for.
         heads: The exits that fire, in execution order.
-        dropped: Cut names whose exit never met the target and was dropped.
-        calib_report: Out-of-fold outcome on the calibration data.
+        dropped: Candidate cut names left out, each with the reason.
+        calib_report: Outcome on the held-out threshold samples.
+        guarantee: What the thresholds promise (:mod:`.guarantee`).
     """
 
     inputs: list[str]
@@ -158,8 +162,9 @@ class ExitPlan:
     total_macs: int
     target: float
     heads: list[ExitHead]
-    dropped: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)
     calib_report: StagedReport | None = None
+    guarantee: Guarantee | None = None
 
     @property
     def cuts(self) -> list[str]:
@@ -178,24 +183,37 @@ class ExitPlan:
         """A JSON-ready summary (weights left out)."""
         return {
             "output": self.output, "target": self.target, "total_macs": self.total_macs,
-            "exits": [{"cut": h.cut, "threshold": h.threshold, "macs_before": h.macs_before,
+            "guarantee": None if self.guarantee is None else self.guarantee.to_dict(),
+            "promise": "" if self.guarantee is None else self.guarantee.describe(),
+            "exits": [{"cut": h.cut, "threshold": h.threshold, "temperature": h.temperature,
+                       "pooling": h.pooling, "macs_before": h.macs_before,
                        "head_macs": h.macs} for h in self.heads],
-            "dropped": list(self.dropped),
+            "dropped": dict(self.dropped),
             "calibration": None if self.calib_report is None else self.calib_report.to_dict(),
         }
 
 
 @dataclass
 class Features:
-    """Pooled cut features and the full model's outputs on a data set."""
+    """Pooled cut features (by cut name) and the full model's outputs on a data set."""
 
-    pooled: list[np.ndarray]
+    pooled: dict[str, np.ndarray]
     logits: np.ndarray
     labels: np.ndarray | None
     source: str
 
+    def subset(self, index: np.ndarray, source: str | None = None) -> Features:
+        """The same features for the samples at ``index``."""
+        return Features({k: v[index] for k, v in self.pooled.items()}, self.logits[index],
+                        None if self.labels is None else self.labels[index],
+                        self.source if source is None else source)
 
-def collect_features(model: ir.Model, source: FeedSource, cuts: Sequence[str], *,
+    def __len__(self) -> int:
+        return len(self.logits)
+
+
+def collect_features(model: ir.Model, source: FeedSource, cuts: Sequence[CutPoint], *,
+                     pool_kind: PoolKind = "grid",
                      input_shapes: Mapping[str, tuple[int, ...]] | None = None,
                      batch_size: int = 64, limit: int | None = None) -> Features:
     """Run the model once over ``source`` and keep pooled cut tensors and the outputs.
@@ -208,18 +226,19 @@ def collect_features(model: ir.Model, source: FeedSource, cuts: Sequence[str], *
         raise ExitPlanError(f"early exit needs a model with one output, this one has "
                             f"{len(model.graph.outputs)}")
     output = model.graph.outputs[0].name or ""
-    pooled: list[list[np.ndarray]] = [[] for _ in cuts]
+    kinds = {c.name: pooling(c.shape, pool_kind) for c in cuts}
+    pooled: dict[str, list[np.ndarray]] = {name: [] for name in kinds}
     logits, labels = [], []
     # the cut tensors are whole feature maps until pooled: a batch takes what fits in memory
-    batch_size = batch_within(model, [output, *cuts], source, batch_size,
+    batch_size = batch_within(model, [output, *kinds], source, batch_size,
                               input_shapes=input_shapes)
-    for (tensors,), batch_labels in stream_tensors([model], [[output, *cuts]], source,
+    for (tensors,), batch_labels in stream_tensors([model], [[output, *kinds]], source,
                                                    batch_size=batch_size, limit=limit,
                                                    input_shapes=input_shapes):
         logits.append(tensors[output])
         labels.append(batch_labels)
-        for k, name in enumerate(cuts):
-            pooled[k].append(pool(tensors[name]))
+        for name, kind in kinds.items():
+            pooled[name].append(pool(tensors[name], kind))
     if not logits:
         raise DataError(f"{source.description}: no samples")
     full = np.concatenate(logits)
@@ -227,7 +246,7 @@ def collect_features(model: ir.Model, source: FeedSource, cuts: Sequence[str], *
         raise ExitPlanError(f"early exit needs a classifier output [N, classes]; output "
                             f"{model.graph.outputs[0].name!r} has shape {list(full.shape)}")
     has_labels = all(lab is not None for lab in labels)
-    return Features([np.concatenate(p) for p in pooled], full,
+    return Features({k: np.concatenate(v) for k, v in pooled.items()}, full,
                     np.concatenate(labels).reshape(-1) if has_labels else None,
                     source.description)
 
@@ -237,98 +256,16 @@ def exit_capable(point: CutPoint) -> bool:
     return point.shape is not None and len(point.shape) >= 2 and isinstance(point.shape[1], int)
 
 
-def _targets(features: Features, kind: HeadKind, fit_to: FitTarget) -> np.ndarray:
-    if fit_to == "labels":
-        if features.labels is None:
-            raise DataError(f"fit_to=labels needs labels in the calibration data "
-                            f"({features.source} has none)")
-        return np.eye(features.logits.shape[1])[features.labels.astype(int)]
-    return features.logits if kind == "ridge" else softmax(features.logits)
-
-
-def _out_of_fold(x: np.ndarray, y: np.ndarray, kind: HeadKind, l2: float, folds: int,
-                 seed: int) -> np.ndarray:
-    """Head logits for every sample from a head fitted on the other folds."""
-    n = len(x)
-    folds = min(folds, n // 2)
-    if folds < 2:
-        w, b = fit_head(x, y, kind, l2)
-        return x.astype(np.float32) @ w.T + b
-    order = np.random.default_rng(seed).permutation(n)
-    result = np.empty((n, y.shape[1]), dtype=np.float32)
-    for part in np.array_split(order, folds):
-        train = np.setdiff1d(order, part)
-        w, b = fit_head(x[train], y[train], kind, l2)
-        result[part] = x[part].astype(np.float32) @ w.T + b
-    return result
-
-
-def plan_exits(model: ir.Model, calib: FeedSource, cuts: Sequence[CutPoint], *,
-               target: float = 0.99, head: HeadKind = "ridge", fit_to: FitTarget = "logits",
-               l2: float = 1e-3, folds: int = 5, seed: int = 0,
-               input_shapes: Mapping[str, tuple[int, ...]] | None = None,
-               batch_size: int = 64, limit: int | None = None) -> ExitPlan:
-    """Fit a head at each cut and choose thresholds for ``target`` agreement.
-
-    Raises:
-        ExitPlanError: The model output is not a single classifier output, or no exit can
-            answer any calibration sample at the target.
-        DataError: The calibration data does not fit, or labels are needed but missing.
-    """
-    if not 0.0 < target <= 1.0:
-        raise UserError(f"target must be in (0, 1], got {target}")
-    features = collect_features(model, calib, [c.name for c in cuts],
-                                input_shapes=input_shapes, batch_size=batch_size, limit=limit)
-    y = _targets(features, head, fit_to)
-    full_top1 = features.logits.argmax(axis=1)
-    classes = features.logits.shape[1]
-    total = cuts[0].total_macs if cuts else 0
-    remaining = np.ones(len(full_top1), dtype=bool)
-    heads: list[ExitHead] = []
-    dropped: list[str] = []
-    oof_top1: list[np.ndarray] = []
-    oof_take: list[np.ndarray] = []
-    for cut, x in zip(cuts, features.pooled, strict=True):
-        oof = _out_of_fold(x, y, head, l2, folds, seed)
-        conf = softmax(oof).max(axis=1)
-        agrees = oof.argmax(axis=1) == full_top1
-        threshold = choose_threshold(conf[remaining], agrees[remaining], target)
-        if threshold is None:
-            logger.info("exit at %s dropped: no threshold meets agreement %s", cut.name, target)
-            dropped.append(cut.name)
-            continue
-        weight, bias = fit_head(x, y, head, l2)
-        heads.append(ExitHead(cut.name, weight, bias, threshold, cut.macs_before,
-                              head_macs(cut.shape, classes), len(cut.shape or ())))
-        take = remaining & (conf >= threshold)
-        oof_top1.append(oof.argmax(axis=1))
-        oof_take.append(take)
-        remaining &= ~take
-    if not heads:
-        raise ExitPlanError(f"no exit reaches agreement {target} with the full model on any "
-                            f"calibration sample at cuts {', '.join(c.name for c in cuts)}")
-    plan = ExitPlan([v.name or "" for v in model.graph.inputs if not v.is_initializer()],
-                    model.graph.outputs[0].name or "", classes, total, target, heads, dropped)
-    exit_index = np.full(len(full_top1), len(heads))
-    staged = full_top1.copy()
-    for k in reversed(range(len(heads))):
-        exit_index[oof_take[k]] = k
-        staged[oof_take[k]] = oof_top1[k][oof_take[k]]
-    plan.calib_report = staged_report(plan, exit_index, staged, full_top1, features.labels,
-                                      f"{features.source} (out-of-fold)")
-    return plan
-
-
 def simulate(plan: ExitPlan, features: Features) -> StagedReport:
     """The staged model's outcome on pooled features, computed in numpy."""
     full_top1 = features.logits.argmax(axis=1)
     exit_index = np.full(len(full_top1), len(plan.heads))
     staged = full_top1.copy()
     for k in reversed(range(len(plan.heads))):
-        z = plan.heads[k].logits(features.pooled[k])
-        take = softmax(z).max(axis=1) >= plan.heads[k].threshold
+        x = features.pooled[plan.heads[k].cut]
+        take = plan.heads[k].takes(x)
         exit_index[take] = k
-        staged[take] = z.argmax(axis=1)[take]
+        staged[take] = plan.heads[k].logits(x).argmax(axis=1)[take]
     return staged_report(plan, exit_index, staged, full_top1, features.labels, features.source)
 
 
@@ -338,7 +275,7 @@ def staged_report(plan: ExitPlan, exit_index: np.ndarray, staged_top1: np.ndarra
     """Per-exit fractions, agreement and accuracy from where each sample exited.
 
     Args:
-        plan: The plan (for exit names, thresholds and MACs).
+        plan: The plan (for exit names, thresholds, MACs and the promise).
         exit_index: Per sample, the exit that answered (``len(plan.heads)`` = full model).
         staged_top1: Per sample, the staged model's class.
         full_top1: Per sample, the full model's class.
@@ -365,4 +302,5 @@ def staged_report(plan: ExitPlan, exit_index: np.ndarray, staged_top1: np.ndarra
         rows, n, float(np.mean(staged_top1 == full_top1)) if n else 1.0,
         float(np.mean(staged_top1 == labels)) if labels is not None and n else None,
         float(np.mean(full_top1 == labels)) if labels is not None and n else None,
-        expected, plan.total_macs, source)
+        expected, plan.total_macs, source,
+        "" if plan.guarantee is None else plan.guarantee.describe())

@@ -1,9 +1,10 @@
-"""Linear exit heads and confidence thresholds, fitted in numpy.
+"""Linear exit heads and their calibrated confidence, fitted in numpy.
 
 Idea (distillation without a training framework). At a cut tensor ``X`` of shape
-``[N, C, ...]`` an exit head computes ``z = mean_spatial(X) @ W.T + b``, i.e.
-GlobalAveragePool -> Flatten -> Gemm, and is confident when ``max softmax(z)`` reaches its
-threshold. ``W`` and ``b`` are fitted on pooled features against targets:
+``[N, C, H, W]`` an exit head computes ``z = pool(X) @ W.T + b``. The pooling is ``avg``
+(GlobalAveragePool, ``C`` features) or ``grid`` (the mean of each quadrant, a 2x2
+AveragePool, ``4C`` features: where on the image a channel fires), falling back to ``avg``
+when ``H`` or ``W`` is odd. ``W`` and ``b`` are fitted on pooled features against targets:
 
 - ``ridge``: on standardised features ``F`` (with a column of ones),
   ``(F'F + l2 * n * P) W = F'Y`` in closed form, where ``P`` is the identity except for the
@@ -12,9 +13,14 @@ threshold. ``W`` and ``b`` are fitted on pooled features against targets:
   ``l2``, a fixed number of Nesterov gradient steps of size ``1/L`` with
   ``L = ||F||_2^2 / (2n) + l2`` (a bound on the curvature of the cross-entropy).
 
-The standardisation is folded back into ``W`` and ``b``. Costs follow
-:mod:`onnxopt.cost`: a head costs ``C*H*W`` (GlobalAveragePool) + ``C*K`` (Gemm) +
-``K`` (Softmax) MACs per sample.
+The standardisation is folded back into ``W`` and ``b``.
+
+Confidence. The score of a head is the margin between its top two logits divided by a
+temperature ``T`` fitted on out-of-fold logits (the ``T`` minimising the cross-entropy of
+``softmax(z / T)`` against the full model's class), so that one level means about the same
+certainty at every exit. In ONNX: TopK(2) -> MatMul with ``[1, -1]`` (the raw margin), compared
+with the exit's threshold ``level * T``. Costs follow :mod:`onnxopt.cost`: a head costs
+``C*H*W`` (pooling) + ``F*K`` (Gemm on ``F`` features) + ``K + 2`` (TopK, margin) MACs per sample.
 """
 
 from __future__ import annotations
@@ -25,14 +31,61 @@ from typing import Literal
 import numpy as np
 
 HeadKind = Literal["ridge", "logistic"]
+PoolKind = Literal["avg", "grid"]
 
 _LOGISTIC_STEPS = 300
 
+#: Temperatures tried when calibrating a head's margin.
+_TEMPERATURES = np.geomspace(0.05, 20.0, 121)
 
-def pool(array: np.ndarray) -> np.ndarray:
-    """Global average over every axis after the channel axis, as ``[N, C]`` float64."""
+
+def pooling(shape: tuple[int | str, ...] | None, kind: PoolKind) -> str:
+    """The pooling a head on a cut of ``shape`` uses: ``none`` (rank 2), ``avg`` or ``grid``."""
+    dims = list(shape or ())[2:]
+    if not dims:
+        return "none"
+    if kind == "grid" and len(dims) == 2 and all(isinstance(d, int) and d >= 2 and d % 2 == 0
+                                                 for d in dims):
+        return "grid"
+    return "avg"
+
+
+def pool(array: np.ndarray, kind: str = "avg") -> np.ndarray:
+    """Pooled features ``[N, F]`` (float64) of a cut tensor, for a :func:`pooling` kind."""
     array = np.asarray(array, dtype=np.float64)
-    return array.mean(axis=tuple(range(2, array.ndim))) if array.ndim > 2 else array
+    if array.ndim <= 2 or kind == "none":
+        return array.reshape(len(array), -1)
+    if kind == "grid":
+        n, c, h, w = array.shape
+        return array.reshape(n, c, 2, h // 2, 2, w // 2).mean(axis=(3, 5)).reshape(n, 4 * c)
+    return array.mean(axis=tuple(range(2, array.ndim)))
+
+
+def margin(z: np.ndarray) -> np.ndarray:
+    """Top logit minus the second, per row (as the ONNX head computes it, in float32)."""
+    z = np.asarray(z, dtype=np.float32)
+    if z.shape[1] < 2:
+        return np.full(len(z), np.inf, dtype=np.float32)
+    top2 = -np.partition(-z, 1, axis=1)[:, :2]
+    return (top2[:, 0] - top2[:, 1]).astype(np.float32)
+
+
+def fit_temperature(z: np.ndarray, classes: np.ndarray, smoothing: float = 0.01) -> float:
+    """Temperature minimising the cross-entropy of ``softmax(z / T)`` against ``classes``.
+
+    The targets are smoothed (``1 - smoothing`` on the class, the rest spread evenly): with a
+    head that makes no out-of-fold mistake the plain cross-entropy falls as ``T -> 0``, and
+    the margins of such a head would be blown up without bound.
+    """
+    k = z.shape[1]
+    targets = np.full(z.shape, smoothing / k)
+    targets[np.arange(len(z)), classes] += 1.0 - smoothing
+    best, best_t = np.inf, 1.0
+    for t in _TEMPERATURES:
+        loss = -np.mean(np.sum(targets * np.log(softmax(z / t) + 1e-300), axis=1))
+        if loss < best:
+            best, best_t = loss, float(t)
+    return best_t
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -86,28 +139,10 @@ def _logistic(z: np.ndarray, p: np.ndarray, l2: float, penalty: np.ndarray) -> n
     return w
 
 
-def choose_threshold(confidence: np.ndarray, agrees: np.ndarray, target: float) -> float | None:
-    """Lowest threshold whose exiting samples agree on at least ``target`` of them.
-
-    Returns None when no threshold lets any sample exit.
-    """
-    if len(confidence) == 0:
-        return None
-    order = np.argsort(-confidence, kind="stable")
-    conf = confidence[order]
-    hits = np.cumsum(agrees[order])
-    taken = np.arange(1, len(conf) + 1)
-    # Only positions where the next confidence is lower are realisable thresholds.
-    boundary = np.r_[conf[:-1] > conf[1:], True]
-    ok = (hits >= target * taken - 1e-9) & boundary
-    if not ok.any():
-        return None
-    return float(conf[np.flatnonzero(ok).max()])
-
-
-def head_macs(shape: tuple[int | str, ...] | None, classes: int) -> int:
-    """MACs of GlobalAveragePool -> Flatten -> Gemm -> Softmax on a cut tensor of ``shape``."""
+def head_macs(shape: tuple[int | str, ...] | None, classes: int, kind: str = "avg") -> int:
+    """MACs of pooling -> Flatten -> Gemm -> TopK -> margin on a cut tensor of ``shape``."""
     dims = [d if isinstance(d, int) else 1 for d in (shape or ())[1:]]
-    pooling = math.prod(dims) if len(dims) > 1 else 0
+    pooled = math.prod(dims) if len(dims) > 1 else 0
     channels = dims[0] if dims else 0
-    return pooling + channels * classes + classes
+    features = channels * (4 if kind == "grid" else 1)
+    return pooled + features * classes + classes + 2

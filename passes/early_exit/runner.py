@@ -1,10 +1,10 @@
-"""Run an early-exit bundle with onnxruntime, one sample at a time, stopping at a confident exit.
+"""Run an early-exit bundle with onnxruntime, in batches, stopping each sample at a confident exit.
 
-Each sample runs stage 0, then exit head 0; if the head's confidence reaches the exit's
-threshold its logits are the answer, otherwise the sample continues with stage 1, and so on;
-a sample no exit takes gets the last stage's outputs (the full model's). Batches are split
-into single samples because exiting is a per-sample decision. At load time each stage is
-merged with its exit head (``onnx.compose``) so that an exit costs one onnxruntime call.
+A batch runs stage 0, then exit head 0; the samples whose margin reaches the exit's threshold
+take the head's logits as their answer and leave the batch, and only the rest run stage 1, and
+so on; the samples no exit takes get the last stage's outputs (the full model's). Answers come
+back in input order. At load time each stage is merged with its exit head (``onnx.compose``)
+so that an exit costs one onnxruntime call.
 
 The single-file form (the ``early-exit`` pass) needs no runner: it is one ONNX model whose
 later stages sit inside ``If`` branches, so a plain onnxruntime session exits early.
@@ -89,24 +89,40 @@ class EarlyExitModel:
         outputs: list[np.ndarray] = []
         for k, stage in enumerate(self._stages):
             outputs = stage.run(None, current)
-            if k < len(self.thresholds) and outputs[2][0] >= self.thresholds[k]:
+            if k < len(self.thresholds) and outputs[2].reshape(-1)[0] >= self.thresholds[k]:
                 return [outputs[1]], k
             if k + 1 < len(self._stages):
                 current = {self._stage_inputs[k + 1][0]: outputs[0]}
         return outputs, len(self.thresholds)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> EarlyExitResult:
-        """Run a batch sample by sample; outputs are concatenated along the batch axis."""
+        """Run a batch; confident samples leave it at each exit, the rest go on.
+
+        Outputs are in input order, concatenated along the batch axis.
+        """
         n = int(np.shape(feeds[self.input_names[0]])[0])
-        parts: list[list[np.ndarray]] = []
-        exits = np.empty(n, dtype=np.int64)
-        for i in range(n):
-            outputs, exits[i] = self.run_one({k: v[i:i + 1] for k, v in feeds.items()})
-            parts.append(outputs)
-        if not parts:
-            return EarlyExitResult([], exits)
-        return EarlyExitResult([np.concatenate([p[j] for p in parts])
-                                for j in range(len(parts[0]))], exits)
+        exits = np.full(n, self.num_exits, dtype=np.int64)
+        if not self.num_exits:
+            return EarlyExitResult(self.run_stages(feeds), exits)
+        current = {name: feeds[name] for name in self._stage_inputs[0]}
+        rows = np.arange(n)
+        answer: np.ndarray | None = None
+        for k, stage in enumerate(self._stages):
+            outputs = stage.run(None, current)
+            if k == self.num_exits:
+                assert answer is not None
+                answer[rows] = outputs[0]
+                break
+            if answer is None:
+                answer = np.empty((n, *outputs[1].shape[1:]), dtype=outputs[1].dtype)
+            take = outputs[2].reshape(-1) >= self.thresholds[k]
+            answer[rows[take]] = outputs[1][take]
+            exits[rows[take]] = k
+            rows = rows[~take]
+            if not rows.size:
+                break
+            current = {self._stage_inputs[k + 1][0]: outputs[0][~take]}
+        return EarlyExitResult([answer if answer is not None else np.empty((0,))], exits)
 
     __call__ = run
 
