@@ -111,7 +111,7 @@ class NodeSpec:
         opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.opsets.items()]
         model = onnx.helper.make_model(graph, opset_imports=opsets)
         model.ir_version = min(model.ir_version, 9)
-        return model, feeds
+        return onnx.shape_inference.infer_shapes(model), feeds  # the outputs' shapes
 
 
 def node_specs(analysis: ChannelAnalysis, shapes: ShapeTable,
@@ -288,21 +288,23 @@ def detect_step(widths: Sequence[int], seconds: Sequence[float], tolerance: floa
     Blocked kernels either pad a width up to the next multiple of the block (flat, then a
     jump just past each multiple) or fall back to a slower kernel off the multiples (a dip
     at each multiple). Both make the rise from a multiple ``k`` to ``k + 1`` larger than the
-    rise between other neighbours. The largest candidate whose rises at its multiples exceed
-    the others' by ``tolerance`` of the full-width time, at two multiples or more, wins.
+    rise from an odd width to the next (the smooth part of the curve). The granularity is
+    the smallest candidate whose multiples (two or more in the scan) *all* rise more, by
+    ``tolerance`` of the full-width time, taking the lower quartile of their rises so that
+    a step of 8 is not mistaken for one of 4 (half of whose multiples rise).
     """
     order = np.argsort(widths)
     k = np.asarray(widths)[order]
     t = np.asarray(seconds, dtype=np.float64)[order]
-    if len(k) < 4:
-        return 1
     rise = {int(a): float(tb - ta) for a, b, ta, tb in zip(k[:-1], k[1:], t[:-1], t[1:],
                                                             strict=True) if b == a + 1}
-    scale = float(t[-1])
-    for step in STEPS:
+    smooth = [r for a, r in rise.items() if a % 2]
+    if len(rise) < 4 or not smooth:
+        return 1
+    base, scale = float(np.median(smooth)), float(t[-1])
+    for step in sorted(STEPS):
         at = [r for a, r in rise.items() if a % step == 0]
-        off = [r for a, r in rise.items() if a % step != 0]
-        if len(at) >= 2 and off and np.median(at) - np.median(off) > tolerance * scale:
+        if len(at) >= 2 and float(np.percentile(at, 25)) - base > tolerance * scale:
             return step
     return 1
 

@@ -14,6 +14,7 @@ once more and timed again (one correction round). What was predicted and measure
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from onnxopt.channels import ChannelAnalysis, ChannelGroup, analyse_channels
 from onnxopt.channels.surgery import remove_channels
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model
-from onnxopt.passes.prune.budget import Keep, Limits
+from onnxopt.passes.prune.budget import Keep, Limits, keep_every_tensor
 from onnxopt.passes.prune.channel_cost import CostModel
 from onnxopt.passes.prune.latency import calibrated, latency_model, measured_steps, node_specs
 from onnxopt.passes.prune.latency_cache import LatencyMeter, Timer
@@ -79,12 +80,14 @@ class LatencyOutcome:
         aa: The A/A ratio of the same timing (the noise row).
         noise: How far a ratio may move by noise alone.
         uniform_measured: The measured ratio of the calibration (uniform) plan.
-        corrected: Whether the correction round ran (the first plan missed the target).
-        first_measured: The measured ratio of the first plan when it was corrected.
+        corrected: Whether the plan kept comes from the correction round.
+        first_measured: The measured ratio of the first plan when the correction round ran.
         measurements: One-node timings measured (not found in the cache).
         cached: One-node timings found in the cache.
         steps: Group index -> measured channel granularity (when round_to was measured).
         unmeasured: Nodes left out of the tables, with why.
+        table_seconds: Time spent on the one-node tables (measuring or reading the cache).
+        timing_seconds: Time spent timing whole models side by side.
     """
 
     batch: int
@@ -101,6 +104,8 @@ class LatencyOutcome:
     cached: int = 0
     steps: dict[int, int] = field(default_factory=dict)
     unmeasured: list[str] = field(default_factory=list)
+    table_seconds: float = 0.0
+    timing_seconds: float = 0.0
 
     @property
     def error(self) -> float:
@@ -146,8 +151,10 @@ class LatencyBudget:
 
     def limits(self, limits: Limits) -> Limits:
         """``limits`` with each group's granularity measured (:func:`.latency.measured_steps`)."""
+        start = time.perf_counter()
         steps = measured_steps(self.specs, self.meter)
         self.outcome.steps = steps
+        self.outcome.table_seconds += time.perf_counter() - start
         return Limits(limits.min_channels, limits.round_to, tuple(sorted(steps.items())))
 
     def cost(self, limits: Limits, uniform: Callable[[CostModel, float], Keep],
@@ -159,7 +166,9 @@ class LatencyBudget:
             uniform: ``(cost, target cost) -> keep``: the uniform plan at a target.
             target: The latency ratio to reach.
         """
+        start = time.perf_counter()
         self.raw = latency_model(self.analysis, self.specs, limits, self.meter)
+        self.outcome.table_seconds += time.perf_counter() - start
         self.full = self.raw.total()
         keep = uniform(self.raw, target * self.full)
         timed = self.time(keep)
@@ -180,6 +189,10 @@ class LatencyBudget:
               replan: Callable[[CostModel], Keep]) -> tuple[Keep, CostModel]:
         """Time the plan; when it misses ``target`` by more than the noise, re-plan once.
 
+        A miss either way counts: a plan faster than asked removed channels it did not
+        need to. A correction that then misses the target when the first plan met it is
+        dropped.
+
         Returns:
             The plan kept and the cost model it was made with.
         """
@@ -187,13 +200,17 @@ class LatencyBudget:
         timed = self.time(keep)
         self.outcome.measurements = self.meter.measured
         self.outcome.cached = self.meter.cached
-        if timed.ratios[0] > target + timed.noise:
+        if abs(timed.ratios[0] - target) > timed.noise:
             self.outcome.corrected = True
             self.outcome.first_measured = timed.ratios[0]
+            first = keep, cost, timed
             cost = self._fit(self.raw.total(keep), timed.ratios[0])
             keep = replan(cost)
             timed = self.time(keep)
-        self.outcome.predicted = cost.total(keep) / max(cost.total(), 1e-12)
+            if timed.ratios[0] > target + timed.noise >= first[2].ratios[0]:
+                keep, cost, timed = first  # the correction overshot; the first plan met it
+                self.outcome.corrected = False
+        self.outcome.predicted = float(cost.total(keep) / max(cost.total(), 1e-12))
         self.outcome.measured = timed.ratios[0]
         self.outcome.aa = timed.aa
         self.outcome.noise = timed.noise
@@ -201,18 +218,27 @@ class LatencyBudget:
 
     def time(self, keep: Keep) -> SideBySide:
         """The model with ``keep``'s channels removed, timed side by side with the original."""
-        return self.compare(self.proto, [thinned(self.model, keep)], self.feed,
-                            self.outcome.threads)
+        start = time.perf_counter()
+        timed = self.compare(self.proto, [thinned(self.model, keep)], self.feed,
+                             self.outcome.threads)
+        self.outcome.timing_seconds += time.perf_counter() - start
+        return timed
 
 
 def thinned(model: ir.Model, keep: Keep) -> onnx.ModelProto:
-    """A copy of ``model`` without the channels ``keep`` drops (weights not refitted)."""
+    """A copy of ``model`` without the channels ``keep`` drops (weights not refitted).
+
+    Only the kept counts matter for latency: a mask that would empty a tensor of its group
+    (a concat input) is changed to keep one of its channels instead of another.
+    """
     copy = clone_model(model)
     for group in analyse_channels(copy, infer=False).groups:
         mask = keep.get(group.index)
         if mask is not None and not mask.all():
             if group.size != len(mask):  # the analysis is deterministic
                 raise RuntimeError("channel groups of a copy differ from the model's")
+            # same count, but no concat input or split output left empty
+            mask = keep_every_tensor(group, mask, np.zeros(group.size))
             remove_channels(copy, group, np.flatnonzero(~mask).tolist())
     return ir.serde.serialize_model(copy)
 

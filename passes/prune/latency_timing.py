@@ -105,7 +105,7 @@ class SideBySide:
 
 
 def side_by_side(original: onnx.ModelProto, models: Sequence[onnx.ModelProto],
-                 feed: dict[str, np.ndarray], threads: int, rounds: int = 15,
+                 feed: dict[str, np.ndarray], threads: int, rounds: int = 21,
                  sample_seconds: float = 0.003, seed: int = 0) -> SideBySide:
     """Time ``models`` and a second session of ``original`` against ``original``.
 

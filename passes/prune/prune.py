@@ -365,7 +365,7 @@ class PrunePass(Pass):
         if plan.latency is not None:
             t = plan.latency
             corrected = (f", corrected from {t.first_measured:.2f}x"
-                         if t.first_measured is not None else "")
+                         if t.corrected else "")
             text += (f", latency {t.measured:.2f}x measured ({t.predicted:.2f}x predicted, "
                      f"A/A {t.aa:.2f}x{corrected}) of {t.original_ms:.3g} ms at batch "
                      f"{t.batch}, {plural(t.threads, 'thread')}")
