@@ -186,8 +186,10 @@ def _unmeasurable(node: ir.Node, shapes: ShapeTable, factors: int) -> str:
                 return f"unknown dims of '{value.name}'"
     if node.op_type == "Conv":
         group = node.attributes.get("group")
-        if group is not None and group.value > 1 and factors > 1:
-            return "grouped conv"
+        dims = shapes.dims(node.inputs[0])
+        if group is not None and group.value > 1 and (
+                factors > 1 or not dims or dims[1] != group.value):
+            return "grouped conv (not depthwise)"
     if any(v is not None and v.const_value is not None and v.dtype == ir.DataType.INT64
            and v.const_value.size > 1 for v in node.inputs):
         return "shape-like constant input"

@@ -287,11 +287,10 @@ class PrunePass(Pass):
                 uniform = {g.index: keep_every_tensor(g, context[g.index], scores[g.index])
                            for g in groups}
                 measuring = measurement(model, ctx, opts, refit)
+                # the operating point keeps a channel of every tensor (a concat input the
+                # uniform ratio would empty cannot be built)
                 scores, uniform_error = measured_scores(model, ctx, opts, groups, scores,
-                                                        context, limits, refit, measuring)
-                if any(not np.array_equal(uniform[i], context[i]) for i in uniform):
-                    uniform_error = measured_error(model, ctx, opts, uniform, refit,
-                                                   measuring)
+                                                        uniform, limits, refit, measuring)
                 calibrated = True
             keep = ALLOCATORS[opts.allocation](scores, cost, value * costs[kind].total(), limits,
                                                not calibrated)

@@ -251,3 +251,18 @@ def test_latency_option_refuses_nonsense() -> None:
     fixed = with_input_dims(conv_chain(), (1, 3, 16, 16))  # batch fixed to 1
     with pytest.raises(UserError, match="fixed batch of 1"):
         apply_pass(PrunePass(latency=0.5, batch=4, data_free=True), fixed)
+
+
+def test_deep_latency_budget_on_concat_keeps_every_concat_input() -> None:
+    """A deep uniform operating point would empty a concat input: it keeps one channel."""
+    proto = concat_branches()
+    ctx = PassContext(calib=random_source(input_specs(from_proto(proto)), 16, seed=1))
+    model, result = apply_pass(PrunePass(latency=0.3, round_to=1), proto, ctx)
+    assert result.modified and result.stats["latency"]["measured"] > 0
+    shapes = infer_shapes(model)
+    for node in shapes.graph:
+        if node.op_type == "Concat":
+            assert all(v.shape is not None and v.shape[1] >= 1 for v in node.inputs)
+    feeds = random_feeds(proto, batch=2, seed=5)
+    (before,), (after,) = run_model(from_proto(proto), feeds), run_model(model, feeds)
+    assert after.shape == before.shape and np.all(np.isfinite(after))
