@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LatencyBudget", "LatencyOutcome", "batched_shapes"]
 
+NOISY = 0.05
+"""A/A noise above which a whole-model timing is repeated (up to :data:`RETRIES` times)."""
+
+RETRIES = 2
+
 Compare = Callable[[onnx.ModelProto, list[onnx.ModelProto], dict[str, np.ndarray], int],
                    SideBySide]
 """(original, models, feed, threads) -> their times side by side."""
@@ -217,10 +222,18 @@ class LatencyBudget:
         return keep, cost
 
     def time(self, keep: Keep) -> SideBySide:
-        """The model with ``keep``'s channels removed, timed side by side with the original."""
+        """The model with ``keep``'s channels removed, timed side by side with the original.
+
+        A timing whose A/A noise exceeds :data:`NOISY` is repeated, and the quietest kept.
+        """
         start = time.perf_counter()
-        timed = self.compare(self.proto, [thinned(self.model, keep)], self.feed,
-                             self.outcome.threads)
+        proto = thinned(self.model, keep)
+        timed = self.compare(self.proto, [proto], self.feed, self.outcome.threads)
+        for _ in range(RETRIES):  # a burst of load on a shared machine: time again
+            if timed.noise <= NOISY:
+                break
+            again = self.compare(self.proto, [proto], self.feed, self.outcome.threads)
+            timed = min(timed, again, key=lambda t: t.noise)
         self.outcome.timing_seconds += time.perf_counter() - start
         return timed
 

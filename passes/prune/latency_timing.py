@@ -106,11 +106,13 @@ class SideBySide:
 
 def side_by_side(original: onnx.ModelProto, models: Sequence[onnx.ModelProto],
                  feed: dict[str, np.ndarray], threads: int, rounds: int = 21,
-                 sample_seconds: float = 0.003, seed: int = 0) -> SideBySide:
+                 sample_seconds: float = 0.003, min_runs: int = 5,
+                 seed: int = 0) -> SideBySide:
     """Time ``models`` and a second session of ``original`` against ``original``.
 
     Every session is warmed up; a sample is the fastest of enough runs to take
-    ``sample_seconds`` (a run another process interrupted is slower, never faster); each
+    ``sample_seconds``, at least ``min_runs`` (a run another process interrupted is slower,
+    never faster); each
     round visits the models in a fresh random order and samples each right next to the
     original (which goes first is random); a pair gives one ratio.
     """
@@ -121,7 +123,8 @@ def side_by_side(original: onnx.ModelProto, models: Sequence[onnx.ModelProto],
         while runs < 3 or time.perf_counter() - start < 0.05:
             s.run(None, feed)
             runs += 1
-        inner.append(max(1, math.ceil(sample_seconds * runs / (time.perf_counter() - start))))
+        inner.append(max(min_runs,
+                         math.ceil(sample_seconds * runs / (time.perf_counter() - start))))
 
     def sample(i: int) -> float:
         best = math.inf
