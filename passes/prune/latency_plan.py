@@ -6,8 +6,9 @@ removed from a copy, no refit: latency does not depend on weight values) and tim
 side with the original; the ratio ``R(keep) = a + b S(keep)`` through ``(S(full), 1)`` and
 that point is the calibrated cost the allocators use, so ``R <= X`` is the budget. The chosen
 plan is then built and timed the same way; when it misses ``X`` by more than the A/A noise,
-the line is re-fitted through ``(S(full), 1)`` and the plan's own point, and the plan is made
-once more and timed again (one correction round). What was predicted and measured is kept in
+the line is re-fitted through the measured plans closest above and below ``X`` (a secant
+step; through ``(S(full), 1)`` and the plan when none is below), and the plan is made once
+more and timed again (one correction round). What was predicted and measured is kept in
 :class:`LatencyOutcome` for the report.
 """
 
@@ -153,6 +154,7 @@ class LatencyBudget:
         self.feed = _random_feed(model, self.inputs, seed)
         self.raw: CostModel | None = None
         self.full = 0.0
+        self.points: list[tuple[float, float]] = []  # (node sum, measured ratio)
 
     def limits(self, limits: Limits) -> Limits:
         """``limits`` with each group's granularity measured (:func:`.latency.measured_steps`)."""
@@ -164,7 +166,8 @@ class LatencyBudget:
 
     def cost(self, limits: Limits, uniform: Callable[[CostModel, float], Keep],
              target: float) -> CostModel:
-        """The calibrated latency ratio as a cost model (1 at full width).
+        """The calibrated latency ratio as a cost model (1 at full width; the costs of the
+        correction round need not be, their unit is still the original's latency).
 
         Args:
             limits: Widths the tables are measured at.
@@ -179,16 +182,35 @@ class LatencyBudget:
         timed = self.time(keep)
         self.outcome.original_ms = timed.baseline_ms
         self.outcome.uniform_measured = timed.ratios[0]
-        return self._fit(self.raw.total(keep), timed.ratios[0])
+        self.points = [(self.full, 1.0), (self.raw.total(keep), timed.ratios[0])]
+        return self._fit(self.points[0], self.points[1])
 
-    def _fit(self, point: float, ratio: float) -> CostModel:
-        """``R = a + b S`` through ``(S(full), 1)`` and ``(point, ratio)``."""
+    def _fit(self, high: tuple[float, float], low: tuple[float, float]) -> CostModel:
+        """``R = a + b S`` through two measured ``(S, ratio)`` points (``high`` the slower).
+
+        Without a measured speed-up between them, the ratio is proportional to the node sum.
+        """
         assert self.raw is not None
-        gap = self.full - point
-        slope = (1.0 - ratio) / gap if gap > 1e-12 * self.full else 0.0
-        if slope <= 0:  # no measured speed-up to fit: proportional to the node sum
-            slope = 1.0 / max(self.full, 1e-12)
-        return calibrated(self.raw, 1.0 - slope * self.full, slope)
+        gap = high[0] - low[0]
+        slope = (high[1] - low[1]) / gap if gap > 1e-12 * self.full else 0.0
+        if slope <= 0:
+            return calibrated(self.raw, 0.0, 1.0 / max(self.full, 1e-12))
+        return calibrated(self.raw, high[1] - slope * high[0], slope)
+
+    def _bracket(self, target: float) -> CostModel:
+        """The line through the measured points nearest ``target`` on either side.
+
+        Whole-graph effects (layouts onnxruntime picks for a set of widths, concat copies)
+        make the ratio bend away from a line through the original; between the two
+        measured plans closest above and below the target, a line is a good local model
+        (a secant step). With no plan below the target, the line runs through the original
+        and the fastest plan measured.
+        """
+        above = [p for p in self.points if p[1] > target]
+        below = [p for p in self.points if p[1] <= target]
+        if below:
+            return self._fit(min(above, key=lambda p: p[1]), max(below, key=lambda p: p[1]))
+        return self._fit(self.points[0], min(self.points, key=lambda p: p[1]))
 
     def check(self, keep: Keep, cost: CostModel, target: float,
               replan: Callable[[CostModel], Keep]) -> tuple[Keep, CostModel]:
@@ -209,13 +231,14 @@ class LatencyBudget:
             self.outcome.corrected = True
             self.outcome.first_measured = timed.ratios[0]
             first = keep, cost, timed
-            cost = self._fit(self.raw.total(keep), timed.ratios[0])
+            self.points.append((self.raw.total(keep), timed.ratios[0]))
+            cost = self._bracket(target)
             keep = replan(cost)
             timed = self.time(keep)
             if timed.ratios[0] > target + timed.noise >= first[2].ratios[0]:
                 keep, cost, timed = first  # the correction overshot; the first plan met it
                 self.outcome.corrected = False
-        self.outcome.predicted = float(cost.total(keep) / max(cost.total(), 1e-12))
+        self.outcome.predicted = float(cost.total(keep))
         self.outcome.measured = timed.ratios[0]
         self.outcome.aa = timed.aa
         self.outcome.noise = timed.noise

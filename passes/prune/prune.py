@@ -308,7 +308,7 @@ class PrunePass(Pass):
         if timing is not None:
             def replan(new: CostModel) -> dict[int, np.ndarray]:
                 again = ALLOCATORS[allocation](scores, new.restrict([g.index for g in groups]),
-                                               value * new.total(), limits, not calibrated)
+                                               value, limits, not calibrated)  # ratio units
                 return {g.index: keep_every_tensor(g, again[g.index], scores[g.index])
                         for g in groups}
 
@@ -316,7 +316,8 @@ class PrunePass(Pass):
             cost = costs["latency"].restrict([g.index for g in groups])
             result.stats["latency"] = timing.budget.outcome.to_dict()
         if kind != "ratio":
-            reached = cost.total(keep) / max(costs[kind].total(), 1.0)
+            reached = (timing.budget.outcome.predicted if timing is not None
+                       else cost.total(keep) / max(costs[kind].total(), 1.0))
             if reached > value + 1e-9:
                 result.refuse("budget", f"{kind} kept {reached:.1%} > target {value:.1%}: "
                               f"the limits allow no more")
@@ -324,9 +325,12 @@ class PrunePass(Pass):
         if costs["macs"].unknown:
             del savings["macs"]  # unknown, not zero
         outcome = timing.budget.outcome if timing is not None else None
-        if outcome is not None:  # ratio of the original's time -> milliseconds
-            savings["latency"] = {g: v * outcome.original_ms
-                                  for g, v in savings["latency"].items()}
+        if outcome is not None:  # the measured saving, shared as the node tables say
+            shares = savings["latency"]
+            total = sum(shares.values())
+            saved_ms = max(1.0 - outcome.measured, 0.0) * outcome.original_ms
+            savings["latency"] = {g: v / total * saved_ms if total > 0 else 0.0
+                                  for g, v in shares.items()}
         return _Plan(criterion, refit, kind, value, allocation, groups, keep,
                      _plan_rows(groups, keep, savings), savings, outcome)
 
