@@ -172,8 +172,8 @@ class PrunePass(Pass):
     """Structured channel pruning by importance under a budget, with least-squares refit."""
 
     name = "prune"
-    description = ("remove the least important channels under a ratio/MACs/params budget, "
-                   "refitting the next layers on calibration data")
+    description = ("remove the least important channels under a ratio/MACs/params/latency "
+                   "budget, refitting the next layers on calibration data")
     Options = PruneOptions
     exact = False
     needs_data = True
