@@ -54,22 +54,29 @@ class Limits:
     Attributes:
         min_channels: Least channels kept per group (None: ``max(1, ceil(10%))``).
         round_to: Kept widths are multiples of this (or the full width).
+        round_by_group: ``(group index, round_to)`` pairs overriding ``round_to`` for
+            those groups (a granularity measured per group, :mod:`.latency`).
     """
 
     min_channels: int | None = None
     round_to: int = 1
+    round_by_group: tuple[tuple[int, int], ...] = ()
 
-    def allowed(self, size: int) -> np.ndarray:
+    def step(self, group: int | None = None) -> int:
+        """The width granularity of ``group`` (``round_to`` unless overridden)."""
+        return max(1, dict(self.round_by_group).get(group, self.round_to))
+
+    def allowed(self, size: int, group: int | None = None) -> np.ndarray:
         """Kept widths allowed for a group of ``size`` channels, descending."""
         least = self.min_channels if self.min_channels is not None else math.ceil(0.1 * size)
         least = min(size, max(1, least))
-        step = max(1, self.round_to)
+        step = self.step(group)
         widths = [k for k in range(size - 1, 0, -1) if k % step == 0 and k >= least]
         return np.array([size, *widths], dtype=np.int64)
 
-    def nearest(self, size: int, width: float) -> int:
+    def nearest(self, size: int, width: float, group: int | None = None) -> int:
         """The allowed width closest to ``width`` (the larger one on a tie)."""
-        allowed = self.allowed(size)
+        allowed = self.allowed(size, group)
         return int(allowed[np.argmin(np.abs(allowed - width) - 1e-9 * allowed)])
 
 
@@ -121,7 +128,7 @@ def kept_counts(keep: Keep) -> dict[int, int]:
 
 def allocate_ratio(scores: Mapping[int, np.ndarray], ratio: float, limits: Limits) -> Keep:
     """Every group loses about ``ratio`` of its channels, the least important ones."""
-    return {g: _keep_lowest_removed(s, limits.nearest(len(s), len(s) * (1.0 - ratio)))
+    return {g: _keep_lowest_removed(s, limits.nearest(len(s), len(s) * (1.0 - ratio), g))
             for g, s in scores.items()}
 
 
@@ -159,7 +166,7 @@ class _Greedy:
         self.scores = {g: rank_values(s) for g, s in scores.items()} if relative else scores
         self.keep = {g: np.ones(len(s), dtype=bool) for g, s in scores.items()}
         self.removed = dict.fromkeys(self.groups, 0)
-        self.stops = {g: limits.allowed(len(s)) for g, s in scores.items()}
+        self.stops = {g: limits.allowed(len(s), g) for g, s in scores.items()}
         self.terms = cost.by_group()
         self.values = [[term.base, [float(w.sum()) for _, w in term.factors]]
                        for term in cost.terms]
@@ -178,12 +185,10 @@ class _Greedy:
     def saving(self, g: int, chunk: np.ndarray) -> float:
         saved = 0.0
         for t in self.terms.get(g, ()):
-            base, current = self.values[t]
-            before, after = base, base
-            for (h, w), f in zip(self.cost.terms[t].factors, current, strict=True):
-                before *= f
-                after *= f - float(w[chunk].sum()) if h == g else f
-            saved += before - after
+            term, current = self.cost.terms[t], self.values[t][1]
+            after = [f - float(w[chunk].sum()) if h == g else f
+                     for (h, w), f in zip(term.factors, current, strict=True)]
+            saved += term.value(current) - term.value(after)
         return saved
 
     def ratio(self, g: int) -> tuple[float, np.ndarray | None, float]:

@@ -40,6 +40,14 @@ class CostTerm:
     base: float
     factors: list[tuple[int, np.ndarray]]
 
+    def value(self, fractions: Sequence[float]) -> float:
+        """The term at the given kept fractions ``w . keep_g`` of its factors, in order."""
+        return self.base * math.prod(fractions)
+
+    def held(self, kept: Sequence[int]) -> CostTerm:
+        """The term with only factors ``kept`` (indices) free, the others at full width."""
+        return CostTerm(self.base, [self.factors[i] for i in kept])
+
 
 @dataclass
 class CostModel:
@@ -65,11 +73,8 @@ class CostModel:
         """The cost with the channels ``keep`` says (all channels when omitted)."""
         total = self.constant
         for term in self.terms:
-            value = term.base
-            for g, w in term.factors:
-                if keep is not None and g in keep:
-                    value *= float(w @ keep[g])
-            total += value
+            total += term.value([float(w @ keep[g]) if keep is not None and g in keep else 1.0
+                                 for g, w in term.factors])
         return total
 
     def restrict(self, groups: Sequence[int]) -> CostModel:
@@ -77,11 +82,11 @@ class CostModel:
         wanted = set(groups)
         model = CostModel(self.constant, unknown=self.unknown)
         for term in self.terms:
-            factors = [(g, w) for g, w in term.factors if g in wanted]
-            if factors:
-                model.terms.append(CostTerm(term.base, factors))
+            held = term.held([i for i, (g, _) in enumerate(term.factors) if g in wanted])
+            if held.factors:
+                model.terms.append(held)
             else:
-                model.constant += term.base
+                model.constant += held.value([])
         return model
 
 

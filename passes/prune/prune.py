@@ -31,7 +31,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -54,7 +54,7 @@ from onnxopt.passes.prune.budget import (
     group_savings,
     keep_every_tensor,
 )
-from onnxopt.passes.prune.channel_cost import COST_MODELS
+from onnxopt.passes.prune.channel_cost import COST_MODELS, CostModel
 from onnxopt.passes.prune.importance import CRITERIA, group_scores
 from onnxopt.passes.prune.reconstruct import reconstruct
 from onnxopt.passes.prune.sensitivity import (
@@ -67,10 +67,16 @@ from onnxopt.passes.prune.statistics import collect_statistics
 from onnxopt.report import plural
 from onnxopt.shapes import ShapeTable, concrete_shapes, resolve_input_shapes
 
+if TYPE_CHECKING:
+    from onnxopt.passes.prune.latency_plan import LatencyBudget, LatencyOutcome
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_RATIO = 0.3
 """``-p prune`` with no budget removes this fraction of every prunable group."""
+
+DEFAULT_ROUND_TO = 16
+"""Kept-width granularity unless given (or, for a latency budget, measured)."""
 
 CriterionName = Literal["auto", "l1", "l2", "bn", "apoz", "thinet", "random"]
 
@@ -83,6 +89,11 @@ class PruneOptions:
         ratio: Fraction of channels each prunable group loses (default 0.3 when no budget).
         macs: Fraction of the model's MACs to keep (global, allocated by ``allocation``).
         params: Fraction of the model's parameters to keep.
+        latency: Fraction of the model's latency to keep, measured with onnxruntime on this
+            machine at ``batch`` samples and ``threads`` threads (:mod:`.latency_plan`).
+        batch: Samples per run the latency budget is measured at (default 1).
+        threads: Intra-op threads the latency budget is measured with (default 1: timings
+            of one thread do not depend on what else the machine runs).
         criterion: Channel importance; ``auto`` = ``thinet`` with calibration data, else ``l1``.
         allocation: ``knapsack`` (importance per cost) or ``uniform`` (same ratio everywhere)
             for a ``macs``/``params`` target.
@@ -92,7 +103,8 @@ class PruneOptions:
             blocked (NCHWc) conv kernels work on 8 (AVX2) or 16 (AVX-512) channels at a
             time and pad other widths up to the block or fall back to slower kernels, so
             the MACs saved would not all be time saved. 16 suits both; 1 allows any width
-            (finer budgets for narrow models).
+            (finer budgets for narrow models). Unset with a ``latency`` budget, it is
+            measured per op kind: where the measured latency curve steps.
         exclude: Node or tensor names (fnmatch patterns) whose channels are never removed;
             a pattern that matches no node or tensor of the model is an error.
         plan_only: Report the plan without rewriting (``--dry-run``).
@@ -116,11 +128,14 @@ class PruneOptions:
     ratio: float | None = option(None, within="[0, 1)", effective=DEFAULT_RATIO)
     macs: float | None = option(None, within="(0, 1]")
     params: float | None = option(None, within="(0, 1]")
+    latency: float | None = option(None, within="(0, 1]")
+    batch: int | None = option(None, within="[1, inf)")
+    threads: int | None = option(None, within="[1, inf)")
     criterion: CriterionName = "auto"
     allocation: Literal["knapsack", "uniform"] = "knapsack"
     reconstruct: bool | None = None
     min_channels: int | None = option(None, within="[1, inf)")
-    round_to: int = option(16, within="[1, inf)")
+    round_to: int | None = option(None, within="[1, inf)", effective=DEFAULT_ROUND_TO)
     exclude: tuple[str, ...] = ()
     plan_only: bool = False
     ridge: float = option(1e-2, within="[0, inf)")
@@ -133,16 +148,21 @@ class PruneOptions:
     data_free: bool = False
 
     def __post_init__(self) -> None:
-        given = [k for k in ("ratio", "macs", "params") if getattr(self, k) is not None]
+        given = [k for k in ("ratio", "macs", "params", "latency")
+                 if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one budget, not {' and '.join(given)}")
+        for key in ("batch", "threads"):
+            if getattr(self, key) is not None and self.latency is None:
+                raise ValueError(f"{key}= sets how a latency budget is measured; give "
+                                 f"latency= with it")
         # Ranges and choices are declared on the fields (onnxopt.options).
         if self.criterion != "auto" and self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}")
 
     def budget(self) -> tuple[str, float]:
-        """``("ratio" | "macs" | "params", value)``."""
-        for key in ("macs", "params", "ratio"):
+        """``("ratio" | "macs" | "params" | "latency", value)``."""
+        for key in ("macs", "params", "latency", "ratio"):
             if getattr(self, key) is not None:
                 return key, float(getattr(self, key))
         return "ratio", DEFAULT_RATIO
@@ -153,8 +173,8 @@ class PrunePass(Pass):
     """Structured channel pruning by importance under a budget, with least-squares refit."""
 
     name = "prune"
-    description = ("remove the least important channels under a ratio/MACs/params budget, "
-                   "refitting the next layers on calibration data")
+    description = ("remove the least important channels under a ratio/MACs/params/latency "
+                   "budget, refitting the next layers on calibration data")
     Options = PruneOptions
     exact = False
     needs_data = True
@@ -248,9 +268,14 @@ class PrunePass(Pass):
                 batch_size=opts.batch_size, limit=opts.max_samples, positions=opts.positions,
                 input_shapes=ctx.input_shapes, seed=ctx.seed, show_progress=ctx.progress)
         scores = group_scores(groups, criterion, stats, ctx.seed, opts.ridge if aware else None)
-        limits = Limits(opts.min_channels, opts.round_to)
+        limits = Limits(opts.min_channels, opts.round_to or DEFAULT_ROUND_TO)
         allocation = "ratio" if kind == "ratio" else opts.allocation
-        uniform = measuring = None
+        uniform = measuring = timing = None
+        if kind == "latency" and groups:
+            timing, limits = self._latency(model, ctx, analysis, groups, scores, limits)
+            costs["latency"] = timing.calibrated_cost
+        elif kind == "latency":
+            costs["latency"] = CostModel(1.0)  # nothing to thin: nothing to measure
         if kind == "ratio":
             keep = allocate_ratio(scores, value, limits)
         else:
@@ -264,11 +289,10 @@ class PrunePass(Pass):
                 uniform = {g.index: keep_every_tensor(g, context[g.index], scores[g.index])
                            for g in groups}
                 measuring = measurement(model, ctx, opts, refit)
+                # the operating point keeps a channel of every tensor (a concat input the
+                # uniform ratio would empty cannot be built)
                 scores, uniform_error = measured_scores(model, ctx, opts, groups, scores,
-                                                        context, limits, refit, measuring)
-                if any(not np.array_equal(uniform[i], context[i]) for i in uniform):
-                    uniform_error = measured_error(model, ctx, opts, uniform, refit,
-                                                   measuring)
+                                                        uniform, limits, refit, measuring)
                 calibrated = True
             keep = ALLOCATORS[opts.allocation](scores, cost, value * costs[kind].total(), limits,
                                                not calibrated)
@@ -283,16 +307,50 @@ class PrunePass(Pass):
                     f"knapsack plan changes the output more than the uniform one on "
                     f"calibration data (relative error {knapsack_error:.3g} vs "
                     f"{uniform_error:.3g}): uniform kept"))
+        if timing is not None:
+            def replan(new: CostModel) -> dict[int, np.ndarray]:
+                again = ALLOCATORS[allocation](scores, new.restrict([g.index for g in groups]),
+                                               value, limits, not calibrated)  # ratio units
+                return {g.index: keep_every_tensor(g, again[g.index], scores[g.index])
+                        for g in groups}
+
+            keep, costs["latency"] = timing.budget.check(keep, costs["latency"], value, replan)
+            cost = costs["latency"].restrict([g.index for g in groups])
+            result.stats["latency"] = timing.budget.outcome.to_dict()
         if kind != "ratio":
-            reached = cost.total(keep) / max(costs[kind].total(), 1.0)
+            reached = (timing.budget.outcome.predicted if timing is not None
+                       else cost.total(keep) / max(costs[kind].total(), 1.0))
             if reached > value + 1e-9:
                 result.refuse("budget", f"{kind} kept {reached:.1%} > target {value:.1%}: "
                               f"the limits allow no more")
         savings = {k: group_savings(c.restrict(list(keep)), keep) for k, c in costs.items()}
         if costs["macs"].unknown:
             del savings["macs"]  # unknown, not zero
+        outcome = timing.budget.outcome if timing is not None else None
+        if outcome is not None:  # the measured saving, shared as the node tables say
+            shares = savings["latency"]
+            total = sum(shares.values())
+            saved_ms = max(1.0 - outcome.measured, 0.0) * outcome.original_ms
+            savings["latency"] = {g: v / total * saved_ms if total > 0 else 0.0
+                                  for g, v in shares.items()}
         return _Plan(criterion, refit, kind, value, allocation, groups, keep,
-                     _plan_rows(groups, keep, savings), savings)
+                     _plan_rows(groups, keep, savings), savings, outcome)
+
+    def _latency(self, model: ir.Model, ctx: PassContext, analysis: ChannelAnalysis,
+                 groups: list[ChannelGroup], scores: dict[int, np.ndarray],
+                 limits: Limits) -> tuple[_Timing, Limits]:
+        """The measured, calibrated latency cost; with ``round_to`` unset, measured limits."""
+        from onnxopt.passes.prune.latency_plan import LatencyBudget
+
+        opts: PruneOptions = self.options
+        per_sample = resolve_input_shapes(model, ctx.input_shapes, (ctx.calib,))
+        budget = LatencyBudget(model, analysis, groups, per_sample, batch=opts.batch or 1,
+                               threads=opts.threads or 1, seed=ctx.seed)
+        if opts.round_to is None:
+            limits = budget.limits(limits)
+        cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits),
+                           float(opts.latency or 1.0))
+        return _Timing(budget, cost), limits
 
     @staticmethod
     def _summary(plan: _Plan, opts: PruneOptions, before: ModelCost, no_groups: str) -> str:
@@ -309,6 +367,13 @@ class PrunePass(Pass):
                 f"{plural(len(plan.rows), 'group')}, "
                 f"channels {total} -> {kept}, {macs}, "
                 f"params {100 * params / max(before.params, 1):.1f}%")
+        if plan.latency is not None:
+            t = plan.latency
+            corrected = (f", corrected from {t.first_measured:.2f}x"
+                         if t.corrected else "")
+            text += (f", latency {t.measured:.2f}x measured ({t.predicted:.2f}x predicted, "
+                     f"A/A {t.aa:.2f}x{corrected}) of {t.original_ms:.3g} ms at batch "
+                     f"{t.batch}, {plural(t.threads, 'thread')}")
         if not plan.rows:
             text += f" ({no_groups})"
         return text
@@ -367,6 +432,15 @@ class _Plan:
     keep: dict[int, np.ndarray]
     rows: list[dict[str, Any]]
     savings: dict[str, dict[int, float]]
+    latency: LatencyOutcome | None = None
+
+
+@dataclass
+class _Timing:
+    """The latency planner of a ``latency`` budget and its calibrated cost."""
+
+    budget: LatencyBudget
+    calibrated_cost: CostModel
 
 
 def _excluded(group: ChannelGroup, patterns: tuple[str, ...]) -> str | None:
@@ -425,15 +499,20 @@ def _plan_rows(groups: list[ChannelGroup], keep: dict[int, np.ndarray],
                            if "macs" in savings else None),
             "params_saved": int(round(savings["params"].get(group.index, 0.0))),
         })
+        if "latency" in savings:
+            rows[-1]["time_saved_ms"] = float(savings["latency"].get(group.index, 0.0))
     return rows
 
 
 def format_plan(rows: list[dict[str, Any]]) -> str:
     """The per-group plan as a small table (printed by ``--dry-run``)."""
-    lines = [f"{'group':>5}  {'kept':>9}  {'MACs saved':>12}  {'params saved':>12}  producers"]
+    timed = any("time_saved_ms" in r for r in rows)
+    lines = [f"{'group':>5}  {'kept':>9}  {'MACs saved':>12}  {'params saved':>12}  "
+             + (f"{'time saved':>11}  " if timed else "") + "producers"]
     for row in rows:
         names = ", ".join(row["producers"][:3]) + (" ..." if len(row["producers"]) > 3 else "")
         macs = "?" if row["macs_saved"] is None else f"{row['macs_saved']:,}"
+        time_saved = (f"{1e3 * row.get('time_saved_ms', 0.0):>8.1f} us  " if timed else "")
         lines.append(f"{row['group']:>5}  {row['kept']:>4}/{row['total']:<4}  "
-                     f"{macs:>12}  {row['params_saved']:>12,}  {names}")
+                     f"{macs:>12}  {row['params_saved']:>12,}  {time_saved}{names}")
     return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""prune(latency=X) against prune(macs=...) side by side: measured latency, accuracy, cost model.
+
+Usage, from the repository root::
+
+    python benchmarks/latency_prune.py [--latency 0.5] [--rounds 30] [--out FILE.md]
+
+Per model (the bundled digits ResNet with its labelled data; random-weight ``testmodels``
+structures with residual, depthwise and concat groups, measured by top-1 agreement with the
+original on random inputs), in this one run:
+
+1. ``fold-bn,prune(latency=X)`` and ``fold-bn,prune(macs=M)`` for a few ``M``, all planned
+   and refitted as a user would run them (one thread, batch 1, the pass's defaults);
+2. every pruned model and a second session of the original (the A/A noise row) timed
+   against the original in interleaved, warmed-up adjacent pairs at batch 1 and one thread,
+   each sample the fastest of a few runs (robust on a shared machine), with the same
+   side-by-side timing the planner uses: the median paired ratio, ± half its IQR;
+3. the latency plan's prediction against that measurement (the cost model's error), and the
+   time the latency planning took on an empty cache and again on the filled one.
+
+The load average is recorded next to the results: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # testmodels/ is not installed; it lives beside the package
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+from machine import load_average, machine_info  # noqa: E402
+
+import onnxopt  # noqa: E402
+from onnxopt.ir import to_proto  # noqa: E402
+from onnxopt.passes.prune.latency_timing import latency_session, side_by_side  # noqa: E402
+from testmodels import DIGITS_CALIB, DIGITS_EVAL, DIGITS_MODEL  # noqa: E402
+from testmodels.structures import STRUCTURES  # noqa: E402
+
+MACS = (0.5, 0.4, 0.35, 0.3)
+STRUCTURE_MODELS = {"residual": "residual_blocks", "depthwise": "inverted_residual",
+                    "concat": "concat_branches"}
+SCALE = {"width": 32, "size": 32}
+
+
+def _data(name: str) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any], bool]:
+    if name == "digits":
+        calib = dict(np.load(DIGITS_CALIB))
+        evals = dict(np.load(DIGITS_EVAL))
+        return onnx.load(os.fspath(DIGITS_MODEL)), calib, evals, True
+    model = STRUCTURES[STRUCTURE_MODELS[name]](**SCALE)
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+    rng = np.random.default_rng(0)
+    key = model.graph.input[0].name
+    return (model, {key: rng.standard_normal((128, *dims)).astype(np.float32)},
+            {key: rng.standard_normal((256, *dims)).astype(np.float32)}, False)
+
+
+def _prune(model: onnx.ModelProto, spec: str, calib: dict[str, Any]) -> tuple[
+        onnx.ModelProto, dict[str, Any], float]:
+    start = time.perf_counter()
+    pruned, report = onnxopt.optimize(model, f"fold-bn,{spec}", calib=calib,
+                                      quality_floor=False)
+    wall = time.perf_counter() - start
+    (record,) = [r for r in report.records if r.name.startswith("prune")]
+    return to_proto(pruned), record.stats, wall
+
+
+def _logits(proto: onnx.ModelProto, evals: dict[str, Any]) -> np.ndarray:
+    session = latency_session(proto, threads=1)
+    names = [i.name for i in session.get_inputs()]
+    n = len(evals[names[0]])
+    out = [session.run(None, {k: evals[k][s:s + 64] for k in names})[0]
+           for s in range(0, n, 64)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def bench(name: str, target: float, rounds: int) -> dict[str, Any]:
+    """Plans, accuracy and side-by-side latency of one model."""
+    model, calib, evals, labelled = _data(name)
+    variants: dict[str, tuple[onnx.ModelProto, dict[str, Any], float]] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["ONNXOPT_LATENCY_CACHE"] = cache  # an empty cache, then the filled one
+        variants[f"latency={target:g}"] = _prune(model, f"prune(latency={target:g})", calib)
+        second = _prune(model, f"prune(latency={target:g},plan_only=true)", calib)
+    for m in MACS:
+        variants[f"macs={m:g}"] = _prune(model, f"prune(macs={m:g})", calib)
+    reference = _logits(model, evals)
+    labels = np.asarray(evals["labels"]).reshape(-1) if labelled else None
+    key = model.graph.input[0].name
+    load_before = load_average()
+    timed = side_by_side(model, [v[0] for v in variants.values()],
+                         {key: np.asarray(evals[key][:1])}, threads=1, rounds=rounds)
+    load_after = load_average()
+    ratios = {"original": (1.0, 0.0), "A/A": (timed.aa, timed.aa_spread)}
+    ratios.update(zip(variants, zip(timed.ratios, timed.spreads, strict=True), strict=True))
+    rows = []
+    for label, stats in [("original", None), ("A/A", None), *((k, v[1]) for k, v in
+                                                               variants.items())]:
+        logits = _logits(model if stats is None else variants[label][0], evals)
+        top = logits.argmax(axis=1)
+        macs = (stats["macs_after"] / stats["macs_before"]
+                if stats and stats.get("macs_before") else 1.0)
+        noise = float(np.sum((logits - reference) ** 2))
+        rows.append({"label": label, "macs": macs, "latency": ratios[label][0],
+                     "latency_half_iqr": ratios[label][1],
+                     "agreement": float(np.mean(top == reference.argmax(axis=1))),
+                     "sqnr_db": (10 * np.log10(float(np.sum(reference ** 2)) / noise)
+                                 if noise > 0 else None),
+                     "accuracy": float(np.mean(top == labels)) if labels is not None else None,
+                     "plan": stats.get("latency") if stats else None,
+                     "wall_s": variants[label][2] if label in variants else None})
+    first = variants[f"latency={target:g}"][1]["latency"]
+    return {"model": name, "labelled": labelled, "rows": rows,
+            "original_ms": timed.baseline_ms, "load": [load_before, load_after],
+            "cache": {"first": {k: first[k] for k in ("measurements", "cached", "table_seconds",
+                                                       "timing_seconds")},
+                      "second": {k: second[1]["latency"][k] for k in (
+                          "measurements", "cached", "table_seconds", "timing_seconds")},
+                      "first_wall_s": variants[f"latency={target:g}"][2],
+                      "second_wall_s": second[2]}}
+
+
+def _markdown(results: dict[str, Any], target: float) -> str:
+    m = results["machine"]
+    out = [f"# prune(latency={target:g}) against prune(macs=...)", "",
+           f"Measured {m['date']} with `python benchmarks/latency_prune.py` on {m['cpu']} "
+           f"({m['usable_cpus']} usable CPUs), onnxruntime {m['onnxruntime']}, batch 1, "
+           f"1 intra-op thread (the plan's and the timing's), shared with other jobs. "
+           "Latency: median of interleaved, warmed-up paired ratios against the original "
+           "(each sample the fastest of a few runs), ± half the interquartile range; the "
+           "A/A row is the noise floor. `predicted` is the latency "
+           "plan's own prediction, `error` its distance from the latency measured here. "
+           "Random-weight structures have no labels: agreement is top-1 agreement with the "
+           "original on random inputs.", ""]
+    for model in results["models"]:
+        out += [f"## {model['model']} (original {model['original_ms']:.3f} ms; load average "
+                f"{model['load'][0]} before, {model['load'][1]} after timing)", "",
+                "| plan | MACs | latency b1 | predicted | error | corrected | "
+                + ("top-1 | " if model["labelled"] else "") + "agreement | SQNR |",
+                "|---|---|---|---|---|---|" + ("---|" if model["labelled"] else "") + "---|---|"]
+        for row in model["rows"]:
+            lat = row["latency"]
+            plan = row["plan"]
+            pred = f"{plan['predicted']:.2f}x" if plan else ""
+            err = f"{abs(plan['predicted'] - lat) / lat:.1%}" if plan else ""
+            sqnr = "" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f} dB"
+            corr = (f"yes (first {plan['first_measured']:.2f}x)" if plan and plan["corrected"]
+                    else ("no" if plan else ""))
+            acc = (f"{row['accuracy']:.2%} | " if model["labelled"] else "")
+            out.append(f"| {row['label']} | {row['macs']:.2f}x | {lat:.2f}x "
+                       f"±{row['latency_half_iqr']:.2f} | {pred} | {err} | "
+                       f"{corr} | {acc}{row['agreement']:.3f} | {sqnr} |")
+        c = model["cache"]
+        out += ["", f"Latency planning on an empty cache: {c['first']['measurements']} node "
+                f"timings measured, tables {c['first']['table_seconds']:.2f} s, whole-model "
+                f"timings {c['first']['timing_seconds']:.2f} s (whole plan "
+                f"{c['first_wall_s']:.1f} s); again on the filled cache: "
+                f"{c['second']['measurements']} measured, {c['second']['cached']} read, "
+                f"tables {c['second']['table_seconds']:.2f} s, whole-model timings "
+                f"{c['second']['timing_seconds']:.2f} s (whole plan {c['second_wall_s']:.1f} s).",
+                ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--models", default="digits,residual,depthwise,concat")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
+                        "latency_prune.md")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {"machine": machine_info(), "models": []}
+    for name in args.models.split(","):
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        results["models"].append(bench(name, args.latency, args.rounds))
+    results["machine"]["load_average_end"] = load_average()
+    args.out.write_text(_markdown(results, args.latency))
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float))
+    print(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""A latency budget for prune: measured cost model, whole-model calibration, one correction.
+
+Flow (``prune(latency=X)``): the one-node tables of :mod:`.latency` give ``S(keep)``, the
+sum of node times. The plan of the uniform allocator at ``S <= X S(full)`` is built (channels
+removed from a copy, no refit: latency does not depend on weight values) and timed side by
+side with the original; the ratio ``R(keep) = a + b S(keep)`` through ``(S(full), 1)`` and
+that point is the calibrated cost the allocators use, so ``R <= X`` is the budget. The chosen
+plan is then built and timed the same way; when it misses ``X`` by more than the A/A noise,
+the line is re-fitted through the measured plans closest above and below ``X`` (a secant
+step; through ``(S(full), 1)`` and the plan when none is below), and the plan is made once
+more and timed again (one correction round). What was predicted and measured is kept in
+:class:`LatencyOutcome` for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.channels import ChannelAnalysis, ChannelGroup, analyse_channels
+from onnxopt.channels.surgery import remove_channels
+from onnxopt.errors import UserError
+from onnxopt.ir import clone_model
+from onnxopt.passes.prune.budget import Keep, Limits, keep_every_tensor
+from onnxopt.passes.prune.channel_cost import CostModel
+from onnxopt.passes.prune.latency import calibrated, latency_model, measured_steps, node_specs
+from onnxopt.passes.prune.latency_cache import LatencyMeter, Timer
+from onnxopt.passes.prune.latency_timing import SideBySide, ort_timer, side_by_side
+from onnxopt.shapes import concrete_shapes, static_dims
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LatencyBudget", "LatencyOutcome", "batched_shapes"]
+
+NOISY = 0.05
+"""A/A noise above which a whole-model timing is repeated (up to :data:`RETRIES` times)."""
+
+RETRIES = 2
+
+Compare = Callable[[onnx.ModelProto, list[onnx.ModelProto], dict[str, np.ndarray], int],
+                   SideBySide]
+"""(original, models, feed, threads) -> their times side by side."""
+
+
+def batched_shapes(model: ir.Model, per_sample: Mapping[str, tuple[int, ...]],
+                   batch: int) -> dict[str, tuple[int, ...]]:
+    """Input dims at ``batch`` samples (the leading axis), from the per-sample dims.
+
+    Raises:
+        UserError: An input's leading axis is fixed to another size, or a dim is unknown.
+    """
+    shapes = {}
+    for value in model.graph.inputs:
+        if value.const_value is not None or value.name in model.graph.initializers:
+            continue
+        dims = per_sample.get(value.name or "")
+        own = static_dims(value)
+        if dims is None:
+            raise UserError(f"prune(latency=...) needs the dims of input '{value.name}'; give "
+                            f"--input-shape {value.name}:... or calibration data")
+        if own and own[0] is not None and own[0] != batch:
+            raise UserError(f"prune(batch={batch}): input '{value.name}' has a fixed batch "
+                            f"of {own[0]}")
+        shapes[value.name or ""] = (batch, *dims[1:]) if dims else dims
+    return shapes
+
+
+@dataclass
+class LatencyOutcome:
+    """What the latency planner predicted and measured (the report's numbers).
+
+    Attributes:
+        batch: Samples per run timed.
+        threads: Intra-op threads timed.
+        original_ms: Median time of one run of the original model.
+        predicted: Predicted latency ratio of the plan kept.
+        measured: Its measured ratio (median of paired ratios against the original).
+        aa: The A/A ratio of the same timing (the noise row).
+        noise: How far a ratio may move by noise alone.
+        uniform_measured: The measured ratio of the calibration (uniform) plan.
+        corrected: Whether the plan kept comes from the correction round.
+        first_measured: The measured ratio of the first plan when the correction round ran.
+        measurements: One-node timings measured (not found in the cache).
+        cached: One-node timings found in the cache.
+        steps: Group index -> measured channel granularity (when round_to was measured).
+        unmeasured: Nodes left out of the tables, with why.
+        table_seconds: Time spent on the one-node tables (measuring or reading the cache).
+        timing_seconds: Time spent timing whole models side by side.
+    """
+
+    batch: int
+    threads: int
+    original_ms: float = 0.0
+    predicted: float = 1.0
+    measured: float = 1.0
+    aa: float = 1.0
+    noise: float = 0.0
+    uniform_measured: float | None = None
+    corrected: bool = False
+    first_measured: float | None = None
+    measurements: int = 0
+    cached: int = 0
+    steps: dict[int, int] = field(default_factory=dict)
+    unmeasured: list[str] = field(default_factory=list)
+    table_seconds: float = 0.0
+    timing_seconds: float = 0.0
+
+    @property
+    def error(self) -> float:
+        """Relative error of the prediction against the measured ratio."""
+        return abs(self.predicted - self.measured) / max(self.measured, 1e-12)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "prediction_error": self.error}
+
+
+class LatencyBudget:
+    """Latency cost of one model's candidate groups, measured, calibrated and checked.
+
+    Args:
+        model: The model to prune (not changed).
+        analysis: Its channel groups.
+        groups: The candidate groups.
+        per_sample: Per-sample input dims (:func:`~onnxopt.shapes.resolve_input_shapes`).
+        batch: Samples per run to time.
+        threads: Intra-op threads to time with.
+        timer: One-node timer (default: onnxruntime, :func:`.latency_timing.ort_timer`).
+        compare: Whole-model timer (default :func:`.latency_timing.side_by_side`).
+        cache: Cache folder (default :func:`.latency_cache.cache_dir`).
+    """
+
+    def __init__(self, model: ir.Model, analysis: ChannelAnalysis, groups: list[ChannelGroup],
+                 per_sample: Mapping[str, tuple[int, ...]], *, batch: int, threads: int,
+                 timer: Timer | None = None, compare: Compare | None = None,
+                 cache: Path | None = None, seed: int = 0) -> None:
+        self.model = model
+        self.groups = groups
+        self.inputs = batched_shapes(model, per_sample, batch)
+        shapes = concrete_shapes(model, self.inputs)
+        self.specs, skipped = node_specs(analysis, shapes, groups)
+        self.analysis = analysis
+        self.meter = LatencyMeter(threads, timer or ort_timer(threads), cache)
+        self.compare = compare or side_by_side
+        self.outcome = LatencyOutcome(batch, threads, unmeasured=skipped)
+        self.proto = ir.serde.serialize_model(model)
+        self.feed = _random_feed(model, self.inputs, seed)
+        self.raw: CostModel | None = None
+        self.full = 0.0
+        self.points: list[tuple[float, float]] = []  # (node sum, measured ratio)
+
+    def limits(self, limits: Limits) -> Limits:
+        """``limits`` with each group's granularity measured (:func:`.latency.measured_steps`)."""
+        start = time.perf_counter()
+        steps = measured_steps(self.specs, self.meter)
+        self.outcome.steps = steps
+        self.outcome.table_seconds += time.perf_counter() - start
+        return Limits(limits.min_channels, limits.round_to, tuple(sorted(steps.items())))
+
+    def cost(self, limits: Limits, uniform: Callable[[CostModel, float], Keep],
+             target: float) -> CostModel:
+        """The calibrated latency ratio as a cost model (1 at full width; the costs of the
+        correction round need not be, their unit is still the original's latency).
+
+        Args:
+            limits: Widths the tables are measured at.
+            uniform: ``(cost, target cost) -> keep``: the uniform plan at a target.
+            target: The latency ratio to reach.
+        """
+        start = time.perf_counter()
+        self.raw = latency_model(self.analysis, self.specs, limits, self.meter)
+        self.outcome.table_seconds += time.perf_counter() - start
+        self.full = self.raw.total()
+        keep = uniform(self.raw, target * self.full)
+        timed = self.time(keep)
+        self.outcome.original_ms = timed.baseline_ms
+        self.outcome.uniform_measured = timed.ratios[0]
+        self.points = [(self.full, 1.0), (self.raw.total(keep), timed.ratios[0])]
+        return self._fit(self.points[0], self.points[1])
+
+    def _fit(self, high: tuple[float, float], low: tuple[float, float]) -> CostModel:
+        """``R = a + b S`` through two measured ``(S, ratio)`` points (``high`` the slower).
+
+        Without a measured speed-up between them, the ratio is proportional to the node sum.
+        """
+        assert self.raw is not None
+        gap = high[0] - low[0]
+        slope = (high[1] - low[1]) / gap if gap > 1e-12 * self.full else 0.0
+        if slope <= 0:
+            return calibrated(self.raw, 0.0, 1.0 / max(self.full, 1e-12))
+        return calibrated(self.raw, high[1] - slope * high[0], slope)
+
+    def _bracket(self, target: float) -> CostModel:
+        """The line through the measured points nearest ``target`` on either side.
+
+        Whole-graph effects (layouts onnxruntime picks for a set of widths, concat copies)
+        make the ratio bend away from a line through the original; between the two
+        measured plans closest above and below the target, a line is a good local model
+        (a secant step). With no plan below the target, the line runs through the original
+        and the fastest plan measured.
+        """
+        above = [p for p in self.points if p[1] > target]
+        below = [p for p in self.points if p[1] <= target]
+        if below:
+            return self._fit(min(above, key=lambda p: p[1]), max(below, key=lambda p: p[1]))
+        return self._fit(self.points[0], min(self.points, key=lambda p: p[1]))
+
+    def check(self, keep: Keep, cost: CostModel, target: float,
+              replan: Callable[[CostModel], Keep]) -> tuple[Keep, CostModel]:
+        """Time the plan; when it misses ``target`` by more than the noise, re-plan once.
+
+        A miss either way counts: a plan faster than asked removed channels it did not
+        need to. A correction that then misses the target when the first plan met it is
+        dropped.
+
+        Returns:
+            The plan kept and the cost model it was made with.
+        """
+        assert self.raw is not None
+        timed = self.time(keep)
+        self.outcome.measurements = self.meter.measured
+        self.outcome.cached = self.meter.cached
+        if abs(timed.ratios[0] - target) > timed.noise:
+            self.outcome.corrected = True
+            self.outcome.first_measured = timed.ratios[0]
+            first = keep, cost, timed
+            self.points.append((self.raw.total(keep), timed.ratios[0]))
+            cost = self._bracket(target)
+            keep = replan(cost)
+            timed = self.time(keep)
+            if timed.ratios[0] > target + timed.noise >= first[2].ratios[0]:
+                keep, cost, timed = first  # the correction overshot; the first plan met it
+                self.outcome.corrected = False
+        self.outcome.predicted = float(cost.total(keep))
+        self.outcome.measured = timed.ratios[0]
+        self.outcome.aa = timed.aa
+        self.outcome.noise = timed.noise
+        return keep, cost
+
+    def time(self, keep: Keep) -> SideBySide:
+        """The model with ``keep``'s channels removed, timed side by side with the original.
+
+        A timing whose A/A noise exceeds :data:`NOISY` is repeated, and the quietest kept.
+        """
+        start = time.perf_counter()
+        proto = thinned(self.model, keep)
+        timed = self.compare(self.proto, [proto], self.feed, self.outcome.threads)
+        for _ in range(RETRIES):  # a burst of load on a shared machine: time again
+            if timed.noise <= NOISY:
+                break
+            again = self.compare(self.proto, [proto], self.feed, self.outcome.threads)
+            timed = min(timed, again, key=lambda t: t.noise)
+        self.outcome.timing_seconds += time.perf_counter() - start
+        return timed
+
+
+def thinned(model: ir.Model, keep: Keep) -> onnx.ModelProto:
+    """A copy of ``model`` without the channels ``keep`` drops (weights not refitted).
+
+    Only the kept counts matter for latency: a mask that would empty a tensor of its group
+    (a concat input) is changed to keep one of its channels instead of another.
+    """
+    copy = clone_model(model)
+    for group in analyse_channels(copy, infer=False).groups:
+        mask = keep.get(group.index)
+        if mask is not None and not mask.all():
+            if group.size != len(mask):  # the analysis is deterministic
+                raise RuntimeError("channel groups of a copy differ from the model's")
+            # same count, but no concat input or split output left empty
+            mask = keep_every_tensor(group, mask, np.zeros(group.size))
+            remove_channels(copy, group, np.flatnonzero(~mask).tolist())
+    return ir.serde.serialize_model(copy)
+
+
+def _random_feed(model: ir.Model, inputs: Mapping[str, tuple[int, ...]],
+                 seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for value in model.graph.inputs:
+        if value.name not in inputs:
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        dims = inputs[value.name or ""]
+        feed[value.name or ""] = (rng.standard_normal(dims).astype(dtype)
+                                  if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype))
+    return feed

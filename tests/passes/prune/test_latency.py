@@ -1,0 +1,268 @@
+"""prune(latency=X): node tables, cache, granularity, calibration and correction, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxopt.channels import analyse_channels
+from onnxopt.cost import infer_shapes, model_cost
+from onnxopt.data import input_specs, random_source
+from onnxopt.errors import PipelineError, UserError
+from onnxopt.ir import from_proto, to_proto
+from onnxopt.pass_base import PassContext, PassResult
+from onnxopt.passes.prune import PrunePass
+from onnxopt.passes.prune.budget import Limits, allocate_knapsack, allocate_uniform
+from onnxopt.passes.prune.latency import (
+    TableTerm,
+    detect_step,
+    latency_model,
+    monotone,
+    node_specs,
+)
+from onnxopt.passes.prune.latency_cache import CACHE_ENV, LatencyMeter, cache_dir
+from onnxopt.passes.prune.latency_plan import LatencyBudget
+from onnxopt.passes.prune.latency_timing import SideBySide
+from onnxopt.passes.prune.prune import _candidates
+from onnxopt.pipeline import parse_pipeline
+from onnxopt.session import run_model
+from onnxopt.shapes import concrete_shapes
+from testmodels.dynamic import with_input_dims
+from testmodels.structures import concat_branches, conv_chain, inverted_residual
+from tests.helpers import apply_pass, random_feeds
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty latency cache (never the user's)."""
+    folder = tmp_path / "latency-cache"
+    monkeypatch.setenv(CACHE_ENV, str(folder))
+    return folder
+
+
+def _macs_timer(items):
+    """A fake timer for planner logic: seconds proportional to the one-node model's MACs."""
+    out = []
+    for proto, _ in items:
+        cost = model_cost(infer_shapes(from_proto(proto)))
+        out.append(1e-9 * (cost.macs or 0) + 1e-6)
+    return out
+
+
+def test_cache_is_written_and_a_second_plan_measures_nothing(_cache: Path) -> None:
+    proto = conv_chain()
+    first = PrunePass(latency=0.6, data_free=True, plan_only=True)
+    _, result = apply_pass(first, proto)
+    stats = result.stats["latency"]
+    assert stats["measurements"] > 0 and stats["cached"] >= 0
+    files = sorted(_cache.glob("*.json"))
+    assert files and not list(_cache.glob(".*.tmp"))  # replaced atomically, no leftovers
+    stored = json.loads(files[0].read_text())
+    assert stored["machine"]["threads"] == 1 and stored["points"]
+    _, again = apply_pass(PrunePass(latency=0.6, data_free=True, plan_only=True), proto)
+    assert again.stats["latency"]["measurements"] == 0
+    assert again.stats["latency"]["cached"] == stats["measurements"] + stats["cached"]
+    assert sorted(_cache.glob("*.json")) == files
+    # another thread count is another machine key: measured anew
+    _, other = apply_pass(PrunePass(latency=0.6, threads=2, data_free=True, plan_only=True),
+                          proto)
+    assert other.stats["latency"]["measurements"] > 0
+
+
+def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "onnxopt" / "latency"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_concurrent_writers_merge_their_points(_cache: Path) -> None:
+    proto = conv_chain()
+    model = from_proto(proto)
+    analysis = analyse_channels(model)
+    groups = _candidates(analysis, (), PassResult(modified=False))
+    specs, skipped = node_specs(analysis, concrete_shapes(model, {"input": (1, 3, 16, 16)}),
+                                groups)
+    assert specs and not skipped
+    spec = specs[0]
+    a = LatencyMeter(1, lambda items: [1.0] * len(items), _cache)
+    b = LatencyMeter(1, lambda items: [2.0] * len(items), _cache)
+    full = tuple(spec.sizes)
+    half = tuple(max(1, s // 2) for s in spec.sizes)
+    assert a.times([(spec, [full])])[0] == {full: 1.0}
+    assert b.times([(spec, [half])])[0] == {half: 2.0}  # b did not read a's point as its own
+    c = LatencyMeter(1, lambda items: pytest.fail("measured a cached point"), _cache)
+    assert c.times([(spec, [full, half])])[0] == {full: 1.0, half: 2.0}
+
+
+def test_table_interpolates_is_monotone_and_holds_factors_at_full_width() -> None:
+    grids = [np.array([0.25, 0.5, 1.0]), np.array([0.5, 1.0])]
+    noisy = np.array([[1.0, 2.0], [3.0, 2.5], [2.0, 6.0]])  # noise: not increasing
+    values = monotone(noisy)
+    assert np.all(np.diff(values, axis=0) >= 0) and np.all(np.diff(values, axis=1) >= 0)
+    assert values.tolist() == [[1.0, 2.0], [3.0, 3.0], [3.0, 6.0]]
+    w = np.full(4, 0.25)
+    term = TableTerm(2.0, [(0, w), (1, w)], grids, values)
+    assert term.value([0.5, 1.0]) == pytest.approx(2 * 3.0)  # on the grid
+    assert term.value([0.75, 1.0]) == pytest.approx(2 * 4.5)  # halfway between 3 and 6
+    assert term.value([1.0, 0.75]) == pytest.approx(2 * 4.5)
+    assert term.value([0.1, 0.1]) == pytest.approx(2 * 1.0)  # clamped below the grid
+    fractions = np.linspace(0.2, 1.0, 17)
+    curve = [term.value([f, f]) for f in fractions]
+    assert np.all(np.diff(curve) >= 0)
+    held = term.held([0])  # factor 1 at full width
+    assert [g for g, _ in held.factors] == [0]
+    assert held.value([0.5]) == pytest.approx(term.value([0.5, 1.0]))
+
+
+def test_step_detection_finds_blocked_kernels() -> None:
+    widths = list(range(24, 65))
+    padded = [1.0 + 0.5 * -(-k // 8) for k in widths]  # each block of 8 costs the same
+    assert detect_step(widths, padded) == 8
+    dips = [1.0 + 0.02 * k + (0.0 if k % 16 == 0 else 0.4) for k in widths]
+    assert detect_step(widths, dips) == 16
+    smooth = [1.0 + 0.02 * k for k in widths]
+    assert detect_step(widths, smooth) == 1
+    rng = np.random.default_rng(0)
+    assert detect_step(widths, [s * (1 + 0.002 * rng.standard_normal()) for s in smooth]) == 1
+
+
+def _budget(proto: onnx.ModelProto, compare) -> tuple[LatencyBudget, list, dict]:
+    model = from_proto(proto)
+    analysis = analyse_channels(model)
+    groups = _candidates(analysis, (), PassResult(modified=False))
+    budget = LatencyBudget(model, analysis, groups, {"input": (1, 3, 16, 16)}, batch=2,
+                           threads=1, timer=_macs_timer, compare=compare)
+    scores = {g.index: np.arange(g.size, dtype=float) + 1 for g in groups}
+    return budget, groups, scores
+
+
+def test_calibration_and_one_correction_round_with_a_fake_timer() -> None:
+    measured = iter([0.7, 0.62, 0.49])  # uniform plan, first plan (a miss), corrected plan
+
+    def compare(original, models, feed, threads):
+        assert feed["input"].shape == (2, 3, 16, 16)  # batch=2
+        assert len(models) == 1 and len(models[0].graph.node) == len(original.graph.node)
+        return SideBySide(0.1, [next(measured)], [0.005], 1.0, 0.005)
+
+    budget, groups, scores = _budget(inverted_residual(), compare)
+    limits = Limits(None, 1)
+    cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits), 0.5)
+    assert cost.total() == pytest.approx(1.0)  # the calibrated ratio is 1 at full width
+    assert budget.outcome.uniform_measured == 0.7
+    keep = allocate_knapsack(scores, cost, 0.5, limits)
+    assert cost.total(keep) <= 0.5 + 1e-9
+    replanned = []
+
+    def replan(new):
+        replanned.append(new)
+        return allocate_knapsack(scores, new, 0.5 * new.total(), limits)
+
+    final, final_cost = budget.check(keep, cost, 0.5, replan)
+    out = budget.outcome
+    assert replanned and out.corrected and out.first_measured == 0.62 and out.measured == 0.49
+    # the corrected plan removes more: the first one was slower than predicted
+    assert sum(int(k.sum()) for k in final.values()) < sum(int(k.sum()) for k in keep.values())
+    assert out.predicted == pytest.approx(final_cost.total(final))
+    assert out.measurements > 0
+
+
+def test_a_plan_within_the_noise_is_not_corrected() -> None:
+    measured = iter([0.55, 0.505])
+
+    def compare(original, models, feed, threads):
+        return SideBySide(0.1, [next(measured)], [0.01], 1.0, 0.01)
+
+    budget, groups, scores = _budget(concat_branches(), compare)
+    limits = Limits(None, 1)
+    cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits), 0.5)
+    keep = allocate_knapsack(scores, cost, 0.5, limits)
+    final, _ = budget.check(keep, cost, 0.5, lambda c: pytest.fail("re-planned"))
+    assert final is keep and not budget.outcome.corrected and budget.outcome.measured == 0.505
+
+
+def test_node_tables_cover_depthwise_and_concat() -> None:
+    for proto in (inverted_residual(), concat_branches()):
+        model = from_proto(proto)
+        analysis = analyse_channels(model)
+        groups = _candidates(analysis, (), PassResult(modified=False))
+        shapes = concrete_shapes(model, {"input": (1, 3, 16, 16)})
+        specs, skipped = node_specs(analysis, shapes, groups)
+        assert not skipped
+        ops = {s.node.op_type for s in specs}
+        assert "Conv" in ops
+        meter = LatencyMeter(1, _macs_timer, None)
+        cost = latency_model(analysis, specs, Limits(None, 1), meter)
+        keep = {g.index: np.arange(g.size) < g.size // 2 for g in groups}
+        assert 0 < cost.total(keep) < cost.total()
+        # each one-node model at half width is a valid model onnxruntime runs
+        for spec in specs:
+            built, feeds = spec.build([max(1, s // 2) for s in spec.sizes])
+            onnx.checker.check_model(built, full_check=True)
+            run_model(built, feeds)
+        if proto.graph.name == "inverted_residual":
+            assert any(s.node.op_type == "Conv" and len(s.factors) == 1 and
+                       s.node.attributes["group"].value > 1 for s in specs)  # depthwise
+        else:
+            assert "Concat" in ops
+
+
+def test_latency_budget_prunes_a_model_onnxruntime_runs() -> None:
+    proto = conv_chain()
+    ctx = PassContext(calib=random_source(input_specs(from_proto(proto)), 32, seed=1))
+    model, result = apply_pass(PrunePass(latency=0.7, round_to=1), proto, ctx)
+    assert result.modified
+    lat = result.stats["latency"]
+    assert lat["batch"] == 1 and lat["threads"] == 1 and lat["original_ms"] > 0
+    assert 0 < lat["predicted"] < 1 and lat["measured"] > 0 and lat["aa"] > 0
+    assert "latency" in result.summary and "measured" in result.summary
+    rows = result.stats["groups"]
+    assert any(r["kept"] < r["total"] for r in rows)
+    assert all("time_saved_ms" in r for r in rows) and "time saved" in result.plan
+    pruned = to_proto(model)
+    widths = {n.name: n for n in pruned.graph.node}
+    for row in rows:  # structure: every producer keeps the planned width
+        for label in row["producers"]:
+            name = label.split("'")[1]
+            weight = next(i for i in pruned.graph.initializer if i.name == widths[name].input[1])
+            assert weight.dims[0] == row["kept"]
+    assert model_cost(infer_shapes(model)).macs < model_cost(infer_shapes(from_proto(proto))).macs
+    feeds = random_feeds(proto, batch=4, seed=5)
+    (before,), (after,) = run_model(from_proto(proto), feeds), run_model(model, feeds)
+    assert after.shape == before.shape and np.all(np.isfinite(after))
+    # refitted on calibration data: the output stays near the original's
+    assert np.linalg.norm(after - before) < 0.5 * np.linalg.norm(before)
+
+
+def test_latency_option_refuses_nonsense() -> None:
+    for spec in ("prune(latency=0)", "prune(latency=1.5)", "prune(latency=-0.5)",
+                 "prune(latency=0.5,macs=0.5)", "prune(latency=0.5,ratio=0.3)",
+                 "prune(batch=8)", "prune(macs=0.5,threads=2)", "prune(latency=0.5,batch=0)"):
+        with pytest.raises(PipelineError):
+            parse_pipeline(spec)
+    (ok,) = parse_pipeline("prune(latency=0.5,batch=8,threads=2)")
+    assert (ok.options.latency, ok.options.batch, ok.options.threads) == (0.5, 8, 2)
+    fixed = with_input_dims(conv_chain(), (1, 3, 16, 16))  # batch fixed to 1
+    with pytest.raises(UserError, match="fixed batch of 1"):
+        apply_pass(PrunePass(latency=0.5, batch=4, data_free=True), fixed)
+
+
+def test_deep_latency_budget_on_concat_keeps_every_concat_input() -> None:
+    """A deep uniform operating point would empty a concat input: it keeps one channel."""
+    proto = concat_branches()
+    ctx = PassContext(calib=random_source(input_specs(from_proto(proto)), 16, seed=1))
+    model, result = apply_pass(PrunePass(latency=0.3, round_to=1), proto, ctx)
+    assert result.modified and result.stats["latency"]["measured"] > 0
+    shapes = infer_shapes(model)
+    for node in shapes.graph:
+        if node.op_type == "Concat":
+            assert all(v.shape is not None and v.shape[1] >= 1 for v in node.inputs)
+    feeds = random_feeds(proto, batch=2, seed=5)
+    (before,), (after,) = run_model(from_proto(proto), feeds), run_model(model, feeds)
+    assert after.shape == before.shape and np.all(np.isfinite(after))
