@@ -111,7 +111,7 @@ class QuantizeOptions:
     max_float_nodes: int = option(8, within="[0, inf)")
     max_probes: int = option(4, within="[0, inf)")
     report_sqnr: bool = True
-    sqnr_samples: int = option(16, within="[1, inf)")
+    sqnr_samples: int = option(8, within="[1, inf)")
     score_samples: int = option(64, within="[1, inf)")
 
 
