@@ -72,6 +72,10 @@ class Targets:
             else -math.inf
         return cls(agreement, sqnr)
 
+    def to_dict(self) -> dict[str, float | None]:
+        """For the report."""
+        return {"agreement": self.min_agreement, "sqnr_db": _finite(self.min_sqnr_db)}
+
 
 @dataclass(frozen=True)
 class Score:
@@ -86,18 +90,13 @@ class Score:
             return False
         return self.sqnr_db >= targets.min_sqnr_db
 
-    def shortfall(self, targets: Targets) -> float:
-        """How far below the targets (0 when met; agreement points, SQNR in tenths of dB)."""
-        gap = 0.0
-        if self.agreement is not None:
-            gap = max(gap, targets.min_agreement - self.agreement)
-        if math.isfinite(targets.min_sqnr_db):
-            gap = max(gap, (targets.min_sqnr_db - self.sqnr_db) / 100.0)
-        return max(gap, 0.0)
-
     def to_dict(self) -> dict[str, float | None]:
-        """For the report."""
-        return {"agreement": self.agreement, "sqnr_db": round(self.sqnr_db, 2)}
+        """For the report (an SQNR without noise, or without such outputs, is None)."""
+        return {"agreement": self.agreement, "sqnr_db": _finite(self.sqnr_db)}
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 2) if math.isfinite(value) else None
 
 
 def sqnr_db(signal: float, noise: float) -> float:
@@ -244,8 +243,7 @@ def choose_float_nodes(order: list[int], build: Callable[[set[int]], ir.Model],
     """
     steps: list[dict[str, object]] = []
     trace: dict[str, object] = {"score_all_quantized": base.to_dict(),
-                                "targets": {"agreement": targets.min_agreement,
-                                            "sqnr_db": targets.min_sqnr_db},
+                                "targets": targets.to_dict(),
                                 "ranking": order[:max_nodes], "probes": steps}
     k, chosen, cap = 1, None, min(max_nodes, len(order))
     while k <= cap and len(steps) < max_probes:

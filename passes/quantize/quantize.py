@@ -266,8 +266,7 @@ def _fallback(build: _Builder, ctx: PassContext, o: QuantizeOptions,
     all_int8, plan, rewritten = build.copy(set())
     base = score(all_int8, ref)
     trace: dict[str, object] = {"score_all_quantized": base.to_dict(),
-                                "targets": {"agreement": targets.min_agreement,
-                                            "sqnr_db": targets.min_sqnr_db}}
+                                "targets": targets.to_dict()}
     stats["fallback"] = trace
     if base.meets(targets) or not plan.nodes:
         return set()
