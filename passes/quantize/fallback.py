@@ -5,7 +5,10 @@
   (``[N, C]``) top-1 agreement; for sequences of class distributions (``[N, T, C]``, a CTC
   recognizer's softmax) the share of samples whose whole per-step argmax path agrees (the same
   path decodes to the same text); for every other float output (maps, boxes, embeddings) the
-  SQNR ``10 log10(sum x**2 / sum (x' - x)**2)``.
+  SQNR ``10 log10(sum x**2 / sum (x' - x)**2)``. One probability per sample (``[N]`` or
+  ``[N, 1]`` in [0, 1], e.g. a voice-activity detector) is also a yes/no decision at 0.5,
+  whose agreement the pass holds to the agreement target besides the SQNR (stricter than the
+  floor, which only asks for the SQNR).
 * Targets: the floor the manager will apply, plus a margin (the manager judges held-out
   samples), or the ``target`` agreement the user gave.
 * Sensitivity of a node, from one run of the all-int8 model beside the float model: the SQNR
@@ -115,7 +118,13 @@ def _kind(array: object) -> str:
         return "class"
     if class_sequence_like(array):
         return "sequence"
-    return "float" if np.issubdtype(array.dtype, np.floating) else "other"
+    if not np.issubdtype(array.dtype, np.floating):
+        return "other"
+    if (array.ndim in (1, 2) and array.shape[-1:] != (0,) and (array.ndim == 1 or
+                                                             array.shape[1] == 1)
+            and float(array.min()) >= 0.0 and float(array.max()) <= 1.0):
+        return "binary"  # one probability per sample: a yes/no decision at 0.5
+    return "float"
 
 
 def reference(float_model: ir.Model, source: FeedSource, *, limit: int | None, batch_size: int,
@@ -149,14 +158,17 @@ def score(model: ir.Model, ref: EvalData) -> Score:
             elif kind == "sequence":
                 agree[j] += int(np.sum((got.argmax(2) == want.argmax(2)).all(axis=1)))
                 total[j] += want.shape[0]
-            elif kind == "float":
+            if kind == "binary":
+                agree[j] += int(np.sum((got > 0.5) == (want > 0.5)))
+                total[j] += want.size
+            if kind in ("float", "binary"):
                 w, d = want.astype(np.float64), got.astype(np.float64) - want
                 signal[j] += float(np.sum(w * w))
                 noise[j] += float(np.sum(d * d))
     agreements = [a / t for a, t, k in zip(agree, total, ref.kinds, strict=True)
-                  if k in ("class", "sequence") and t]
+                  if k in ("class", "sequence", "binary") and t]
     sqnrs = [sqnr_db(s, n) for s, n, k in zip(signal, noise, ref.kinds, strict=True)
-             if k == "float"]
+             if k in ("float", "binary")]
     return Score(min(agreements) if agreements else None, min(sqnrs, default=math.inf))
 
 

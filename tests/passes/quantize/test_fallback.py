@@ -130,3 +130,30 @@ def test_sequence_score_is_the_share_of_whole_argmax_paths() -> None:
     targets = Targets.from_floor(None, None)
     assert targets.min_agreement == pytest.approx(0.93) and targets.min_sqnr_db == 11.0
     assert got.meets(Targets(want, 0.0)) and not got.meets(Targets(want + 0.01, 0.0))
+
+
+def test_one_probability_per_sample_is_scored_as_a_decision_and_by_sqnr() -> None:
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(4, 1)).astype(np.float32)
+    other = w + rng.normal(scale=0.5, size=w.shape).astype(np.float32)
+
+    def model(weight: np.ndarray) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["p"])], "vad",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+            [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 1])],
+            [numpy_helper.from_array(weight, "w")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    float_model = from_proto(model(w))
+    ref = reference(float_model, open_feeds({"x": x}, float_model), limit=None, batch_size=16,
+                    input_shapes=None)
+    assert ref.kinds == ["binary"]
+    got = score(from_proto(model(other)), ref)
+    a, b = (run_model(model(v), {"x": x})[0] for v in (w, other))
+    assert got.agreement == pytest.approx(float(np.mean((a > 0.5) == (b > 0.5))))
+    noise = float(np.sum((b.astype(np.float64) - a) ** 2))
+    assert got.sqnr_db == pytest.approx(10 * np.log10(float(np.sum(a.astype(np.float64) ** 2))
+                                                      / noise), rel=1e-6)
