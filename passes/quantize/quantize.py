@@ -8,8 +8,10 @@ Steps, each in its own module:
    (:mod:`.calibration`, :mod:`.tensor_stats`, :mod:`.ranges`);
 4. rewrite: Q/DQ nodes, int8 weights, int32 biases (:mod:`.rewrite`, :mod:`.scheme`);
 5. optional bias correction of each layer's expected output shift (:mod:`.bias_correction`);
-6. optional accuracy-aware fallback to float for the most sensitive nodes, and the per-node
-   SQNR report (:mod:`.fallback`).
+6. the fallback (on by default): the int8 model is scored against the run's quality floor
+   on the calibration samples and its most sensitive nodes stay float until it clears it,
+   or nothing is quantized; and the per-node SQNR report (:mod:`.fallback`). A node that
+   stays float is kept where onnxruntime cannot re-fuse it (:mod:`.refusion`).
 
 The arithmetic of each step is stated at the top of its module.
 """
