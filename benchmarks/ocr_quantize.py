@@ -8,11 +8,10 @@ Usage, from the repository root (inputs from ``benchmarks/corpus/ocr_task.py``):
 For each of rec, cls and det: the model is upgraded to opset 13 when older
 (``onnx.version_converter``; per-channel weights need it), then quantized by
 
-* ``ours``: ``onnxopt.optimize(model, "cleanup,quantize", calib=..., eval=...)``, defaults;
-* ``ours target``: the same with ``quantize(target=T)``, the pass's accuracy-aware fallback;
-* ``ours task-excl k``: ``quantize(exclude_nodes=...)`` with the ``k`` nodes the fallback ranks
-  most sensitive kept float, ``k`` grown until the task agreement on the *calibration* set
-  reaches T (the task-judged fallback the pass does not have; rec only, see the results);
+* ``ours``: ``onnxopt.optimize(model, "cleanup,fold-bn,quantize", calib=..., eval=...)``,
+  defaults: the pass scores its int8 model against the quality floor on the calibration
+  samples and keeps its most sensitive nodes float until it clears it, or quantizes nothing;
+* ``ours fallback=false``: the all-int8 model the fallback started from (not validated);
 * ``peer``: onnxruntime ``quantize_static`` QDQ, per-channel, U8 activations, S8 weights,
   MinMax, after ``quant_pre_process`` (``peers.py``), on the same calibration file.
 
@@ -32,7 +31,6 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -152,43 +150,7 @@ def ours(src: Path, dst: Path, spec: str, calib: Path, evalset: Path,
     return info
 
 
-def task_excluded(src: Path, work: Path, task: Task, calib: Path, evalset: Path,
-                  ranking: list[str], target: float, want_calib: list,
-                  shape: tuple[int, ...], ks: tuple[int, ...], tag: str) -> list[dict]:
-    """Keep the ``k`` top-ranked nodes float by name, ``k`` doubling from 2 until the
-    calibration set's task agreement reaches ``target`` (``ks``: the ``k`` to try, in order);
-    returns one row per ``k`` tried."""
-    rows = []
-    xc = np.load(calib)["x"]
-    for k in ks:
-        if k > len(ranking):
-            break
-        names = ranking[:k]
-        dst = work / f"{task.name}_{tag}excl{k}.onnx"
-        spec = f"cleanup,quantize(exclude_nodes={';'.join(names)},report_sqnr=false)"
-        # not validated by optimize: the task agreement measured here is the judgement
-        info = ours(src, dst, spec, calib, evalset, shape, validate=False)
-        got = task.answers(run_all(dst, xc))
-        calib_agree = task.agreement(got, want_calib)["agree"]
-        _log(f"  {task.name} exclude {tag} top-{k}: calib agreement {calib_agree:.3f} "
-             f"({info['status']})")
-        rows.append({"k": k, "nodes": names, "path": dst, "calib_agree": calib_agree, **info})
-        if calib_agree >= target:
-            break
-    return rows
-
-
-def _ranking(stats: dict, cleaned: onnx.ModelProto) -> list[str]:
-    """Node names by the fallback's sensitivity (output SQNR with that node alone int8)."""
-    trace = stats.get("fallback", {})
-    sens = trace.get("sensitivity_sqnr_db", {})
-    nodes = list(cleaned.graph.node)
-    return [nodes[int(i)].name for i in sens if nodes[int(i)].name]
-
-
-def bench_task(name: str, models: Path, data: Path, work: Path, target: float,
-               rounds: int, task_fallback: bool, skip_target: bool = False,
-               ks: tuple[int, ...] = (2, 4, 8, 16, 32)) -> dict:
+def bench_task(name: str, models: Path, data: Path, work: Path, rounds: int) -> dict:
     src = next(iter(sorted(models.glob(MODELS[name]))))
     fp32 = work / f"{name}_fp32.onnx"
     opset = upgrade(src, fp32)
@@ -196,16 +158,13 @@ def bench_task(name: str, models: Path, data: Path, work: Path, target: float,
     task = Task(name, ocr_task.characters(fp32) if name == "rec" else [])
     shape = SHAPES[name]
     variants: dict[str, dict] = {"fp32": {"path": fp32}}
-    _log(f"{name}: opset {opset} -> 13; ours (defaults)")
-    variants["ours"] = {"path": work / f"{name}_ours.onnx"}
-    variants["ours"].update(ours(fp32, variants["ours"]["path"], "cleanup,quantize", calib,
-                                 evalset, shape))
-    key = f"ours target={target}"
-    if not skip_target:
-        _log(f"{name}: ours target={target}")
-        variants[key] = {"path": work / f"{name}_target.onnx"}
-        variants[key].update(ours(fp32, variants[key]["path"],
-                                  f"cleanup,quantize(target={target})", calib, evalset, shape))
+    for label, spec, validate in (("ours", "cleanup,fold-bn,quantize", True),
+                                  ("ours fallback=false",
+                                   "cleanup,fold-bn,quantize(fallback=false)", False)):
+        _log(f"{name}: {label}")
+        path = work / f"{name}_{label.replace(' ', '_').replace('=', '')}.onnx"
+        variants[label] = {"path": path}
+        variants[label].update(ours(fp32, path, spec, calib, evalset, shape, validate))
     _log(f"{name}: peer")
     variants["peer"] = {"path": work / f"{name}_peer.onnx"}
     peer_cache = work / f"{name}_peer.json"
@@ -222,27 +181,10 @@ def bench_task(name: str, models: Path, data: Path, work: Path, target: float,
     xe, xc = np.load(evalset)["x"], np.load(calib)["x"]
     ref = run_all(fp32, xe)
     want = task.answers(ref)
-    excl_rows: list[dict] = []
-    if task_fallback:
-        if skip_target:  # rank by the per-node SQNR of the all-int8 model (its report)
-            tag = "sqnr"
-            ranking = [label.split("'")[1] for label in
-                       variants["ours"]["stats"].get("node_sqnr_db", {}) if "'" in label]
-        else:  # rank by the fallback's sensitivity (output SQNR with one node int8)
-            tag = ""
-            cleaned, _ = onnxopt.optimize(str(fp32), "cleanup", validate=False)
-            ranking = _ranking(variants[key]["stats"], _proto(cleaned, work))
-        _log(f"{name}: task-judged exclusions over {len(ranking)} ranked nodes")
-        if ranking:
-            want_calib = task.answers(run_all(fp32, xc))
-            excl_rows = task_excluded(fp32, work, task, calib, evalset, ranking, target,
-                                      want_calib, shape, ks, tag)
-            for row in excl_rows:
-                variants[f"ours {tag}-ranked excl {row['k']}"] = row
     for label, v in variants.items():
         out = run_all(v["path"], xe)
         v["task"] = task.agreement(task.answers(out), want)
-        if out.ndim == 3:  # what a sequence-aware fallback could score: whole argmax paths
+        if out.ndim == 3:  # what the pass scores: whole per-step argmax paths
             v["task"]["argmax_path"] = float(np.mean(
                 np.all(out.argmax(-1) == ref.argmax(-1), axis=1)))
         v["kernels"] = kernels(v["path"], work)
@@ -258,18 +200,12 @@ def bench_task(name: str, models: Path, data: Path, work: Path, target: float,
             "variants": variants}
 
 
-def _proto(model: object, work: Path) -> onnx.ModelProto:
-    path = work / "cleaned.onnx"
-    onnxopt.save(model, str(path))
-    return onnx.load(str(path))
-
-
 def _fmt_task(t: dict) -> str:
     extra = [f"{k} {v:.3f}" for k, v in t.items() if k != "agree"]
     return f"{t['agree']:.3f}" + (f" ({', '.join(extra)})" if extra else "")
 
 
-def table(results: dict[str, dict], target: float) -> str:
+def table(results: dict[str, dict]) -> str:
     lines = ["| model | variant | task agreement vs fp32 | integer kernels (ORT graph) | "
              "float Conv/MatMul left | latency / fp32 (b=1) | quantize s | status |",
              "|---|---|---|---|---|---|---|---|"]
@@ -302,7 +238,7 @@ def _jsonable(obj: object) -> object:
 
 
 def details(results: dict[str, dict]) -> str:
-    """What the pass's fallback did and what the task-judged exclusions kept float."""
+    """What the pass's fallback measured, tried and kept float."""
     out = []
     for name, res in results.items():
         out.append(f"\n### {name}: {res['model']} (opset {res['opset']} -> 13), "
@@ -311,31 +247,32 @@ def details(results: dict[str, dict]) -> str:
             stats = v.get("stats") or {}
             trace = stats.get("fallback")
             if trace:
-                out.append(f"- {label}: the pass's fallback scored the all-int8 model "
-                           f"{trace.get('score_all_quantized', float('nan')):.4f} against "
-                           f"target {trace.get('target')}; scores with k float nodes: "
-                           f"{[round(x, 4) for x in trace.get('scores', [])]}; reached: "
-                           f"{trace.get('reached', 'n/a (met without fallback)')}; kept float: "
-                           f"{stats.get('kept_float') or 'none'}")
-            if "nodes" in v:
-                out.append(f"- {label}: kept float {v['nodes']}; calibration-set task "
-                           f"agreement {v['calib_agree']:.3f}; evaluation {_fmt_task(v['task'])}")
+                probes = [(p["float_nodes"], p["agreement"], p["sqnr_db"])
+                          for p in trace.get("probes", [])]
+                out.append(f"- {label}: all-int8 scored {trace.get('score_all_quantized')} "
+                           f"on the calibration samples against {trace.get('targets')}; "
+                           f"probes (float nodes, agreement, SQNR dB): {probes or 'none'}; "
+                           f"reached: {trace.get('reached', 'met without fallback')}; "
+                           f"kept float: {stats.get('kept_float') or 'none'}; "
+                           f"quantized nodes: {stats.get('quantized')}")
+            if v.get("message"):
+                out.append(f"- {label}: {v['message']}")
             if v.get("note"):
                 out.append(f"- {label}: {v['note']}")
     return "\n".join(out)
 
 
-def markdown(results: dict[str, dict], target: float, info: dict) -> str:
+def markdown(results: dict[str, dict], info: dict, end_load: str) -> str:
     head = (f"# int8 on the PP-OCR models, judged by the task's own answer\n\n"
             f"Generated by `benchmarks/ocr_quantize.py` on {info['date']}: {info['cpu']} "
             f"(VNNI: {info['vnni']}), {info['usable_cpus']} usable CPUs, load average at start "
-            f"{info['load_average_start']}, at end {machine.load_average()}; onnxruntime "
+            f"{info['load_average_start']}, at end {end_load}; onnxruntime "
             f"{info['onnxruntime']}, onnx {info['onnx']}. Inputs from "
             f"`benchmarks/corpus/ocr_task.py` (rendered text, rapidocr preprocessing). "
             f"Task agreement is with the fp32 model's own answer on the evaluation set; "
             f"latency is batch 1, 2 intra-op threads, median of interleaved paired ratios "
-            f"[quartiles]. Fallback target {target}.\n\n")
-    return head + table(results, target) + "\n" + details(results) + "\n"
+            f"[quartiles], with an fp32 A/A row as the noise floor.\n\n")
+    return head + table(results) + "\n" + details(results) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,13 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data", type=Path)
     parser.add_argument("work", type=Path)
     parser.add_argument("--tasks", default="rec,cls,det")
-    parser.add_argument("--target", type=float, default=0.97)
     parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--no-task-fallback", action="store_true")
-    parser.add_argument("--skip-target", action="store_true",
-                        help="no target= run; exclusions ranked by the all-int8 node SQNR")
-    parser.add_argument("--excl-k", default="2,4,8,16,32",
-                        help="how many ranked nodes to keep float, tried in order")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="markdown results file")
     parser.add_argument("--from-json", type=Path, nargs="*", default=None,
@@ -359,23 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     info = machine.machine_info()
     if args.from_json:
         merged = {k: v for p in args.from_json for k, v in json.loads(p.read_text()).items()}
-        args.out.write_text(markdown(merged, args.target, info))
+        args.out.write_text(markdown(merged, info, str(machine.load_average())))
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     results = {}
-    runner: Callable[..., dict] = bench_task
     for name in args.tasks.split(","):
-        results[name] = runner(name, args.models, args.data, args.work, args.target,
-                               args.rounds, not args.no_task_fallback, args.skip_target,
-                               tuple(int(k) for k in args.excl_k.split(",")))
-        print(table({name: results[name]}, args.target), flush=True)
+        results[name] = bench_task(name, args.models, args.data, args.work, args.rounds)
+        print(table({name: results[name]}), flush=True)
         if args.json:
             args.json.write_text(json.dumps(_jsonable(results), indent=1))
         if args.out:
-            args.out.write_text(markdown(results, args.target, info))
-    print(table(results, args.target))
-    if args.out:
-        args.out.write_text(markdown(results, args.target, info))
+            args.out.write_text(markdown(results, info, str(machine.load_average())))
+    print(table(results))
     return 0
 
 

@@ -101,7 +101,8 @@ class PassManager:
         self._cost_shapes = resolve_input_shapes(model, self.input_shapes, (calib, validation))
         report = RunReport(original=_snapshot(model, self._cost_shapes))
         ctx = PassContext(calib=calib, input_shapes=self.input_shapes, seed=self.seed,
-                          progress=self.show_progress, dry_run=self.dry_run)
+                          progress=self.show_progress, dry_run=self.dry_run,
+                          quality_floor=self.gates.floor())
         validator = None
         if self.validate:
             validator = Validator(model, self, validation)

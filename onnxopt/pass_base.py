@@ -83,6 +83,8 @@ class PassContext:
         dry_run: Plan only: a pass that ``supports_dry_run`` reports its plan and leaves
             the model unchanged; exact passes before the first plan run, the others do not
             (nothing is written).
+        quality_floor: The :class:`~onnxopt.compare.QualityFloor` the manager will hold a
+            lossy pass to (None: no floor), so a pass can aim for it on its own data.
     """
 
     calib: FeedSource | None = None
@@ -90,6 +92,7 @@ class PassContext:
     seed: int = 0
     progress: bool = False
     dry_run: bool = False
+    quality_floor: Any = None
 
 
 @dataclass(frozen=True)

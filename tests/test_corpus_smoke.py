@@ -112,6 +112,37 @@ def test_exact_pipeline_keeps_the_outputs_of_a_production_model(
                    noise_abs)
 
 
+def test_default_quantize_keeps_the_task_of_a_production_classifier_with_integer_kernels(
+        corpus_paths: dict[str, Path], tmp_path: Path) -> None:
+    # PP-OCR's direction classifier (opset 11): the default quantize through the CLI clears
+    # the default quality floor, its convolutions run as integer kernels in onnxruntime, and
+    # on other rendered lines it gives the same angle as the float model.
+    model = by_name()["ppocr_v2_cls"]
+    source = corpus_paths["ppocr_v2_cls"]
+    np.savez(tmp_path / "calib.npz", **make_inputs(model, source, 32, seed=1))
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxopt", str(source), "-p", "cleanup,fold-bn,quantize", "-o",
+         str(out), "--calib", str(tmp_path / "calib.npz"), "--report", str(report_path)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (quantize,) = [p for p in json.loads(report_path.read_text())["passes"]
+                   if p["name"] == "quantize"]
+    assert quantize["status"] == "kept" and quantize["stats"]["quantized"] > 0
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(source)).graph.node)
+    assert ops.count("QLinearConv") == convs and "Conv" not in ops and "FusedConv" not in ops
+    x = make_inputs(model, source, 64, seed=5)["x"]
+    reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    want = reference.run(None, {"x": x})[0].argmax(1)
+    got = session.run(None, {"x": x})[0].argmax(1)
+    assert np.mean(want == got) >= 0.95
+
+
 @pytest.mark.parametrize("name", SMOKE_API)
 def test_exact_pipeline_keeps_the_outputs_of_a_control_flow_model_fed_run_by_run(
         name: str, corpus_paths: dict[str, Path]) -> None:

@@ -1,28 +1,47 @@
-"""Accuracy-aware fallback and the per-node error report.
+"""Float fallback: the int8 model is scored against the quality floor; sensitive nodes stay float.
 
-* Per-node SQNR: ``10 log10(sum x**2 / sum (x' - x)**2)`` between a tensor of the float model
-  and the same tensor in the quantized model, over the calibration samples (streamed sums).
-* Sensitivity of a node: the SQNR of the model *outputs* when that node alone is quantized;
-  lower means more sensitive.
-* Fallback: keep the ``k`` most sensitive nodes float, ``k = 0, 1, ...``, until the score meets
-  the target. The score is top-1 agreement with the float model, or, when the calibration data
-  has labels, the quantized accuracy relative to the float accuracy (``acc_q / acc_f``).
+* Score of a model against the float model's outputs on the pass's own samples, with the
+  quality floor's metrics (:class:`onnxopt.compare.QualityFloor`): for classifier outputs
+  (``[N, C]``) top-1 agreement; for sequences of class distributions (``[N, T, C]``, a CTC
+  recognizer's softmax) the share of samples whose whole per-step argmax path agrees (the same
+  path decodes to the same text); for every other float output (maps, boxes, embeddings) the
+  SQNR ``10 log10(sum x**2 / sum (x' - x)**2)``. One probability per sample (``[N]`` or
+  ``[N, 1]`` in [0, 1], e.g. a voice-activity detector) is also a yes/no decision at 0.5,
+  whose agreement the pass holds to the agreement target besides the SQNR (stricter than the
+  floor, which only asks for the SQNR).
+* Targets: the floor the manager will apply, plus a margin (the manager judges held-out
+  samples), or the ``target`` agreement the user gave.
+* Sensitivity of a node, from one run of the all-int8 model beside the float model: the SQNR
+  its output loses against its inputs, ``min_i SQNR(in_i) - SQNR(out)``, each tensor as its
+  readers see it (after its QuantizeLinear/DequantizeLinear) and its SQNR averaged over
+  channels: the error the node adds with its weights and its output's quantization. The
+  report's per-node SQNR is the same streamed sum over whole tensors.
+* Fallback: keep the ``k`` most sensitive nodes float for ``k = 1, 2, 4, ...`` (a few probes,
+  each one build and one scoring run) until the score meets the targets. When no probe does,
+  the pass quantizes nothing: an int8 model below the floor is never handed back.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.compare import QualityFloor, class_sequence_like, classifier_like
 from onnxopt.data import FeedSource
 from onnxopt.session import BATCH_BYTES, batch_within, stream_tensors
 
 logger = logging.getLogger(__name__)
+
+#: Margins above the manager's floor that the pass aims for on its own samples.
+AGREEMENT_MARGIN = 0.03
+SQNR_MARGIN_DB = 1.0
+#: SQNR credited to an input that is not quantized (a graph input, a float node's output).
+CLEAN_DB = 60.0
 
 
 @dataclass
@@ -34,8 +53,53 @@ class EvalData:
     batch_size: int
     input_shapes: Mapping[str, tuple[int, ...]] | None
     outputs: list[list[np.ndarray]]
-    labels: np.ndarray | None
     names: list[str]
+    kinds: list[str]
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the fallback aims for: agreement on class outputs, SQNR on the others."""
+
+    min_agreement: float
+    min_sqnr_db: float
+
+    @classmethod
+    def from_floor(cls, floor: QualityFloor | None, target: float | None) -> Targets:
+        """The floor (default when None) plus the margins; ``target`` replaces the agreement."""
+        floor = floor if floor is not None else QualityFloor()
+        agreement = (target if target is not None else
+                     min(1.0, floor.min_agreement + AGREEMENT_MARGIN) if floor.min_agreement > 0
+                     else 0.0)
+        sqnr = floor.min_sqnr_db + SQNR_MARGIN_DB if math.isfinite(floor.min_sqnr_db) \
+            else -math.inf
+        return cls(agreement, sqnr)
+
+    def to_dict(self) -> dict[str, float | None]:
+        """For the report."""
+        return {"agreement": self.min_agreement, "sqnr_db": _finite(self.min_sqnr_db)}
+
+
+@dataclass(frozen=True)
+class Score:
+    """A model's outputs against the float reference (worst output of each kind)."""
+
+    agreement: float | None
+    sqnr_db: float
+
+    def meets(self, targets: Targets) -> bool:
+        """Whether every output clears its target."""
+        if self.agreement is not None and self.agreement < targets.min_agreement:
+            return False
+        return self.sqnr_db >= targets.min_sqnr_db
+
+    def to_dict(self) -> dict[str, float | None]:
+        """For the report (an SQNR without noise, or without such outputs, is None)."""
+        return {"agreement": self.agreement, "sqnr_db": _finite(self.sqnr_db)}
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 2) if math.isfinite(value) else None
 
 
 def sqnr_db(signal: float, noise: float) -> float:
@@ -47,56 +111,80 @@ def sqnr_db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
+def _kind(array: object) -> str:
+    if not isinstance(array, np.ndarray):
+        return "other"  # sequences, maps: no floor of their own
+    if classifier_like(array):
+        return "class"
+    if class_sequence_like(array):
+        return "sequence"
+    if not np.issubdtype(array.dtype, np.floating):
+        return "other"
+    if (array.ndim in (1, 2) and array.shape[-1:] != (0,) and (array.ndim == 1 or
+                                                             array.shape[1] == 1)
+            and float(array.min()) >= 0.0 and float(array.max()) <= 1.0):
+        return "binary"  # one probability per sample: a yes/no decision at 0.5
+    return "float"
+
+
 def reference(float_model: ir.Model, source: FeedSource, *, limit: int | None, batch_size: int,
               input_shapes: Mapping[str, tuple[int, ...]] | None) -> EvalData:
-    """Run the float model once and keep its outputs (and labels) for later comparisons."""
+    """Run the float model once and keep its outputs for later comparisons."""
     names = [v.name or "" for v in float_model.graph.outputs]
     outputs: list[list[np.ndarray]] = []
-    labels: list[np.ndarray] = []
-    for (tensors,), lab in stream_tensors([float_model], [names], source, batch_size=batch_size,
-                                          limit=limit, input_shapes=input_shapes):
+    for (tensors,), _ in stream_tensors([float_model], [names], source, batch_size=batch_size,
+                                        limit=limit, input_shapes=input_shapes):
         outputs.append([tensors[n] for n in names])
-        if lab is not None:
-            labels.append(np.asarray(lab).reshape(-1))
-    joined = np.concatenate(labels) if labels and len(labels) == len(outputs) else None
-    return EvalData(source, limit, batch_size, input_shapes, outputs, joined, names)
+    kinds = [_kind(o) for o in outputs[0]] if outputs else []
+    return EvalData(source, limit, batch_size, input_shapes, outputs, names, kinds)
 
 
-def score(model: ir.Model, ref: EvalData) -> tuple[float, float]:
-    """``(score, output SQNR in dB)`` of ``model`` against the reference (see module doc)."""
-    agree = total = correct = correct_ref = 0
-    signal = noise = 0.0
-    label_pos = 0
+def score(model: ir.Model, ref: EvalData) -> Score:
+    """Score ``model`` against the float reference (see the module docstring)."""
+    agree = [0] * len(ref.names)
+    total = [0] * len(ref.names)
+    signal = [0.0] * len(ref.names)
+    noise = [0.0] * len(ref.names)
     batches = stream_tensors([model], [ref.names], ref.source, batch_size=ref.batch_size,
                              limit=ref.limit, input_shapes=ref.input_shapes)
     for ((tensors,), _), expected in zip(batches, ref.outputs, strict=False):
-        got = tensors[ref.names[0]].astype(np.float64)
-        want = expected[0].astype(np.float64)
-        signal += float(np.sum(want**2))
-        noise += float(np.sum((got - want) ** 2))
-        if want.ndim == 2 and want.shape[1] > 1:
-            n = want.shape[0]
-            agree += int(np.sum(got.argmax(1) == want.argmax(1)))
-            if ref.labels is not None:
-                lab = ref.labels[label_pos:label_pos + n]
-                correct += int(np.sum(got.argmax(1) == lab))
-                correct_ref += int(np.sum(want.argmax(1) == lab))
-            label_pos += n
-            total += n
-    if not total:
-        return 1.0 - min(1.0, math.sqrt(noise / signal) if signal else 0.0), sqnr_db(signal, noise)
-    if ref.labels is not None and correct_ref:
-        return correct / correct_ref, sqnr_db(signal, noise)
-    return agree / total, sqnr_db(signal, noise)
+        for j, (name, kind) in enumerate(zip(ref.names, ref.kinds, strict=True)):
+            if kind == "other":
+                continue
+            want, got = expected[j], np.asarray(tensors[name])
+            if kind == "class":
+                agree[j] += int(np.sum(got.argmax(1) == want.argmax(1)))
+                total[j] += want.shape[0]
+            elif kind == "sequence":
+                agree[j] += int(np.sum((got.argmax(2) == want.argmax(2)).all(axis=1)))
+                total[j] += want.shape[0]
+            if kind == "binary":
+                agree[j] += int(np.sum((got > 0.5) == (want > 0.5)))
+                total[j] += want.size
+            if kind in ("float", "binary"):
+                w, d = want.astype(np.float64), got.astype(np.float64) - want
+                signal[j] += float(np.sum(w * w))
+                noise[j] += float(np.sum(d * d))
+    agreements = [a / t for a, t, k in zip(agree, total, ref.kinds, strict=True)
+                  if k in ("class", "sequence", "binary") and t]
+    sqnrs = [sqnr_db(s, n) for s, n, k in zip(signal, noise, ref.kinds, strict=True)
+             if k in ("float", "binary")]
+    return Score(min(agreements) if agreements else None, min(sqnrs, default=math.inf))
 
 
 def tensor_sqnr(float_model: ir.Model, quant_model: ir.Model, names: Mapping[str, str],
                 source: FeedSource, *, limit: int, batch_size: int,
-                input_shapes: Mapping[str, tuple[int, ...]] | None) -> dict[str, float]:
-    """SQNR per tensor: float-model name -> dB, with ``names`` mapping to the quantized model."""
+                input_shapes: Mapping[str, tuple[int, ...]] | None,
+                per_channel: bool = False) -> dict[str, float]:
+    """SQNR per tensor: float-model name -> dB, with ``names`` mapping to the quantized model.
+
+    With ``per_channel`` the SQNR is taken per channel (axis 1) and averaged in dB over the
+    channels that carry signal, so that a tensor whose small channels are lost beside one
+    large channel reads as damaged (one SQNR over the whole tensor would not show it).
+    """
     keys = list(names)
-    signal = dict.fromkeys(keys, 0.0)
-    noise = dict.fromkeys(keys, 0.0)
+    signal: dict[str, np.ndarray | float] = dict.fromkeys(keys, 0.0)
+    noise: dict[str, np.ndarray | float] = dict.fromkeys(keys, 0.0)
     # two models' tensors per batch: each gets half the memory
     batch_size = batch_within(float_model, keys, source, batch_size, input_shapes=input_shapes,
                               budget=BATCH_BYTES // 2)
@@ -105,49 +193,79 @@ def tensor_sqnr(float_model: ir.Model, quant_model: ir.Model, names: Mapping[str
                                         batch_size=batch_size, limit=limit,
                                         input_shapes=input_shapes, desc="per-node SQNR"):
         for k in keys:
-            r, g = ref[k].reshape(-1), got[names[k]].reshape(-1)
+            r, g = np.asarray(ref[k]), np.asarray(got[names[k]])
+            if per_channel and r.ndim >= 2 and r.shape == g.shape:
+                r3 = r.reshape(r.shape[0], r.shape[1], -1).astype(np.float64)
+                d3 = g.reshape(r3.shape) - r3
+                signal[k] = signal[k] + np.einsum("ncx,ncx->c", r3, r3)
+                noise[k] = noise[k] + np.einsum("ncx,ncx->c", d3, d3)
+                continue
+            r, g = r.reshape(-1), g.reshape(-1)
             d = g - r if g.dtype == r.dtype else g.astype(np.float64) - r
             # sums of squares accumulated in float64 without float64 copies of the tensors
-            signal[k] += float(np.einsum("i,i->", r, r, dtype=np.float64))
-            noise[k] += float(np.einsum("i,i->", d, d, dtype=np.float64))
-    return {k: sqnr_db(signal[k], noise[k]) for k in keys}
+            signal[k] = np.sum(signal[k]) + float(np.einsum("i,i->", r, r, dtype=np.float64))
+            noise[k] = np.sum(noise[k]) + float(np.einsum("i,i->", d, d, dtype=np.float64))
+    out = {}
+    for k in keys:
+        sig, noi = np.atleast_1d(signal[k]), np.atleast_1d(noise[k])
+        live = sig > 0
+        dbs = [min(sqnr_db(float(a), float(b)), CLEAN_DB)
+               for a, b in zip(sig[live], noi[live], strict=True)]
+        out[k] = float(np.mean(dbs)) if dbs else sqnr_db(float(sig.sum()), float(noi.sum()))
+    return out
 
 
-def choose_float_nodes(candidates: list[int], build: Callable[[set[int]], ir.Model],
-                       ref: EvalData, target: float, max_nodes: int,
-                       ) -> tuple[set[int], dict[str, object]]:
-    """Rank ``candidates`` by sensitivity and keep the fewest most sensitive ones float.
+def rank_by_added_error(nodes: Sequence[tuple[int, ir.Node, Sequence[int]]],
+                        sqnr: Mapping[str, float]) -> list[int]:
+    """Node indices, most sensitive first: the SQNR each node's output loses to its inputs.
 
     Args:
-        candidates: Graph-order indices of the quantized compute nodes.
+        nodes: ``(index, node, activation input indices)`` of the candidate nodes.
+        sqnr: Tensor name -> SQNR in the all-int8 model (:func:`tensor_sqnr`); tensors
+            missing from it (graph inputs, float nodes' outputs) count as clean.
+    """
+    added: dict[int, float] = {}
+    for index, node, activations in nodes:
+        out = sqnr.get(node.outputs[0].name or "")
+        if out is None:
+            continue
+        ins = [min(sqnr.get(node.inputs[i].name or "", CLEAN_DB), CLEAN_DB)
+               for i in activations if node.inputs[i] is not None]
+        added[index] = (min(ins) if ins else CLEAN_DB) - min(out, CLEAN_DB)
+    return sorted(added, key=lambda i: -added[i])
+
+
+def choose_float_nodes(order: list[int], build: Callable[[set[int]], ir.Model],
+                       ref: EvalData, targets: Targets, base: Score, max_nodes: int,
+                       max_probes: int) -> tuple[set[int] | None, dict[str, object]]:
+    """Keep the fewest of the most sensitive nodes float so that the score meets the targets.
+
+    Args:
+        order: Candidate node indices, most sensitive first.
         build: Builds the quantized model with the given indices kept float.
         ref: Float reference outputs.
-        target: Score to reach (see module doc).
+        targets: What to reach.
+        base: The all-int8 model's score (below the targets).
         max_nodes: Most nodes to keep float.
+        max_probes: Most models to build and score.
 
     Returns:
-        The indices to keep float and a trace for the report.
+        The indices to keep float, or None when no probe met the targets, and a trace for
+        the report.
     """
-    base, base_sqnr = score(build(set()), ref)
-    trace: dict[str, object] = {"score_all_quantized": base, "target": target}
-    if base >= target or not candidates:
-        return set(), trace
-    everything = set(candidates)
-    sensitivity = {i: score(build(everything - {i}), ref)[1] for i in candidates}
-    order = sorted(candidates, key=lambda i: sensitivity[i])
-    trace["sensitivity_sqnr_db"] = {str(i): sensitivity[i] for i in order}
-    best, best_score = set(), base
-    steps = []
-    for k in range(1, min(max_nodes, len(order)) + 1):
+    steps: list[dict[str, object]] = []
+    trace: dict[str, object] = {"score_all_quantized": base.to_dict(),
+                                "targets": targets.to_dict(),
+                                "ranking": order[:max_nodes], "probes": steps}
+    k, chosen, cap = 1, None, min(max_nodes, len(order))
+    while k <= cap and len(steps) < max_probes:
         kept = set(order[:k])
-        value, _ = score(build(kept), ref)
-        steps.append(value)
-        if value > best_score:
-            best, best_score = kept, value
-        if value >= target:
+        value = score(build(kept), ref)
+        steps.append({"float_nodes": k, **value.to_dict()})
+        logger.info("fallback: %d nodes float -> %s", k, value)
+        if value.meets(targets):
+            chosen = kept
             break
-    trace["scores"] = steps
-    trace["reached"] = best_score >= target
-    logger.info("fallback keeps %d nodes float (score %.4f, target %.4f)", len(best),
-                best_score, target)
-    return best, trace
+        k = min(2 * k, cap) if k < cap else cap + 1
+    trace["reached"] = chosen is not None
+    return chosen, trace

@@ -29,6 +29,7 @@ import onnx_ir as ir
 from onnxopt.ir import attr, const_array, is_constant, is_standard, node_label
 from onnxopt.layouts import gemm_bias, weight_layout
 from onnxopt.pass_base import PassResult
+from onnxopt.passes.quantize.refusion import refused_readers
 
 QUANTIZE = "quantize"
 """Output gets its own Q (from its calibrated range)."""
@@ -280,6 +281,10 @@ def plan_quantization(
 ) -> Plan:
     """Decide what to quantize in ``graph``; refusals are recorded on ``result``.
 
+    A node that stays float (excluded, kept float, or an op this table does not quantize)
+    is never left where onnxruntime would fuse it into an integer kernel anyway: the
+    quantized readers of its output stay float too (:mod:`.refusion`).
+
     Args:
         graph: The float graph.
         opset: Its default-domain opset.
@@ -288,6 +293,21 @@ def plan_quantization(
         exclude_ops: Op types that stay float.
         keep_float: Graph-order indices of nodes that stay float (the accuracy fallback).
     """
+    forced: dict[int, str] = {}
+    while True:
+        plan = _plan(graph, opset, PassResult(False), set(exclude_nodes), set(exclude_ops),
+                     set(keep_float), forced)
+        more = {i: why for i, why in refused_readers(graph, plan).items() if i not in forced}
+        if not more:
+            break
+        forced.update(more)
+    return _plan(graph, opset, result, set(exclude_nodes), set(exclude_ops), set(keep_float),
+                 forced)
+
+
+def _plan(graph: ir.Graph, opset: int, result: PassResult, exclude_nodes: set[str],
+          exclude_ops: set[str], keep_float: set[int], forced: dict[int, str]) -> Plan:
+    """One planning round with the nodes of ``forced`` kept float for the reason given."""
 
     def excluded(node: ir.Node) -> bool:
         return node.name in exclude_nodes or node.op_type in exclude_ops
@@ -302,6 +322,9 @@ def plan_quantization(
             continue
         if index in keep_float:
             result.refuse(node_label(node), "kept float by the accuracy fallback")
+            continue
+        if index in forced:
+            result.refuse(node_label(node), f"stays float: {forced[index]}")
             continue
         draft = _check_node(node, rule, opset)
         if isinstance(draft, str):

@@ -8,8 +8,10 @@ Steps, each in its own module:
    (:mod:`.calibration`, :mod:`.tensor_stats`, :mod:`.ranges`);
 4. rewrite: Q/DQ nodes, int8 weights, int32 biases (:mod:`.rewrite`, :mod:`.scheme`);
 5. optional bias correction of each layer's expected output shift (:mod:`.bias_correction`);
-6. optional accuracy-aware fallback to float for the most sensitive nodes, and the per-node
-   SQNR report (:mod:`.fallback`).
+6. the fallback (on by default): the int8 model is scored against the run's quality floor
+   on the calibration samples and its most sensitive nodes stay float until it clears it,
+   or nothing is quantized; and the per-node SQNR report (:mod:`.fallback`). A node that
+   stays float is kept where onnxruntime cannot re-fuse it (:mod:`.refusion`).
 
 The arithmetic of each step is stated at the top of its module.
 """
@@ -35,7 +37,14 @@ from onnxopt.passes.quantize.bias_correction import correct_biases
 from onnxopt.passes.quantize.calibration import calibrate, group_params
 from onnxopt.passes.quantize.cpu import int8_pairs_saturate
 from onnxopt.passes.quantize.equalize import equalize
-from onnxopt.passes.quantize.fallback import choose_float_nodes, reference, tensor_sqnr
+from onnxopt.passes.quantize.fallback import (
+    Targets,
+    choose_float_nodes,
+    rank_by_added_error,
+    reference,
+    score,
+    tensor_sqnr,
+)
 from onnxopt.passes.quantize.placement import COMPUTE_OPS, SAME, Plan, plan_quantization
 from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
 from onnxopt.passes.quantize.tensor_stats import TensorStats
@@ -64,26 +73,27 @@ class QuantizeOptions:
             so give ``reduce_range=true`` when building for a non-VNNI x86 target elsewhere.
         equalize: Cross-layer equalization before calibration.
         bias_correction: Correct each layer's expected output shift after quantization.
-        target: Accuracy-aware fallback target (agreement, or accuracy relative to float
-            when the calibration data has labels); None turns the fallback off.
+        fallback: Score the int8 model on the calibration samples against the quality
+            floor the run applies (plus a margin) and keep its most sensitive nodes float
+            until it clears it; when it cannot, quantize nothing (:mod:`.fallback`).
+        target: The top-1 (or per-sequence argmax path) agreement the fallback aims for,
+            instead of the floor's plus its margin.
         exclude_nodes: Node names that stay float (``;``-separated on the command line).
-            Their weights stay float in the graph; but a recent onnxruntime (seen with 1.32,
-            its ``WeightBiasQuantization`` transformer) quantizes a float Conv/Gemm weight
-            itself (per tensor) when the node reads a DequantizeLinear and feeds a
-            QuantizeLinear, so such a node, between quantized neighbours, still runs in int8.
-            The fallback's scores are measured with onnxruntime, so they include this. A
-            weightless op (Add, Concat, pooling) between quantized neighbours still reads
-            dequantized inputs and feeds a QuantizeLinear, and onnxruntime may fuse it
-            anyway; exclude the neighbours too to keep a whole region float.
-        exclude_ops: Op types that stay float (same caveat). A name in ``exclude_nodes``
+            Their output gets no QuantizeLinear, so onnxruntime cannot re-fuse them into an
+            integer kernel, and the quantized nodes reading that output stay float too
+            (:mod:`.refusion`).
+        exclude_ops: Op types that stay float (the same). A name in ``exclude_nodes``
             that is no node of the model, or an op type that is neither an ONNX op nor
             in the model, is an error (a misspelling would otherwise do nothing).
         calib_samples: Cap on calibration samples (None = all).
         batch_size: Calibration batch size when the batch axis is dynamic.
         bins: Histogram bins per tensor.
         max_float_nodes: Most nodes the fallback may keep float.
+        max_probes: Most candidate models the fallback builds and scores
+            (``k = 1, 2, 4, ...`` nodes float).
         report_sqnr: Measure the per-node SQNR for the report (one more calibration run).
-        sqnr_samples: Samples for the per-node SQNR and for the fallback's scores.
+        sqnr_samples: Samples for the per-node SQNR (report and the fallback's ranking).
+        score_samples: Samples the fallback scores the int8 model on.
     """
 
     method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
@@ -93,6 +103,7 @@ class QuantizeOptions:
     reduce_range: bool | None = None
     equalize: bool = False
     bias_correction: bool = False
+    fallback: bool = True
     target: float | None = option(None, within="[0, 1]")
     exclude_nodes: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
@@ -100,8 +111,10 @@ class QuantizeOptions:
     batch_size: int = option(16, within="[1, inf)")
     bins: int = option(2048, within="[2, inf)")
     max_float_nodes: int = option(8, within="[0, inf)")
+    max_probes: int = option(4, within="[0, inf)")
     report_sqnr: bool = True
-    sqnr_samples: int = option(128, within="[1, inf)")
+    sqnr_samples: int = option(8, within="[1, inf)")
+    score_samples: int = option(64, within="[1, inf)")
 
 
 @register_pass
@@ -141,14 +154,18 @@ class QuantizePass(Pass):
         float_model = clone_model(model)
         build = _Builder(self, ctx, float_model, opset, per_channel)
         keep_float: set[int] = set()
-        if o.target is not None:
-            ref = reference(float_model, ctx.calib, limit=o.calib_samples,
-                            batch_size=o.batch_size, input_shapes=ctx.input_shapes)
-            plan = plan_quantization(float_model.graph, opset, PassResult(False), **build.excl)
-            candidates = [p.index for p in plan.nodes if p.rule.output != SAME]
-            keep_float, trace = choose_float_nodes(
-                candidates, lambda kept: build.model(kept), ref, o.target, o.max_float_nodes)
-            stats["fallback"] = trace
+        if o.fallback:
+            chosen = _fallback(build, ctx, o, stats)
+            if chosen is None:
+                result.refuse("model", "int8 stays below the quality floor with up to "
+                              f"{o.max_float_nodes} of its most sensitive nodes float; "
+                              "nothing quantized (see stats 'fallback')")
+                notes.append("not quantized: int8 stays below the quality floor")
+                result.stats = stats
+                result.modified = bool(stats.get("equalized_pairs")) or opset != found
+                result.summary = "; ".join(notes)
+                return result
+            keep_float = chosen
         plan, rewritten = build(model, keep_float, result)
         if not plan.nodes:
             stats["quantized"] = 0
@@ -199,9 +216,13 @@ class _Builder:
 
     def model(self, keep_float: set[int]) -> ir.Model:
         """A quantized copy of the float model with ``keep_float`` left float."""
+        return self.copy(keep_float)[0]
+
+    def copy(self, keep_float: set[int]) -> tuple[ir.Model, Plan, Rewritten]:
+        """:meth:`model` with the plan it was made from and what the rewrite did."""
         copy = clone_model(self.float_model)
-        self(copy, keep_float, PassResult(False))
-        return copy
+        plan, rewritten = self(copy, keep_float, PassResult(False))
+        return copy, plan, rewritten
 
     def __call__(self, model: ir.Model, keep_float: set[int], result: PassResult,
                  ) -> tuple[Plan, Rewritten]:
@@ -229,6 +250,67 @@ class _Builder:
                 limit=o.calib_samples, input_shapes=ctx.input_shapes,
                 show_progress=ctx.progress)
         return plan, rewritten
+
+
+def _fallback(build: _Builder, ctx: PassContext, o: QuantizeOptions,
+              stats: dict[str, object]) -> set[int] | None:
+    """Nodes to keep float so that the result meets the quality floor (:mod:`.fallback`).
+
+    Returns:
+        Graph-order indices to keep float (empty when the all-int8 model meets the
+        targets), or None when no probe met them.
+    """
+    assert ctx.calib is not None
+    shapes = ctx.input_shapes
+    ref = reference(build.float_model, ctx.calib, limit=o.score_samples,
+                    batch_size=o.batch_size, input_shapes=shapes)
+    targets = Targets.from_floor(ctx.quality_floor, o.target)
+    all_int8, plan, rewritten = build.copy(set())
+    base = score(all_int8, ref)
+    trace: dict[str, object] = {"score_all_quantized": base.to_dict(),
+                                "targets": targets.to_dict()}
+    stats["fallback"] = trace
+    if base.meets(targets) or not plan.nodes:
+        return set()
+    # the plan's nodes are the rewritten copy's; the same indices in the float model
+    float_nodes = list(build.float_model.graph)
+    candidates = [(p.index, float_nodes[p.index], p.activations) for p in plan.nodes
+                  if p.rule.output != SAME]
+    wanted = {v.name for _, node, acts in candidates
+              for v in [node.outputs[0], *(node.inputs[i] for i in acts)]
+              if v is not None and v.producer() is not None}
+    names = _as_read(all_int8, {k: rewritten.names.get(k, k) for k in wanted})
+    sqnr = tensor_sqnr(build.float_model, all_int8, names, ctx.calib, limit=o.sqnr_samples,
+                       batch_size=o.batch_size, input_shapes=shapes, per_channel=True)
+    order = rank_by_added_error(candidates, sqnr)
+    chosen, trace = choose_float_nodes(order, build.model, ref, targets, base,
+                                       o.max_float_nodes, o.max_probes)
+    stats["fallback"] = trace
+    return chosen
+
+
+def _as_read(model: ir.Model, names: dict[str, str]) -> dict[str, str]:
+    """Map each tensor to the value its readers see: the output of its DequantizeLinear.
+
+    Tensors that are not in ``model`` are dropped; those without a QuantizeLinear map to
+    themselves.
+    """
+    values = {v.name: v for node in model.graph for v in node.outputs if v.name}
+    read = {}
+    for key, name in names.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        read[key] = name
+        for use in value.uses():
+            if use.node.op_type != "QuantizeLinear":
+                continue
+            dq = [u.node for u in use.node.outputs[0].uses()
+                  if u.node.op_type == "DequantizeLinear"]
+            if dq and dq[0].outputs[0].name:
+                read[key] = dq[0].outputs[0].name
+                break
+    return read
 
 
 def _upgrade_opset(model: ir.Model, per_channel: bool, result: PassResult,

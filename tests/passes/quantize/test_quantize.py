@@ -293,7 +293,8 @@ def test_reduce_range_defaults_to_what_this_cpu_needs(monkeypatch, saturates: bo
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_range_methods(method: str) -> None:
     proto = conv_chain()
-    model, record = _quantize(proto, f"fold-bn,quantize(method={method},per_channel=false)")
+    model, record = _quantize(
+        proto, f"fold-bn,quantize(method={method},per_channel=false,fallback=false)")
     assert record.stats["quantized"] == 6  # 3 Conv, GlobalAveragePool, Flatten, Gemm
     feeds = random_feeds(proto, batch=8, seed=3)
     assert _sqnr(run_model(proto, feeds)[0], run_model(model, feeds)[0]) > 15.0
@@ -392,25 +393,26 @@ def test_accuracy_fallback_keeps_the_most_sensitive_nodes_float(tmp_path: Path) 
     spec = "fold-bn,quantize(per_channel=false,reduce_range=true,target=0.99,max_float_nodes=3)"
     model, record = _quantize(proto, spec, calib="random:32")
     trace = record.stats["fallback"]
-    assert trace["score_all_quantized"] < 0.99 and trace["reached"] is True
-    assert len(trace["sensitivity_sqnr_db"]) == 5  # 3 Conv, GlobalAveragePool, Gemm
+    assert trace["score_all_quantized"]["agreement"] < 0.99 and trace["reached"] is True
+    assert len(trace["ranking"]) == 3  # the 3 most sensitive of 3 Conv, GlobalAveragePool, Gemm
     kept = record.stats["kept_float"]
-    assert len(kept) == len(trace["scores"]) == 1 and trace["scores"][-1] >= 0.99
-    assert sum(r.reason == "kept float by the accuracy fallback" for r in record.refusals) == 1
+    assert len(kept) == trace["probes"][-1]["float_nodes"]
+    assert trace["probes"][-1]["agreement"] >= 0.99
+    assert sum(r.reason == "kept float by the accuracy fallback" for r in record.refusals) \
+        == len(kept)
     # The nodes kept float read float weights in the graph written.
     for label in kept:
         node = next(n for n in model.graph if f"'{n.name}'" in label)
         assert _producer_op(node.inputs[1]) != "DequantizeLinear"
-    # onnxruntime may quantize a float weight between quantized neighbours itself; what it
-    # runs is what the fallback measured: the written model reaches the target on the data
+    # what onnxruntime runs is what the fallback measured
     feeds = all_feeds(open_feeds("random:32", from_proto(proto)), proto)
     ref, got = run_model(proto, feeds)[0], run_model(model, feeds)[0]
-    assert float(np.mean(ref.argmax(1) == got.argmax(1))) == pytest.approx(trace["scores"][-1])
+    assert float(np.mean(ref.argmax(1) == got.argmax(1))) >= 0.99
+    # and the kept Conv nodes run in float: no integer kernel re-fused around them
     ops = _ort_ops(model, tmp_path)
-    # the kept Conv reads a DequantizeLinear and feeds a QuantizeLinear: onnxruntime quantizes
-    # its float weight itself (WeightBiasQuantization), as QuantizeOptions documents
-    assert kept == ["Conv 'conv1'"]
-    assert ops["QLinearConv"] == 3 and ops["Conv"] + ops["FusedConv"] == 0
+    kept_convs = sum(label.startswith("Conv") for label in kept)
+    assert kept_convs and ops["Conv"] + ops["FusedConv"] >= kept_convs
+    assert ops["QLinearConv"] <= 3 - kept_convs
 
 
 def test_mobilenet_per_tensor_with_equalization_and_bias_correction_near_per_channel(
@@ -422,8 +424,9 @@ def test_mobilenet_per_tensor_with_equalization_and_bias_correction_near_per_cha
     accuracy = {}
     for label, options in (("per_channel", ""), ("per_tensor", "per_channel=false"),
                            ("tools", "per_channel=false,equalize=true,bias_correction=true")):
-        model, _ = _quantize(proto, f"fold-bn,quantize({options},report_sqnr=false)",
-                             calib=str(digits_calib))
+        # the raw quantizer, without the fallback that would keep nodes float
+        model, _ = _quantize(proto, f"fold-bn,quantize({options},report_sqnr=false,"
+                                    "fallback=false)", calib=str(digits_calib))
         logits = run_model(model, {"input": evaluation["input"]})[0]
         accuracy[label] = float(np.mean(logits.argmax(1) == evaluation["labels"]))
     assert accuracy["per_tensor"] < accuracy["per_channel"] - 0.05  # the problem is real
