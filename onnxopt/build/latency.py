@@ -1,21 +1,19 @@
-"""Latency side by side: every model against the original in interleaved, adjacent pairs.
+"""A sweep's latency: every variant against the original at each batch size.
 
-Each model is warmed up, then every round visits the models in a fresh random order and
-times each one right next to a run of the original; a model's latency ratio is the median
-of its paired ratios, so load from other processes hits both sides of a pair alike. The
-original is also paired with itself (the A/A row): the spread of that ratio is the noise.
+The timing is :func:`onnxopt.timing.paired_samples` (interleaved, adjacent pairs); a
+variant's ratio is the median of its paired ratios. The original is also paired with a
+second session of itself (the A/A row): the spread of that ratio is the noise.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from onnxopt.errors import UserError
+from onnxopt.timing import paired_samples, quartiles
 
 #: The label of the original's A/A row.
 NOISE = "original (A/A)"
@@ -33,14 +31,9 @@ class Latency:
 
 def session(path: str, threads: int):
     """A CPU session for timing (no spinning thread pool between the paired runs)."""
-    import onnxruntime as ort
+    from onnxopt.session import make_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return make_session(path, threads=threads)
 
 
 def random_feed(sess, batch: int, shapes: Mapping[str, tuple[int, ...]],
@@ -101,38 +94,10 @@ def measure(models: Mapping[str, str], original: str, batch_sizes: Sequence[int]
 def _measure_batch(sessions: Mapping, base, feed: dict[str, np.ndarray], rounds: int,
                    sample_seconds: float) -> dict[str, Latency]:
     everyone = {**sessions, "": base}
-    inner = {}
-    for label, sess in everyone.items():
-        runs, start = 0, time.perf_counter()
-        while runs < 3 or time.perf_counter() - start < 0.2:  # warm-up, and the run time
-            sess.run(None, feed)
-            runs += 1
-        per_run = (time.perf_counter() - start) / runs
-        inner[label] = max(1, math.ceil(sample_seconds / max(per_run, 1e-9)))
-
-    def sample(label: str) -> float:
-        sess, n = everyone[label], inner[label]
-        start = time.perf_counter()
-        for _ in range(n):
-            sess.run(None, feed)
-        return (time.perf_counter() - start) / n
-
-    rng = np.random.default_rng(0)
-    labels = list(sessions)
-    ratios: dict[str, list[float]] = {label: [] for label in labels}
-    times: dict[str, list[float]] = {label: [] for label in labels}
-    for _ in range(rounds):
-        for index in rng.permutation(len(labels)):
-            label = labels[index]
-            if rng.random() < 0.5:
-                ref, mine = sample(""), sample(label)
-            else:
-                mine, ref = sample(label), sample("")
-            ratios[label].append(mine / ref)
-            times[label].append(mine)
-    found = {}
-    for label in labels:
-        q1, q2, q3 = np.percentile(ratios[label], [25, 50, 75])
-        found[label] = Latency(float(q2), float(q1), float(q3),
-                               1e3 * float(np.median(times[label])))
-    return found
+    found = paired_samples(everyone, dict.fromkeys(everyone, feed), "", rounds=rounds,
+                           sample_seconds=sample_seconds, warmup_seconds=0.2)
+    result = {}
+    for label in sessions:
+        q1, q2, q3 = quartiles(found.ratios[label])
+        result[label] = Latency(q2, q1, q3, 1e3 * float(np.median(found.times[label])))
+    return result

@@ -20,23 +20,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxopt.session import make_session
+from onnxopt.timing import paired_samples
+
 __all__ = ["SideBySide", "latency_session", "ort_timer", "side_by_side"]
 
 
 def latency_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    """A CPU session as a deployment would build it, with pool spinning off.
-
-    A pool still spinning after its run would steal a core from the next session timed.
-    """
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 4
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    """A CPU session as a deployment would build it (its threads do not spin)."""
+    return make_session(model, threads=threads)
 
 
 def _trivial() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -116,35 +108,14 @@ def side_by_side(original: onnx.ModelProto, models: Sequence[onnx.ModelProto],
     round visits the models in a fresh random order and samples each right next to the
     original (which goes first is random); a pair gives one ratio.
     """
-    sessions = [latency_session(m, threads) for m in (original, original, *models)]
-    inner = []
-    for s in sessions:
-        runs, start = 0, time.perf_counter()
-        while runs < 3 or time.perf_counter() - start < 0.05:
-            s.run(None, feed)
-            runs += 1
-        inner.append(max(min_runs,
-                         math.ceil(sample_seconds * runs / (time.perf_counter() - start))))
-
-    def sample(i: int) -> float:
-        best = math.inf
-        for _ in range(inner[i]):
-            start = time.perf_counter()
-            sessions[i].run(None, feed)
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    rng = np.random.default_rng(seed)
-    ratios: list[list[float]] = [[] for _ in sessions[1:]]
-    base: list[float] = []
-    for _ in range(rounds):
-        for j in rng.permutation(len(sessions) - 1):
-            if rng.random() < 0.5:
-                b, o = sample(0), sample(j + 1)
-            else:
-                o, b = sample(j + 1), sample(0)
-            base.append(b)
-            ratios[j].append(o / b)
+    labels = ["original", "A/A", *(f"model {i}" for i in range(len(models)))]
+    sessions = {label: latency_session(m, threads)
+                for label, m in zip(labels, (original, original, *models), strict=True)}
+    found = paired_samples(sessions, dict.fromkeys(labels, feed), "original", rounds=rounds,
+                           sample_seconds=sample_seconds, warmup_seconds=0.05,
+                           min_runs=min_runs, statistic="min", seed=seed)
+    ratios = [found.ratios[label] for label in labels[1:]]
     med = [float(np.median(r)) for r in ratios]
     half = [float(np.subtract(*np.percentile(r, [75, 25]))) / 2 for r in ratios]
+    base = found.times["original"]
     return SideBySide(float(np.median(base)) * 1e3, med[1:], half[1:], med[0], half[0])
