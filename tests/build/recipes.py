@@ -27,7 +27,7 @@ pipeline = "cleanup,fold-bn"
 [[model]]
 name = "chain"
 path = "models/chain.onnx"
-pipeline = "fold-bn,quantize"
+pipeline = "fold-bn,{chain_quantize}"
 calib = "data/chain.npz"
 eval = "data/chain.npz"
 gates = {{ min_agreement = {chain_agreement} }}
@@ -48,8 +48,13 @@ def write_random(path: Path, seed: int, count: int = 32) -> None:
     np.savez(path, input=rng.standard_normal((count, 3, 16, 16)).astype(np.float32))
 
 
-def make_recipe(folder: Path, chain_agreement: float = 0.5) -> Path:
-    """The three-model recipe in ``folder``; returns the recipe's path."""
+def make_recipe(folder: Path, chain_agreement: float = 0.5,
+                chain_quantize: str = "quantize") -> Path:
+    """The three-model recipe in ``folder``; returns the recipe's path.
+
+    ``chain_quantize`` is the chain's quantize step: ``quantize(fallback=false)`` keeps
+    what int8 gives even below a gate, where the default would keep nodes float to meet it.
+    """
     (folder / "models").mkdir(parents=True)
     (folder / "data").mkdir()
     shutil.copy(ROOT / "testmodels" / "digits_resnet.onnx", folder / "models" / "digits.onnx")
@@ -61,6 +66,7 @@ def make_recipe(folder: Path, chain_agreement: float = 0.5) -> Path:
     write_random(folder / "data" / "chain.npz", 0)
     write_random(folder / "data" / "res.npz", 1)
     recipe = folder / "onnxopt.toml"
-    recipe.write_text(RECIPE.format(chain_agreement=chain_agreement))
+    recipe.write_text(RECIPE.format(chain_agreement=chain_agreement,
+                                    chain_quantize=chain_quantize))
     return recipe
 
