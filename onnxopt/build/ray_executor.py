@@ -64,13 +64,18 @@ class RayExecutor:
             kwargs: dict[str, Any] = {"logging_level": logging.WARNING,
                                       "log_to_driver": False, "configure_logging": True}
             if self.address is None:
-                kwargs.update(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+                # "local" starts a Ray of our own even when the machine's last `ray start`
+                # left its address behind (ray.init() would try to join that, dead or not)
+                kwargs.update(address="local", num_cpus=os.cpu_count() or 1,
+                              include_dashboard=False)
             else:
                 kwargs["address"] = self.address
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise UserError(f"--ray: cannot reach a Ray cluster at {self.address}: "
+                where = f"reach a Ray cluster at {self.address}" if self.address else \
+                    "start a local Ray"
+                raise UserError(f"--ray: cannot {where}: "
                                 f"{' '.join(str(exc).split())[:200]}") from None
         try:
             by_path = self._shared_storage(jobs)
