@@ -18,7 +18,7 @@ and weights a segment needs), instead of cloning and serializing the whole model
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -57,6 +57,17 @@ def _reads(node: ir.Node) -> list[str]:
     return names
 
 
+def _walk_back(names: Iterable[str], visit: Callable[[str], Iterable[str]]) -> None:
+    """Visit each tensor once, from ``names`` towards the inputs: ``visit(name)`` returns
+    the tensors to go on to (the reads of the node to walk through, or none)."""
+    stack, seen = list(names), set()
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(visit(name))
+
+
 def _info(value: ir.Value | None, name: str) -> onnx.ValueInfoProto:
     if value is not None and value.type is not None:
         return ir.serde.serialize_value(value)
@@ -88,21 +99,20 @@ def segment(model: ir.Model, outputs: Sequence[str], cut: Collection[str] = (),
     needed: set[int] = set()
     reads: list[str] = []
     used: list[str] = []
-    stack, seen = list(outputs), set()
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
+
+    def visit(name: str) -> list[str]:
         if name in cut or (name in inputs and name not in weights):
             reads.append(name)
         elif name in weights:
             used.append(name)
         elif name in producer:
             needed.add(id(producer[name]))
-            stack.extend(_reads(producer[name]))
+            return _reads(producer[name])
         else:
             raise KeyError(f"no tensor named {name!r} in the main graph")
+        return []
+
+    _walk_back(outputs, visit)
     nodes = [node for node in graph if id(node) in needed]
     if not nodes:
         return None, [], reads
@@ -194,19 +204,17 @@ class LevelRunner:
         producer = {v.name: node for node in graph for v in node.outputs}
         future = [name for level in self.levels[k + 1:] for name in level]
         keep: list[str] = []
-        stack, seen = list(future), set()
-        while stack:
-            name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
+
+        def visit(name: str) -> list[str]:
             node = producer.get(name)
             if node is None:
-                continue  # a graph input or weight: read again, never cached
+                return []  # a graph input or weight: read again, never cached
             if id(node) in computed:
                 keep.append(name)
-            else:
-                stack.extend(_reads(node))
+                return []
+            return _reads(node)
+
+        _walk_back(future, visit)
         return keep
 
     def run(self, k: int) -> Iterator[dict[str, np.ndarray]]:
