@@ -281,7 +281,7 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
             # NonZero of the mask flattened to [N] is [1, M]; its transpose is the [M, 1]
             # row indices GatherND and ScatterND take. Every shape here follows from shape
             # inference (a Slice of a [2, M] NonZero left the rank of the gathered rows
-            # unknown, and onnxruntime then fused nothing in the later stages).
+            # unknown, and onnxruntime then left residual Adds in the branches unfused).
             flat = node("Reshape", [waiting, _flat_shape(names, prefix, inits)],
                         f"{prefix}_flat")
             rows = node("NonZero", [flat.outputs[0]], f"{prefix}_rows")
