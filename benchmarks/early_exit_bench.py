@@ -17,8 +17,9 @@ interleaved in a rotating order after a warm-up, median over rounds, at batch 1,
 with an A/A row (a second plain session) for the noise. Then the cost of the If form itself:
 the single-file model with every sample exiting at the first exit against stage 0 with its
 head as one plain model, both relative to the plain model, and the single-file model with no
-sample exiting (what all the exits cost a sample that runs to the end). Only ratios are
-printed, with the load average.
+sample exiting (what all the exits cost a sample that runs to the end), in the batched form,
+in the batch-1 form (the model's batch fixed at 1) and, as the floor, the stages with every
+head in one graph without If. Only ratios are printed, with the load average.
 """
 
 from __future__ import annotations
@@ -35,15 +36,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from onnxopt.cost import infer_shapes  # noqa: E402
 from onnxopt.data import from_arrays, from_npz  # noqa: E402
-from onnxopt.ir import to_proto  # noqa: E402
+from onnxopt.ir import opset_version, to_proto  # noqa: E402
 from onnxopt.model_io import load  # noqa: E402
 from onnxopt.passes.early_exit import EarlyExitModel, write_bundle  # noqa: E402
+from onnxopt.passes.early_exit.bundle import head_nodes  # noqa: E402
 from onnxopt.passes.early_exit.cuts import (  # noqa: E402
     CANDIDATE_FRACTIONS,
     choose_cuts,
@@ -174,6 +177,9 @@ def _latency(args: argparse.Namespace) -> None:
         head.threshold = 3e38  # no sample ever exits: every head, decision and gather runs
     never_model = load(path)
     build_if_form(never_model, never)
+    lean_model, lean_never = _batch_one(load(path)), _batch_one(load(path))
+    build_if_form(lean_model, plan)
+    build_if_form(lean_never, never)
     print(f"\nPart 2: digits ResNet latency ({args.clock} clock), {args.threads} thread(s), "
           f"{args.rounds} rounds of "
           f"{len(x)} samples; exits at {', '.join(plan.cuts)}; expected MACs on the "
@@ -189,6 +195,9 @@ def _latency(args: argparse.Namespace) -> None:
         single = make_session(to_proto(single_model), threads=args.threads)
         first_exit = make_session(to_proto(first_model), threads=args.threads)
         no_exit = make_session(to_proto(never_model), threads=args.threads)
+        lean = make_session(to_proto(lean_model), threads=args.threads)
+        lean_no_exit = make_session(to_proto(lean_never), threads=args.threads)
+        heads = make_session(to_proto(_with_heads(load(path), plan)), threads=args.threads)
         forms: dict[str, Callable[[np.ndarray], object]] = {
             "plain": lambda s: plain.run(None, {"input": s}),
             "plain (A/A)": lambda s: plain2.run(None, {"input": s}),
@@ -201,18 +210,47 @@ def _latency(args: argparse.Namespace) -> None:
         ratios = {batch: _time(forms, x, batch, args.rounds, clock) for batch in (1, 8, 32)}
         for name in forms:
             print(f"{name:<16} " + " ".join(f"{ratios[b][name]:8.3f}x" for b in (1, 8, 32)))
+        lean_ratio = _time({"plain": forms["plain"],
+                            "batch-1 form": lambda s: lean.run(None, {"input": s})},
+                           x, 1, args.rounds, clock)["batch-1 form"]
+        print(f"{'batch-1 form':<16} {lean_ratio:8.3f}x (a model whose batch is fixed at 1: "
+              f"no gather, scatter or reduction)")
         overhead = _time({"plain": forms["plain"],
                           "stage 0 + head": lambda s: stage0.run(None, {"input": s}),
                           "If form, all exit 1": lambda s: first_exit.run(None, {"input": s}),
-                          "If form, no exit": lambda s: no_exit.run(None, {"input": s})},
+                          "If form, no exit": lambda s: no_exit.run(None, {"input": s}),
+                          "batch-1 form, no exit": lambda s: lean_no_exit.run(None,
+                                                                               {"input": s}),
+                          "stages + heads": lambda s: heads.run(None, {"input": s})},
                          x, 1, args.rounds, clock)
         stage0_time, if_time = overhead["stage 0 + head"], overhead["If form, all exit 1"]
         print(f"cost of the If form at batch 1, every sample exiting at the first exit: "
               f"{if_time:.3f}x of the plain model against {stage0_time:.3f}x for stage 0 and "
               f"its head alone: {if_time - stage0_time:+.3f}x of the plain model per exit taken")
-        print(f"single-file form with no sample exiting (every head, decision, gather and "
-              f"scatter runs): {overhead['If form, no exit']:.3f}x of the plain model")
+        print(f"no sample exiting (every stage, head and decision runs), relative to the "
+              f"plain model: batched If form {overhead['If form, no exit']:.3f}x, batch-1 If "
+              f"form {overhead['batch-1 form, no exit']:.3f}x, the stages and every head in "
+              f"one graph without If {overhead['stages + heads']:.3f}x")
         print(f"load average after: {_load()}")
+
+
+def _batch_one(model: ir.Model) -> ir.Model:
+    """The model with its input's batch size fixed at 1 (what selects the batch-1 form)."""
+    value = model.graph.inputs[0]
+    value.shape = ir.Shape([1, *list(value.shape)[1:]])
+    return model
+
+
+def _with_heads(model: ir.Model, plan) -> ir.Model:
+    """The plain model with every exit head's logits and margin as extra outputs (no If)."""
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    for k, head in enumerate(plan.heads):
+        parts = head_nodes(values[head.cut], head, opset_version(model), f"exit{k}")
+        model.graph.extend(parts.nodes)
+        for value in parts.initializers:
+            model.graph.register_initializer(value)
+        model.graph.outputs.extend([parts.logits, parts.confidence])
+    return model
 
 
 def _time(forms: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, batch: int,

@@ -11,7 +11,9 @@ batch and scattered back into place (plain ONNX, no runner needed):
                                  else: h_k)                     with O_K = S_K's output
 
 At batch 1 a confident sample skips everything after its exit; in a batch the later stages
-run on the rest only. Below opset 11 the whole batch goes on while any sample is not done,
+run on the rest only. A model whose inputs (and cuts) have a fixed batch size of 1 gets the
+lean form instead, with no gather, scatter or reduction: ``O_k = If(c_k < t_k, then:
+O_{k+1}, else: h_k)``. Below opset 11 the whole batch goes on while any sample is not done,
 and ``Where(done_k, h_k, O_{k+1})`` picks each sample's answer. Per sample both are the bundle
 runner's answer (the first confident exit's logits, else the full model's) for any batch.
 The model output is ``O_0``, under the original output name. The rewrite is lossy
@@ -19,6 +21,8 @@ The model output is ``O_0``, under the original output name. The rewrite is loss
 
 Nodes of stage ``k >= 1`` move into the then-branch of level ``k - 1``, together with the
 initializers only they read; the cut tensor they read is replaced by its gathered rows.
+Shapes are inferred into the branches at the end, so that onnxruntime can fuse and change the
+layout of the convolutions there as it does in the main graph.
 With ``single_file=false``, or in a dry run, the model is left unchanged and only the plan
 is reported (write a bundle with ``onnxopt split``).
 """
@@ -191,6 +195,7 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
     """Rewrite ``model`` in place into the nested-If early-exit form of ``plan``."""
     graph = model.graph
     opset = opset_version(model)
+    single = _batch_of_one(model, plan.cuts)
     names = _Names(model)
     stages = stage_nodes(graph, plan.cuts)
     values = {v.name: v for n in graph for v in n.outputs}
@@ -209,8 +214,8 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
         if users and min(users) > 0 and not value.is_graph_output():
             del graph.initializers[value.name]
             owners.setdefault(min(users), []).append(value)
-    batched = opset >= _MIN_BATCHED_OPSET and not _captures(stages, [values[c] for c in
-                                                                      plan.cuts])
+    batched = (not single and opset >= _MIN_BATCHED_OPSET
+               and not _captures(stages, [values[c] for c in plan.cuts]))
 
     def node(op: str, inputs: list[ir.Value], name: str, **attributes: object) -> ir.Node:
         return _named(ir.node(op, inputs, attributes), names(name))
@@ -232,7 +237,11 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
         below = node("Less", [parts.confidence, threshold], f"{prefix}_below")
         waiting = below.outputs[0]  # [N, 1]: samples that go on
         mask = done_now = None
-        if batched:
+        if single:
+            # One sample: it goes on or it exits, so the If needs no gather, scatter or pick.
+            cond = below
+            nodes.append(below)
+        elif batched:
             # One decision: does any sample go on (is the lowest margin below the threshold)?
             low_name = names(f"{prefix}_lowest")
             low = _named(reduce_node("ReduceMin", parts.confidence, None, 0, opset, inits,
@@ -257,14 +266,26 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
         early = node("Identity", [parts.logits], f"{prefix}_early")
         _typed(early.outputs[0], out_type, out_shape)
         early_graph = ir.Graph([], early.outputs, nodes=[early], name=names(f"{prefix}_exit"))
+        if single:
+            inner_nodes, inner_inits, inner_out = level(k + 1, None)
+            go_graph = ir.Graph([], [inner_out], nodes=inner_nodes, initializers=inner_inits,
+                                name=names(f"{prefix}_go_on"))
+            branch = _named(ir.node("If", [cond.outputs[0]], {"then_branch": go_graph,
+                                                              "else_branch": early_graph},
+                                    num_outputs=1), names(f"{prefix}_result"))
+            _typed(branch.outputs[0], out_type, out_shape)
+            nodes.append(branch)
+            return nodes, inits, branch.outputs[0]
         if batched:
             # Only the samples that go on run further: gather them, scatter their answers.
-            # NonZero of the [N, 1] mask is [2, M] (row and column indices); the rows are
-            # column 0 of its transpose, as the [M, 1] indices GatherND and ScatterND take.
-            rows = node("NonZero", [waiting], f"{prefix}_rows")
-            index = node("Transpose", [rows.outputs[0]], f"{prefix}_index")
-            column = node("Slice", [index.outputs[0], *_slice_consts(names, prefix, inits)],
-                          f"{prefix}_column")
+            # NonZero of the mask flattened to [N] is [1, M]; its transpose is the [M, 1]
+            # row indices GatherND and ScatterND take. Every shape here follows from shape
+            # inference (a Slice of a [2, M] NonZero left the rank of the gathered rows
+            # unknown, and onnxruntime then left residual Adds in the branches unfused).
+            flat = node("Reshape", [waiting, _flat_shape(names, prefix, inits)],
+                        f"{prefix}_flat")
+            rows = node("NonZero", [flat.outputs[0]], f"{prefix}_rows")
+            column = node("Transpose", [rows.outputs[0]], f"{prefix}_column")
             rest = node("GatherND", [cut, column.outputs[0]], f"{prefix}_rest")
             _typed(rest.outputs[0], cut.type, ir.Shape(["M", *list(cut.shape or ())[1:]])
                    if cut.shape is not None else None)
@@ -275,7 +296,7 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
             inner_nodes, inner_inits, inner_out = level(k + 1, None)
             merge = node("ScatterND", [parts.logits, column.outputs[0], inner_out],
                          f"{prefix}_merged")
-            go_nodes = [below, rows, index, column, rest, *inner_nodes, merge]
+            go_nodes = [below, flat, rows, column, rest, *inner_nodes, merge]
         else:
             inner_nodes, inner_inits, inner_out = level(k + 1, done_now)
             assert mask is not None
@@ -301,21 +322,30 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
     result.name = out_name
     graph.outputs.append(result)
     remove_unused_initializers(graph)
+    infer_shapes(model)  # shapes inside the branches let onnxruntime fuse and reorder there
     logger.info("early-exit: %d exits at %s (%s)", len(plan.heads), ", ".join(plan.cuts),
-                "batched" if batched else "whole batches")
+                "one sample" if single else "batched" if batched else "whole batches")
 
 
-def _slice_consts(names: _Names, prefix: str, inits: list[ir.Value]) -> list[ir.Value]:
-    """Slice inputs selecting column 0 of a ``[M, 2]`` tensor (starts, ends, axes)."""
-    consts = []
-    for part, number in (("start", 0), ("end", 1), ("axis", 1)):
-        name = names(f"{prefix}_{part}")
-        consts.append(ir.Value(name=name, shape=ir.Shape([1]),
-                               type=ir.TensorType(ir.DataType.INT64),
-                               const_value=ir.tensor(np.asarray([number], dtype=np.int64),
-                                                     name=name)))
-    inits.extend(consts)
-    return consts
+def _batch_of_one(model: ir.Model, cuts: list[str]) -> bool:
+    """Whether the model takes exactly one sample: every input and cut has batch size 1."""
+    inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+    if not inputs or any(v.shape is None or len(v.shape) == 0 or v.shape[0] != 1
+                         for v in inputs):
+        return False
+    shaped = infer_shapes(clone_model(model))
+    found = {v.name: v for node in shaped.graph for v in node.outputs}
+    return all(c in found and found[c].shape is not None and len(found[c].shape) > 0
+               and found[c].shape[0] == 1 for c in cuts)
+
+
+def _flat_shape(names: _Names, prefix: str, inits: list[ir.Value]) -> ir.Value:
+    """The Reshape shape ``[-1]`` that flattens a ``[N, 1]`` mask to ``[N]``."""
+    name = names(f"{prefix}_flat_shape")
+    value = ir.Value(name=name, shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),
+                     const_value=ir.tensor(np.asarray([-1], dtype=np.int64), name=name))
+    inits.append(value)
+    return value
 
 
 def _captures(stages: list[list[ir.Node]], cuts: list[ir.Value]) -> bool:

@@ -435,3 +435,66 @@ def test_too_few_calibration_samples_keep_no_exit_and_say_how_many(
     assert result.stats["guarantee"]["kind"] == "with probability 0.9"
     assert result.stats["guarantee"]["threshold_samples"] == 384
     assert "with probability 0.9 (Learn-then-Test" in result.summary
+
+
+# -- the lean forms ---------------------------------------------------------------------------
+
+
+def _batch_one(model_path: Path) -> onnx.ModelProto:
+    proto = onnx.load(model_path)
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    return proto
+
+
+def test_batched_branches_carry_the_shapes_of_the_gathered_rows(single_file) -> None:
+    model, _ = single_file
+    proto = to_proto(model)
+    for graph in _subgraphs(proto.graph):
+        gathers = [n for n in graph.node if n.op_type == "GatherND"]
+        if not gathers:
+            continue
+        shapes = {v.name: v.type.tensor_type.shape for v in graph.value_info}
+        rows = shapes[gathers[0].output[0]]
+        # [M, C, H, W]: the rank and the channels are known, so onnxruntime can fuse there.
+        assert len(rows.dim) == 4 and all(d.dim_value > 0 for d in rows.dim[1:])
+        assert "Slice" not in {n.op_type for n in graph.node}
+
+
+def test_batch_of_one_needs_no_gather_and_answers_as_the_batched_form(
+        plan, digits_model: Path, single_file, eval_data) -> None:
+    from onnxopt.passes.early_exit.early_exit import build_if_form
+
+    lean = load(_batch_one(digits_model))
+    build_if_form(lean, plan)
+    batched = load(digits_model)
+    build_if_form(batched, plan)
+    lean_proto, batched_proto = to_proto(lean), to_proto(batched)
+    nested = Counter(n.op_type for g in _subgraphs(lean_proto.graph) for n in g.node)
+    counts = op_counts(lean_proto)
+    assert counts["If"] == 1 and nested["If"] == len(plan.heads) - 1
+    for op in ("GatherND", "ScatterND", "NonZero", "ReduceMin", "Where", "Identity"):
+        assert counts[op] == 0 and (op == "Identity" or nested[op] == 0)
+    assert counts["Less"] + nested["Less"] == len(plan.heads)  # one decision op per exit
+    assert counts["Conv"] + nested["Conv"] == 13
+    x = eval_data["input"][:128]
+    lean_session, batched_session = make_session(lean_proto), make_session(batched_proto)
+    got = np.concatenate([lean_session.run(None, {"input": x[i:i + 1]})[0]
+                          for i in range(len(x))])
+    want = np.concatenate([batched_session.run(None, {"input": x[i:i + 1]})[0]
+                           for i in range(len(x))])
+    np.testing.assert_array_equal(got, want)
+    reference = make_session(digits_model).run(None, {"input": x})[0]
+    assert (np.abs(got - reference).max(axis=1) > 1e-3).mean() > 0.5  # exits were taken
+    with pytest.raises(Exception, match="(?i)dim|shape"):
+        lean_session.run(None, {"input": x[:2]})  # the lean form takes one sample only
+
+
+def test_a_fixed_batch_of_two_keeps_the_batched_form(plan, digits_model: Path) -> None:
+    from onnxopt.passes.early_exit.early_exit import build_if_form
+
+    proto = onnx.load(digits_model)
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # two samples, fixed
+    model = load(proto)
+    build_if_form(model, plan)
+    nested = Counter(n.op_type for g in _subgraphs(to_proto(model).graph) for n in g.node)
+    assert nested["GatherND"] == nested["ScatterND"] == len(plan.heads)
