@@ -217,13 +217,13 @@ class LatencyBudget:
         side when there are, else the two nearest: an extrapolating secant step) when their
         ratios differ by more than twice the noise. Otherwise it runs between the measured
         points (any plan) closest above and below the target, or, with none below, through
-        the original and the fastest plan measured. Before any of these, with two knapsack
-        plans measured, the tangent of a parabola through three points is tried
-        (:meth:`_curve`): the ratio is convex in the node sum where concat copies and
-        layouts make it bend, and a line between far points overshoots.
+        the original and the fastest plan measured. Before any of these, with three knapsack
+        plans measured, the tangent of a parabola through them is tried (:meth:`_curve`):
+        the ratio is convex in the node sum where concat copies and layouts make it bend,
+        and a line between far points overshoots.
         """
         plans = self.points[2:]  # after the original and the uniform plan
-        if len(plans) >= 2:
+        if len(plans) >= 3:
             curve = self._curve(target, noise)
             if curve is not None:
                 return curve
@@ -243,22 +243,21 @@ class LatencyBudget:
 
     def _curve(self, target: float, noise: float) -> CostModel | None:
         """The tangent, where it reaches ``target``, of the parabola through the three
-        measured plans (the uniform one included) nearest the target; None unless the
+        measured knapsack plans nearest the target; None unless the
         target lies between their ratios, they differ by more than twice the noise and the
-        parabola rises through the span of their node sums."""
-        near = sorted(self.points[1:], key=lambda p: abs(p[1] - target))[:3]
+        parabola crosses the target upwards once within the span of their node sums."""
+        near = sorted(self.points[2:], key=lambda p: abs(p[1] - target))[:3]
         x = np.array([p[0] for p in near]) / self.full
         y = np.array([p[1] for p in near])
         if (len(near) < 3 or not y.min() <= target <= y.max() or np.ptp(y) <= 2 * noise
                 or np.ptp(x) <= 1e-9 or len(np.unique(np.round(x, 9))) < 3):
             return None
         c2, c1, c0 = np.polyfit(x, y, 2)
-        if min(2 * c2 * x.min() + c1, 2 * c2 * x.max() + c1) <= 0:
-            return None  # not rising through the span: no unique crossing
         roots = np.roots([c2, c1, c0 - target])
-        inside = [float(r.real) for r in roots
-                  if abs(r.imag) < 1e-12 and x.min() - 1e-9 <= r.real <= x.max() + 1e-9]
-        if not inside:
+        inside = [float(r.real) for r in roots  # crossings upwards within the span
+                  if abs(r.imag) < 1e-12 and x.min() - 1e-9 <= r.real <= x.max() + 1e-9
+                  and 2 * c2 * r.real + c1 > 0]
+        if len(inside) != 1:
             return None
         at = inside[0]
         slope = (2 * c2 * at + c1) / self.full

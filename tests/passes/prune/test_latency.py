@@ -272,8 +272,9 @@ def test_parabola_step_lands_on_a_convex_curve_where_a_line_overshoots() -> None
     def curve(x):
         return 0.05 + 0.95 * x ** 2
 
-    # original, uniform plan, then two knapsack plans below the target
-    budget.points = [(full, 1.0), *((x * full, curve(x)) for x in (0.8, 0.2, 0.4))]
+    # original, the uniform plan (off the knapsack's curve), then three knapsack plans
+    budget.points = [(full, 1.0), (0.5 * full, 0.9),
+                     *((x * full, curve(x)) for x in (0.2, 0.4, 0.8))]
     tangent = budget._curve(0.5, 0.002)
     assert tangent is not None
     crossing = np.sqrt(0.45 / 0.95)  # where the curve reaches 0.5
@@ -283,11 +284,13 @@ def test_parabola_step_lands_on_a_convex_curve_where_a_line_overshoots() -> None
     slope = (tangent.total() - tangent.constant) / (line.total() - line.constant)
     at = (0.5 - tangent.constant) / slope
     assert at / full == pytest.approx(crossing, rel=1e-6)
-    # the secant through the two knapsack plans (both below) would overshoot far
+    # the secant through the first two knapsack plans (both below) overshoots far
     secant = (0.5 - curve(0.4)) / ((curve(0.4) - curve(0.2)) / 0.2) + 0.4
     assert secant - crossing > 0.2
     # outside the span of the three points (no crossing), no parabola step
     assert budget._curve(0.95, 0.002) is None
+    budget.points = budget.points[:-1]  # two knapsack plans: no parabola
+    assert budget._curve(0.5, 0.002) is None
 
 
 def test_node_tables_cover_depthwise_and_concat() -> None:
