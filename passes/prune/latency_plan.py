@@ -208,19 +208,19 @@ class LatencyBudget:
         return calibrated(self.raw, high[1] - slope * high[0], slope)
 
     def _bracket(self, target: float, noise: float = 0.0) -> CostModel:
-        """The line through the measured points nearest ``target``: a secant step.
+        """A line through (or tangent to) the measured plans nearest ``target``.
 
         Whole-graph effects (layouts onnxruntime picks for a set of widths, concat copies)
         make the ratio bend away from a line through the original, and plans of the
-        knapsack lie on another curve than the uniform one. With two or more knapsack
-        plans measured, the line runs through the two nearest the target (one on either
-        side when there are, else the two nearest: an extrapolating secant step) when their
-        ratios differ by more than twice the noise. Otherwise it runs between the measured
+        knapsack lie on another curve than the uniform one. In order of preference:
+        with three knapsack plans measured, the tangent of a parabola through them where
+        it crosses the target (:meth:`_curve`: the ratio is convex in the node sum where
+        concat copies and layouts bend it, and a line between far points overshoots);
+        with two or more, the line through the two nearest the target (one on either side
+        when there are, else the two nearest: an extrapolating secant step) when their
+        ratios differ by more than twice the noise; else the line between the measured
         points (any plan) closest above and below the target, or, with none below, through
-        the original and the fastest plan measured. Before any of these, with three knapsack
-        plans measured, the tangent of a parabola through them is tried (:meth:`_curve`):
-        the ratio is convex in the node sum where concat copies and layouts make it bend,
-        and a line between far points overshoots.
+        the original and the fastest plan measured.
         """
         plans = self.points[2:]  # after the original and the uniform plan
         if len(plans) >= 3:
@@ -268,12 +268,11 @@ class LatencyBudget:
         """Time the plan; while it misses ``target`` by more than the noise, re-plan.
 
         A miss either way counts: a plan faster than asked removed channels it did not
-        need to. Each correction round re-fits the line through the measured plans nearest
-        the target on either side (:meth:`_bracket`, a secant step: regula falsi once plans
-        on both sides are measured), re-plans and times the new plan, up to
-        :data:`ROUNDS` rounds; a round whose plan was measured already ends them. The plan
-        kept is the measured one that meets the target (within the noise) closest to it,
-        or the fastest one when none does.
+        need to. Each correction round re-fits the cost on the measured plans nearest the
+        target (:meth:`_bracket`), re-plans and times the new plan, up to :data:`ROUNDS`
+        rounds; a round whose plan was measured already ends them. The plan kept is the
+        measured one that meets the target (within the noise and :data:`CLOSE`) closest to
+        it, or the fastest one when none does.
 
         Returns:
             The plan kept and the cost model it was made with.
