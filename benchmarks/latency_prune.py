@@ -129,6 +129,15 @@ def bench(name: str, target: float, rounds: int) -> dict[str, Any]:
                       "second_wall_s": second[2]}}
 
 
+def _history(plan: dict[str, Any]) -> str:
+    """The plans the planner timed: the uniform one, then the first and each correction's,
+    the one kept in bold."""
+    kept = plan["history"].index(plan["measured"]) if plan["measured"] in plan["history"] else -1
+    steps = [f"**{r:.2f}x**" if i == kept else f"{r:.2f}x"
+             for i, r in enumerate(plan["history"])]
+    return f"uniform {plan['uniform_measured']:.2f}x; " + " → ".join(steps)
+
+
 def _markdown(results: dict[str, Any], target: float) -> str:
     m = results["machine"]
     out = [f"# prune(latency={target:g}) against prune(macs=...)", "",
@@ -138,13 +147,15 @@ def _markdown(results: dict[str, Any], target: float) -> str:
            "Latency: median of interleaved, warmed-up paired ratios against the original "
            "(each sample the fastest of a few runs), ± half the interquartile range; the "
            "A/A row is the noise floor. `predicted` is the latency "
-           "plan's own prediction, `error` its distance from the latency measured here. "
+           "plan's own prediction, `error` its distance from the latency measured here; "
+           "the plans the planner timed are its calibration (uniform) plan, then its first "
+           "plan and each correction round's, as it measured them (the one kept in bold). "
            "Random-weight structures have no labels: agreement is top-1 agreement with the "
            "original on random inputs.", ""]
     for model in results["models"]:
         out += [f"## {model['model']} (original {model['original_ms']:.3f} ms; load average "
                 f"{model['load'][0]} before, {model['load'][1]} after timing)", "",
-                "| plan | MACs | latency b1 | predicted | error | corrected | "
+                "| plan | MACs | latency b1 | predicted | error | plans timed while planning | "
                 + ("top-1 | " if model["labelled"] else "") + "agreement | SQNR |",
                 "|---|---|---|---|---|---|" + ("---|" if model["labelled"] else "") + "---|---|"]
         for row in model["rows"]:
@@ -153,8 +164,7 @@ def _markdown(results: dict[str, Any], target: float) -> str:
             pred = f"{plan['predicted']:.2f}x" if plan else ""
             err = f"{abs(plan['predicted'] - lat) / lat:.1%}" if plan else ""
             sqnr = "" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f} dB"
-            corr = (f"yes (first {plan['first_measured']:.2f}x)" if plan and plan["corrected"]
-                    else ("no" if plan else ""))
+            corr = _history(plan) if plan else ""
             acc = (f"{row['accuracy']:.2%} | " if model["labelled"] else "")
             out.append(f"| {row['label']} | {row['macs']:.2f}x | {lat:.2f}x "
                        f"±{row['latency_half_iqr']:.2f} | {pred} | {err} | "

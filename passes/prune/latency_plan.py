@@ -1,15 +1,15 @@
-"""A latency budget for prune: measured cost model, whole-model calibration, one correction.
+"""A latency budget for prune: measured cost model, whole-model calibration, secant corrections.
 
 Flow (``prune(latency=X)``): the one-node tables of :mod:`.latency` give ``S(keep)``, the
 sum of node times. The plan of the uniform allocator at ``S <= X S(full)`` is built (channels
 removed from a copy, no refit: latency does not depend on weight values) and timed side by
 side with the original; the ratio ``R(keep) = a + b S(keep)`` through ``(S(full), 1)`` and
 that point is the calibrated cost the allocators use, so ``R <= X`` is the budget. The chosen
-plan is then built and timed the same way; when it misses ``X`` by more than the A/A noise,
+plan is then built and timed the same way; while it misses ``X`` by more than the A/A noise,
 the line is re-fitted through the measured plans closest above and below ``X`` (a secant
-step; through ``(S(full), 1)`` and the plan when none is below), and the plan is made once
-more and timed again (one correction round). What was predicted and measured is kept in
-:class:`LatencyOutcome` for the report.
+step; through ``(S(full), 1)`` and the fastest plan when none is below), and the plan is
+made again and timed (up to :data:`ROUNDS` correction rounds). What was predicted and
+measured is kept in :class:`LatencyOutcome` for the report.
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ NOISY = 0.05
 """A/A noise above which a whole-model timing is repeated (up to :data:`RETRIES` times)."""
 
 RETRIES = 2
+
+ROUNDS = 3
+"""Correction rounds at most (each re-plans and times one more plan)."""
+
+CLOSE = 0.01
+"""A measured ratio this close to the target (besides the noise) needs no correction."""
 
 Compare = Callable[[onnx.ModelProto, list[onnx.ModelProto], dict[str, np.ndarray], int],
                    SideBySide]
@@ -86,8 +92,10 @@ class LatencyOutcome:
         aa: The A/A ratio of the same timing (the noise row).
         noise: How far a ratio may move by noise alone.
         uniform_measured: The measured ratio of the calibration (uniform) plan.
-        corrected: Whether the plan kept comes from the correction round.
-        first_measured: The measured ratio of the first plan when the correction round ran.
+        corrected: Whether the plan kept comes from a correction round.
+        first_measured: The measured ratio of the first plan when a correction round ran.
+        rounds: Correction rounds run.
+        history: Measured ratio of every plan timed, in order (the first plan first).
         measurements: One-node timings measured (not found in the cache).
         cached: One-node timings found in the cache.
         steps: Group index -> measured channel granularity (when round_to was measured).
@@ -106,6 +114,8 @@ class LatencyOutcome:
     uniform_measured: float | None = None
     corrected: bool = False
     first_measured: float | None = None
+    rounds: int = 0
+    history: list[float] = field(default_factory=list)
     measurements: int = 0
     cached: int = 0
     steps: dict[int, int] = field(default_factory=dict)
@@ -197,47 +207,98 @@ class LatencyBudget:
             return calibrated(self.raw, 0.0, 1.0 / max(self.full, 1e-12))
         return calibrated(self.raw, high[1] - slope * high[0], slope)
 
-    def _bracket(self, target: float) -> CostModel:
-        """The line through the measured points nearest ``target`` on either side.
+    def _bracket(self, target: float, noise: float = 0.0) -> CostModel:
+        """A line through (or tangent to) the measured plans nearest ``target``.
 
         Whole-graph effects (layouts onnxruntime picks for a set of widths, concat copies)
-        make the ratio bend away from a line through the original; between the two
-        measured plans closest above and below the target, a line is a good local model
-        (a secant step). With no plan below the target, the line runs through the original
-        and the fastest plan measured.
+        make the ratio bend away from a line through the original, and plans of the
+        knapsack lie on another curve than the uniform one. In order of preference:
+        with three knapsack plans measured, the tangent of a parabola through them where
+        it crosses the target (:meth:`_curve`: the ratio is convex in the node sum where
+        concat copies and layouts bend it, and a line between far points overshoots);
+        with two or more, the line through the two nearest the target (one on either side
+        when there are, else the two nearest: an extrapolating secant step) when their
+        ratios differ by more than twice the noise; else the line between the measured
+        points (any plan) closest above and below the target, or, with none below, through
+        the original and the fastest plan measured.
         """
+        plans = self.points[2:]  # after the original and the uniform plan
+        if len(plans) >= 3:
+            curve = self._curve(target, noise)
+            if curve is not None:
+                return curve
+        above = sorted((p for p in plans if p[1] > target), key=lambda p: p[1])
+        below = sorted((p for p in plans if p[1] <= target), key=lambda p: -p[1])
+        pair = ([above[0], below[0]] if above and below
+                else sorted(plans, key=lambda p: abs(p[1] - target))[:2])
+        if len(pair) == 2 and abs(pair[0][1] - pair[1][1]) > 2 * noise:
+            high, low = sorted(pair, key=lambda p: -p[1])
+            if high[0] - low[0] > 1e-12 * self.full:  # rising: a usable secant
+                return self._fit(high, low)
         above = [p for p in self.points if p[1] > target]
         below = [p for p in self.points if p[1] <= target]
         if below:
             return self._fit(min(above, key=lambda p: p[1]), max(below, key=lambda p: p[1]))
         return self._fit(self.points[0], min(self.points, key=lambda p: p[1]))
 
+    def _curve(self, target: float, noise: float) -> CostModel | None:
+        """The tangent, where it reaches ``target``, of the parabola through the three
+        measured knapsack plans nearest the target; None unless the
+        target lies between their ratios, they differ by more than twice the noise and the
+        parabola crosses the target upwards once within the span of their node sums."""
+        near = sorted(self.points[2:], key=lambda p: abs(p[1] - target))[:3]
+        x = np.array([p[0] for p in near]) / self.full
+        y = np.array([p[1] for p in near])
+        if (len(near) < 3 or not y.min() <= target <= y.max() or np.ptp(y) <= 2 * noise
+                or np.ptp(x) <= 1e-9 or len(np.unique(np.round(x, 9))) < 3):
+            return None
+        c2, c1, c0 = np.polyfit(x, y, 2)
+        roots = np.roots([c2, c1, c0 - target])
+        inside = [float(r.real) for r in roots  # crossings upwards within the span
+                  if abs(r.imag) < 1e-12 and x.min() - 1e-9 <= r.real <= x.max() + 1e-9
+                  and 2 * c2 * r.real + c1 > 0]
+        if len(inside) != 1:
+            return None
+        at = inside[0]
+        slope = (2 * c2 * at + c1) / self.full
+        return calibrated(self.raw, target - slope * at * self.full, slope)
+
     def check(self, keep: Keep, cost: CostModel, target: float,
               replan: Callable[[CostModel], Keep]) -> tuple[Keep, CostModel]:
-        """Time the plan; when it misses ``target`` by more than the noise, re-plan once.
+        """Time the plan; while it misses ``target`` by more than the noise, re-plan.
 
         A miss either way counts: a plan faster than asked removed channels it did not
-        need to. A correction that then misses the target when the first plan met it is
-        dropped.
+        need to. Each correction round re-fits the cost on the measured plans nearest the
+        target (:meth:`_bracket`), re-plans and times the new plan, up to :data:`ROUNDS`
+        rounds; a round whose plan was measured already ends them. The plan kept is the
+        measured one that meets the target (within the noise and :data:`CLOSE`) closest to
+        it, or the fastest one when none does.
 
         Returns:
             The plan kept and the cost model it was made with.
         """
         assert self.raw is not None
         timed = self.time(keep)
+        tried = [(keep, cost, timed)]
         self.outcome.measurements = self.meter.measured
         self.outcome.cached = self.meter.cached
-        if abs(timed.ratios[0] - target) > timed.noise:
-            self.outcome.corrected = True
-            self.outcome.first_measured = timed.ratios[0]
-            first = keep, cost, timed
+        for _ in range(ROUNDS):
+            if _close(timed, target):
+                break
             self.points.append((self.raw.total(keep), timed.ratios[0]))
-            cost = self._bracket(target)
+            cost = self._bracket(target, timed.noise)
             keep = replan(cost)
+            if any(_same(keep, k) for k, _, _ in tried):
+                break  # the line moved too little to change the plan
             timed = self.time(keep)
-            if timed.ratios[0] > target + timed.noise >= first[2].ratios[0]:
-                keep, cost, timed = first  # the correction overshot; the first plan met it
-                self.outcome.corrected = False
+            tried.append((keep, cost, timed))
+        logger.debug("latency plans (node sum, measured ratio): %s; last %s", self.points,
+                     [t.ratios[0] for _, _, t in tried])
+        keep, cost, timed = _best(tried, target)
+        self.outcome.rounds = len(tried) - 1
+        self.outcome.history = [t.ratios[0] for _, _, t in tried]
+        self.outcome.corrected = timed is not tried[0][2]
+        self.outcome.first_measured = tried[0][2].ratios[0] if len(tried) > 1 else None
         self.outcome.predicted = float(cost.total(keep))
         self.outcome.measured = timed.ratios[0]
         self.outcome.aa = timed.aa
@@ -259,6 +320,24 @@ class LatencyBudget:
             timed = min(timed, again, key=lambda t: t.noise)
         self.outcome.timing_seconds += time.perf_counter() - start
         return timed
+
+
+def _close(timed: SideBySide, target: float) -> bool:
+    return abs(timed.ratios[0] - target) <= timed.noise + CLOSE
+
+
+def _same(a: Keep, b: Keep) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[g], b[g]) for g in a)
+
+
+def _best(tried: list[tuple[Keep, CostModel, SideBySide]], target: float
+          ) -> tuple[Keep, CostModel, SideBySide]:
+    """The measured plan meeting ``target`` (within the noise and :data:`CLOSE`) closest to
+    it; the fastest when none meets it."""
+    meets = [t for t in tried if t[2].ratios[0] <= target + t[2].noise + CLOSE]
+    if meets:
+        return max(meets, key=lambda t: t[2].ratios[0])
+    return min(tried, key=lambda t: t[2].ratios[0])
 
 
 def thinned(model: ir.Model, keep: Keep) -> onnx.ModelProto:

@@ -19,13 +19,14 @@ from onnxopt.passes.prune import PrunePass
 from onnxopt.passes.prune.budget import Limits, allocate_knapsack, allocate_uniform
 from onnxopt.passes.prune.latency import (
     TableTerm,
+    calibrated,
     detect_step,
     latency_model,
     monotone,
     node_specs,
 )
 from onnxopt.passes.prune.latency_cache import CACHE_ENV, LatencyMeter, cache_dir
-from onnxopt.passes.prune.latency_plan import LatencyBudget
+from onnxopt.passes.prune.latency_plan import CLOSE, ROUNDS, LatencyBudget
 from onnxopt.passes.prune.latency_timing import SideBySide
 from onnxopt.passes.prune.prune import _candidates
 from onnxopt.pipeline import parse_pipeline
@@ -185,6 +186,111 @@ def test_a_plan_within_the_noise_is_not_corrected() -> None:
     keep = allocate_knapsack(scores, cost, 0.5, limits)
     final, _ = budget.check(keep, cost, 0.5, lambda c: pytest.fail("re-planned"))
     assert final is keep and not budget.outcome.corrected and budget.outcome.measured == 0.505
+
+
+def _convex_compare(proto: onnx.ModelProto, calls: list[float]):
+    """A fake whole-model timer: the ratio is convex in the kept MACs (as concat copies and
+    layouts make it), so a line through the uniform plan mispredicts the knapsack's plans."""
+    full = model_cost(infer_shapes(from_proto(proto))).macs
+
+    def compare(original, models, feed, threads):
+        kept = model_cost(infer_shapes(from_proto(models[0]))).macs / full
+        calls.append(0.05 + 0.95 * kept ** 2)
+        return SideBySide(0.1, [calls[-1]], [0.002], 1.0, 0.002)
+
+    return compare
+
+
+def test_secant_rounds_bring_a_convex_latency_to_the_target() -> None:
+    proto = inverted_residual()
+    calls: list[float] = []
+    budget, groups, scores = _budget(proto, _convex_compare(proto, calls))
+    limits = Limits(None, 1)
+    cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits), 0.5)
+    keep = allocate_knapsack(scores, cost, 0.5, limits)
+
+    def replan(new):
+        return allocate_knapsack(scores, new, 0.5, limits)
+
+    final, final_cost = budget.check(keep, cost, 0.5, replan)
+    out = budget.outcome
+    first = calls[1]
+    assert abs(first - 0.5) > 0.05  # the first plan misses: the calibration line is off
+    assert 1 <= out.rounds <= ROUNDS and out.corrected and out.first_measured == first
+    assert out.history == calls[1:] and len(calls) == 2 + out.rounds
+    assert out.measured == pytest.approx(0.5, abs=CLOSE + out.noise)
+    assert out.error < 0.1  # the prediction of the plan kept is within 10%
+    assert out.predicted == pytest.approx(final_cost.total(final))
+
+
+def test_correction_rounds_stop_at_the_cap_and_keep_the_closest_plan_that_meets() -> None:
+    measured = iter([0.7, 0.3, 0.45, 0.62, 0.56])  # uniform, first, three corrections
+
+    def compare(original, models, feed, threads):
+        return SideBySide(0.1, [next(measured)], [0.002], 1.0, 0.002)
+
+    budget, groups, scores = _budget(inverted_residual(), compare)
+    limits = Limits(None, 1)
+    cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits), 0.5)
+    keep = allocate_knapsack(scores, cost, 0.5, limits)
+    plans = [keep]
+
+    def replan(new):
+        # a new plan every round (a real allocator could repeat one, which ends the rounds)
+        plans.append({g: k.copy() for g, k in plans[-1].items()})
+        g = next(g for g, k in plans[-1].items() if k.sum() > 1)
+        plans[-1][g][np.flatnonzero(plans[-1][g])[len(plans) % 2]] = False
+        return plans[-1]
+
+    final, _ = budget.check(keep, cost, 0.5, replan)
+    out = budget.outcome
+    assert out.rounds == ROUNDS == 3 and out.history == [0.3, 0.45, 0.62, 0.56]
+    # 0.62 and 0.56 exceed the target: of the plans that meet it, 0.45 is the closest
+    assert out.measured == 0.45 and out.corrected and final is plans[1]
+
+
+def test_a_correction_that_repeats_a_plan_ends_the_rounds() -> None:
+    measured = iter([0.7, 0.3])
+
+    def compare(original, models, feed, threads):
+        return SideBySide(0.1, [next(measured)], [0.002], 1.0, 0.002)
+
+    budget, groups, scores = _budget(inverted_residual(), compare)
+    limits = Limits(None, 1)
+    cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits), 0.5)
+    keep = allocate_knapsack(scores, cost, 0.5, limits)
+    final, _ = budget.check(keep, cost, 0.5, lambda c: {g: k.copy() for g, k in keep.items()})
+    out = budget.outcome
+    assert final is keep and out.rounds == 0 and not out.corrected and out.measured == 0.3
+
+
+def test_parabola_step_lands_on_a_convex_curve_where_a_line_overshoots() -> None:
+    budget, _, _ = _budget(inverted_residual(), lambda *a: pytest.fail("timed"))
+    budget.raw = latency_model(budget.analysis, budget.specs, Limits(None, 1), budget.meter)
+    budget.full = full = budget.raw.total()
+
+    def curve(x):
+        return 0.05 + 0.95 * x ** 2
+
+    # original, the uniform plan (off the knapsack's curve), then three knapsack plans
+    budget.points = [(full, 1.0), (0.5 * full, 0.9),
+                     *((x * full, curve(x)) for x in (0.2, 0.4, 0.8))]
+    tangent = budget._curve(0.5, 0.002)
+    assert tangent is not None
+    crossing = np.sqrt(0.45 / 0.95)  # where the curve reaches 0.5
+    # the tangent line reaches 0.5 near the true crossing (a parabola through three points
+    # of a parabola is the curve itself)
+    line = calibrated(budget.raw, 0.0, 1.0)  # the raw sum, to read intercept and slope off
+    slope = (tangent.total() - tangent.constant) / (line.total() - line.constant)
+    at = (0.5 - tangent.constant) / slope
+    assert at / full == pytest.approx(crossing, rel=1e-6)
+    # the secant through the first two knapsack plans (both below) overshoots far
+    secant = (0.5 - curve(0.4)) / ((curve(0.4) - curve(0.2)) / 0.2) + 0.4
+    assert secant - crossing > 0.2
+    # outside the span of the three points (no crossing), no parabola step
+    assert budget._curve(0.95, 0.002) is None
+    budget.points = budget.points[:-1]  # two knapsack plans: no parabola
+    assert budget._curve(0.5, 0.002) is None
 
 
 def test_node_tables_cover_depthwise_and_concat() -> None:
