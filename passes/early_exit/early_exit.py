@@ -266,9 +266,11 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
         early = node("Identity", [parts.logits], f"{prefix}_early")
         _typed(early.outputs[0], out_type, out_shape)
         early_graph = ir.Graph([], early.outputs, nodes=[early], name=names(f"{prefix}_exit"))
-        if single:
-            inner_nodes, inner_inits, inner_out = level(k + 1, None)
-            go_graph = ir.Graph([], [inner_out], nodes=inner_nodes, initializers=inner_inits,
+
+        def decide(go_nodes: list[ir.Node], go_out: ir.Value,
+                   go_inits: list[ir.Value]) -> tuple[list[ir.Node], list[ir.Value], ir.Value]:
+            """The exit's If: the early answer, or the branch that goes on."""
+            go_graph = ir.Graph([], [go_out], nodes=go_nodes, initializers=go_inits,
                                 name=names(f"{prefix}_go_on"))
             branch = _named(ir.node("If", [cond.outputs[0]], {"then_branch": go_graph,
                                                               "else_branch": early_graph},
@@ -276,6 +278,10 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
             _typed(branch.outputs[0], out_type, out_shape)
             nodes.append(branch)
             return nodes, inits, branch.outputs[0]
+
+        if single:
+            inner_nodes, inner_inits, inner_out = level(k + 1, None)
+            return decide(inner_nodes, inner_out, inner_inits)
         if batched:
             # Only the samples that go on run further: gather them, scatter their answers.
             # NonZero of the mask flattened to [N] is [1, M]; its transpose is the [M, 1]
@@ -304,14 +310,7 @@ def build_if_form(model: ir.Model, plan: ExitPlan) -> None:
                          f"{prefix}_merged")
             go_nodes = [*inner_nodes, merge]
         _typed(merge.outputs[0], out_type, out_shape)
-        go_graph = ir.Graph([], merge.outputs, nodes=go_nodes, initializers=inner_inits,
-                            name=names(f"{prefix}_go_on"))
-        branch = _named(ir.node("If", [cond.outputs[0]], {"then_branch": go_graph,
-                                                          "else_branch": early_graph},
-                                num_outputs=1), names(f"{prefix}_result"))
-        _typed(branch.outputs[0], out_type, out_shape)
-        nodes.append(branch)
-        return nodes, inits, branch.outputs[0]
+        return decide(go_nodes, merge.outputs[0], inner_inits)
 
     nodes, inits, result = level(0, None)
     new_nodes = [n for n in nodes if n.graph is None]

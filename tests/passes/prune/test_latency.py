@@ -144,6 +144,14 @@ def _budget(proto: onnx.ModelProto, compare) -> tuple[LatencyBudget, list, dict]
     return budget, groups, scores
 
 
+def _first_plan(proto, compare, target: float = 0.5):
+    """The budget calibrated on the uniform plan, and its first knapsack plan."""
+    budget, _, scores = _budget(proto, compare)
+    limits = Limits(None, 1)
+    cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits), target)
+    return budget, scores, limits, cost, allocate_knapsack(scores, cost, target, limits)
+
+
 def test_calibration_and_one_correction_round_with_a_fake_timer() -> None:
     measured = iter([0.7, 0.62, 0.49])  # uniform plan, first plan (a miss), corrected plan
 
@@ -152,12 +160,9 @@ def test_calibration_and_one_correction_round_with_a_fake_timer() -> None:
         assert len(models) == 1 and len(models[0].graph.node) == len(original.graph.node)
         return SideBySide(0.1, [next(measured)], [0.005], 1.0, 0.005)
 
-    budget, groups, scores = _budget(inverted_residual(), compare)
-    limits = Limits(None, 1)
-    cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits), 0.5)
+    budget, scores, limits, cost, keep = _first_plan(inverted_residual(), compare)
     assert cost.total() == pytest.approx(1.0)  # the calibrated ratio is 1 at full width
     assert budget.outcome.uniform_measured == 0.7
-    keep = allocate_knapsack(scores, cost, 0.5, limits)
     assert cost.total(keep) <= 0.5 + 1e-9
     replanned = []
 
@@ -180,10 +185,7 @@ def test_a_plan_within_the_noise_is_not_corrected() -> None:
     def compare(original, models, feed, threads):
         return SideBySide(0.1, [next(measured)], [0.01], 1.0, 0.01)
 
-    budget, groups, scores = _budget(concat_branches(), compare)
-    limits = Limits(None, 1)
-    cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits), 0.5)
-    keep = allocate_knapsack(scores, cost, 0.5, limits)
+    budget, scores, limits, cost, keep = _first_plan(concat_branches(), compare)
     final, _ = budget.check(keep, cost, 0.5, lambda c: pytest.fail("re-planned"))
     assert final is keep and not budget.outcome.corrected and budget.outcome.measured == 0.505
 
@@ -204,10 +206,7 @@ def _convex_compare(proto: onnx.ModelProto, calls: list[float]):
 def test_secant_rounds_bring_a_convex_latency_to_the_target() -> None:
     proto = inverted_residual()
     calls: list[float] = []
-    budget, groups, scores = _budget(proto, _convex_compare(proto, calls))
-    limits = Limits(None, 1)
-    cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits), 0.5)
-    keep = allocate_knapsack(scores, cost, 0.5, limits)
+    budget, scores, limits, cost, keep = _first_plan(proto, _convex_compare(proto, calls))
 
     def replan(new):
         return allocate_knapsack(scores, new, 0.5, limits)
@@ -229,10 +228,7 @@ def test_correction_rounds_stop_at_the_cap_and_keep_the_closest_plan_that_meets(
     def compare(original, models, feed, threads):
         return SideBySide(0.1, [next(measured)], [0.002], 1.0, 0.002)
 
-    budget, groups, scores = _budget(inverted_residual(), compare)
-    limits = Limits(None, 1)
-    cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits), 0.5)
-    keep = allocate_knapsack(scores, cost, 0.5, limits)
+    budget, scores, limits, cost, keep = _first_plan(inverted_residual(), compare)
     plans = [keep]
 
     def replan(new):
@@ -255,10 +251,7 @@ def test_a_correction_that_repeats_a_plan_ends_the_rounds() -> None:
     def compare(original, models, feed, threads):
         return SideBySide(0.1, [next(measured)], [0.002], 1.0, 0.002)
 
-    budget, groups, scores = _budget(inverted_residual(), compare)
-    limits = Limits(None, 1)
-    cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits), 0.5)
-    keep = allocate_knapsack(scores, cost, 0.5, limits)
+    budget, scores, limits, cost, keep = _first_plan(inverted_residual(), compare)
     final, _ = budget.check(keep, cost, 0.5, lambda c: {g: k.copy() for g, k in keep.items()})
     out = budget.outcome
     assert final is keep and out.rounds == 0 and not out.corrected and out.measured == 0.3
