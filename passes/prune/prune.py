@@ -31,7 +31,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -41,9 +41,9 @@ from onnxopt.channels import ChannelAnalysis, ChannelGroup, analyse_channels
 from onnxopt.channels.linear import SEEDS
 from onnxopt.channels.surgery import remove_channels
 from onnxopt.channels.tie import Role
-from onnxopt.cost import ModelCost, model_cost
+from onnxopt.cost import model_cost
 from onnxopt.errors import UserError
-from onnxopt.ir import clone_model, node_label, unmatched
+from onnxopt.ir import clone_model, unmatched
 from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
 from onnxopt.passes.prune.budget import (
@@ -56,6 +56,13 @@ from onnxopt.passes.prune.budget import (
 )
 from onnxopt.passes.prune.channel_cost import COST_MODELS, CostModel
 from onnxopt.passes.prune.importance import CRITERIA, group_scores
+from onnxopt.passes.prune.plan_report import (
+    Plan,
+    calib_effect,
+    format_plan,
+    plan_rows,
+    summary_line,
+)
 from onnxopt.passes.prune.reconstruct import reconstruct
 from onnxopt.passes.prune.sensitivity import (
     measured_error,
@@ -64,11 +71,10 @@ from onnxopt.passes.prune.sensitivity import (
     refit_targets,
 )
 from onnxopt.passes.prune.statistics import collect_statistics
-from onnxopt.report import plural
 from onnxopt.shapes import ShapeTable, concrete_shapes, resolve_input_shapes
 
 if TYPE_CHECKING:
-    from onnxopt.passes.prune.latency_plan import LatencyBudget, LatencyOutcome
+    from onnxopt.passes.prune.latency_plan import LatencyBudget
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +202,7 @@ class PrunePass(Pass):
         shapes = concrete_shapes(model, input_shapes)
         plan = self._plan(model, ctx, result, shapes)
         before = model_cost(model, shapes=shapes)
-        summary = self._summary(plan, opts, before, _why_no_groups(result))
+        summary = summary_line(plan, opts, before, _why_no_groups(result))
         result.stats.update({"criterion": plan.criterion, "allocation": plan.allocation,
                              "budget": f"{plan.kind}={plan.value:g}", "reconstruct": plan.refit,
                              "groups": plan.rows})
@@ -223,7 +229,7 @@ class PrunePass(Pass):
             for r in refits:
                 if r.reason and r.reason != "no improvement":
                     result.refuse(r.node, f"not refitted: {r.reason}")
-            summary += self._calib_effect(original, unrefit, model, ctx, opts, result.stats)
+            summary += calib_effect(original, unrefit, model, ctx, opts, result.stats)
         after = model_cost(model, input_shapes)
         result.stats.update(macs_before=before.macs, macs_after=after.macs,
                             params_before=before.params, params_after=after.params)
@@ -232,7 +238,7 @@ class PrunePass(Pass):
         return result
 
     def _plan(self, model: ir.Model, ctx: PassContext, result: PassResult,
-              shapes: ShapeTable) -> _Plan:
+              shapes: ShapeTable) -> Plan:
         """Score the channels of every candidate group and allocate the budget.
 
         Raises:
@@ -333,8 +339,8 @@ class PrunePass(Pass):
             saved_ms = max(1.0 - outcome.measured, 0.0) * outcome.original_ms
             savings["latency"] = {g: v / total * saved_ms if total > 0 else 0.0
                                   for g, v in shares.items()}
-        return _Plan(criterion, refit, kind, value, allocation, groups, keep,
-                     _plan_rows(groups, keep, savings), savings, outcome)
+        return Plan(criterion, refit, kind, value, allocation, groups, keep,
+                     plan_rows(groups, keep, savings), savings, outcome)
 
     def _latency(self, model: ir.Model, ctx: PassContext, analysis: ChannelAnalysis,
                  groups: list[ChannelGroup], scores: dict[int, np.ndarray],
@@ -351,88 +357,6 @@ class PrunePass(Pass):
         cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits),
                            float(opts.latency or 1.0))
         return _Timing(budget, cost), limits
-
-    @staticmethod
-    def _summary(plan: _Plan, opts: PruneOptions, before: ModelCost, no_groups: str) -> str:
-        kept = sum(r["kept"] for r in plan.rows)
-        total = sum(r["total"] for r in plan.rows)
-        params = before.params - sum(plan.savings["params"].values())
-        how = "" if plan.kind == "ratio" else f", {plan.allocation}"
-        if before.macs is None:
-            macs = "MACs unknown"  # why: stats["macs_unknown"]
-        else:
-            kept_macs = before.macs - sum(plan.savings.get("macs", {}).values())
-            macs = f"MACs {100 * kept_macs / max(before.macs, 1):.1f}%"
-        text = (f"{plan.kind}={plan.value:g} by {plan.criterion}{how}: "
-                f"{plural(len(plan.rows), 'group')}, "
-                f"channels {total} -> {kept}, {macs}, "
-                f"params {100 * params / max(before.params, 1):.1f}%")
-        if plan.latency is not None:
-            t = plan.latency
-            corrected = (f", corrected from {t.first_measured:.2f}x"
-                         if t.corrected else "")
-            text += (f", latency {t.measured:.2f}x measured ({t.predicted:.2f}x predicted, "
-                     f"A/A {t.aa:.2f}x{corrected}) of {t.original_ms:.3g} ms at batch "
-                     f"{t.batch}, {plural(t.threads, 'thread')}")
-        if not plan.rows:
-            text += f" ({no_groups})"
-        return text
-
-    @staticmethod
-    def _calib_effect(original: ir.Model, unrefit: ir.Model, model: ir.Model, ctx: PassContext,
-                      opts: PruneOptions, stats: dict[str, Any]) -> str:
-        """Top-1 agreement (and accuracy) on calibration data before and after the refit."""
-        from onnxopt.session import stream_tensors
-
-        output = model.graph.outputs[0]
-        if output.shape is not None and (len(output.shape) != 2 or output.shape[1] == 1):
-            return ""  # no class scores (checked before running three models over the data)
-        name = output.name
-        hits = np.zeros(3)
-        correct = np.zeros(3)
-        seen, labelled = 0, True
-        for outs, labels in stream_tensors([original, unrefit, model], [[name]] * 3, ctx.calib,
-                                           batch_size=opts.batch_size, limit=opts.max_samples,
-                                           input_shapes=ctx.input_shapes):
-            logits = [o[name] for o in outs]
-            if logits[0].ndim != 2 or logits[0].shape[1] < 2:
-                return ""
-            top = [x.argmax(1) for x in logits]
-            hits += [np.sum(t == top[0]) for t in top]
-            if labels is None:
-                labelled = False
-            else:
-                correct += [np.sum(t == np.asarray(labels).reshape(-1)) for t in top]
-            seen += len(top[0])
-        if not seen:
-            return ""
-        agree = hits / seen
-        stats.update(calib_agreement_before_reconstruction=float(agree[1]),
-                     calib_agreement_after_reconstruction=float(agree[2]))
-        text = f"; calib agreement {agree[1]:.1%} -> {agree[2]:.1%} by the refit"
-        if labelled:
-            acc = correct / seen
-            stats.update(calib_accuracy_original=float(acc[0]),
-                         calib_accuracy_before_reconstruction=float(acc[1]),
-                         calib_accuracy_after_reconstruction=float(acc[2]))
-            text += f" (accuracy {acc[1]:.1%} -> {acc[2]:.1%})"
-        return text
-
-
-@dataclass
-class _Plan:
-    """Which channels each candidate group keeps, and why."""
-
-    criterion: str
-    refit: bool
-    kind: str
-    value: float
-    allocation: str
-    groups: list[ChannelGroup]
-    keep: dict[int, np.ndarray]
-    rows: list[dict[str, Any]]
-    savings: dict[str, dict[int, float]]
-    latency: LatencyOutcome | None = None
 
 
 @dataclass
@@ -482,37 +406,3 @@ def _why_no_groups(result: PassResult) -> str:
     reasons = list(dict.fromkeys(r.reason for r in result.refusals))
     more = f" (+{len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
     return f"no prunable group: {len(result.refusals)} refused, e.g. {reasons[0]}{more}"
-
-
-def _plan_rows(groups: list[ChannelGroup], keep: dict[int, np.ndarray],
-               savings: dict[str, dict[int, float]]) -> list[dict[str, Any]]:
-    rows = []
-    for group in groups:
-        producers = [node_label(t.node) for t in group.ties_with_role(Role.PRODUCER)]
-        rows.append({
-            "group": group.index,
-            "tensor": group.members[0].label() if group.members else group.label(),
-            "producers": producers,
-            "kept": int(keep[group.index].sum()),
-            "total": len(keep[group.index]),
-            "macs_saved": (int(round(savings["macs"].get(group.index, 0.0)))
-                           if "macs" in savings else None),
-            "params_saved": int(round(savings["params"].get(group.index, 0.0))),
-        })
-        if "latency" in savings:
-            rows[-1]["time_saved_ms"] = float(savings["latency"].get(group.index, 0.0))
-    return rows
-
-
-def format_plan(rows: list[dict[str, Any]]) -> str:
-    """The per-group plan as a small table (printed by ``--dry-run``)."""
-    timed = any("time_saved_ms" in r for r in rows)
-    lines = [f"{'group':>5}  {'kept':>9}  {'MACs saved':>12}  {'params saved':>12}  "
-             + (f"{'time saved':>11}  " if timed else "") + "producers"]
-    for row in rows:
-        names = ", ".join(row["producers"][:3]) + (" ..." if len(row["producers"]) > 3 else "")
-        macs = "?" if row["macs_saved"] is None else f"{row['macs_saved']:,}"
-        time_saved = (f"{1e3 * row.get('time_saved_ms', 0.0):>8.1f} us  " if timed else "")
-        lines.append(f"{row['group']:>5}  {row['kept']:>4}/{row['total']:<4}  "
-                     f"{macs:>12}  {row['params_saved']:>12,}  {time_saved}{names}")
-    return "\n".join(lines)
