@@ -1,13 +1,20 @@
-"""The HTML report: self-contained (no script, no external resource) and well formed."""
+"""The HTML report: self-contained (no script, no external resource), well formed, and it
+renders in a real headless browser where one is installed (as issue #21 asks)."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 from xml.etree import ElementTree
 
+import pytest
+
 from onnxopt.cli import main
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
 def built_page(recipe: Path, capsys) -> str:
@@ -73,3 +80,26 @@ def test_page_is_well_formed_and_its_charts_parse_as_svg(recipe: Path, capsys) -
         drawn = [e for e in root.iter() if e.tag.split("}")[-1] in ("rect", "line", "path",
                                                                   "circle", "polyline")]
         assert drawn, chart[:200]
+
+
+def test_page_renders_in_a_headless_browser(recipe: Path, capsys, tmp_path: Path) -> None:
+    browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
+    if browser is None:
+        pytest.skip("no Chromium or Chrome installed (apt-get install chromium)")
+    built_page(recipe, capsys)
+    page = recipe.parent / "out" / "summary.html"
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert dom.count("<svg") >= 2 and "<h2>chain " in dom  # parsed, charts in the DOM
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, "--window-size=1000,900", f"--screenshot={shot}",
+                    page.as_uri()], capture_output=True, timeout=120, check=True)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (900, 1000)
+    # not a blank page: text and bars give many distinct colours
+    colours = {tuple(p) for p in (pixels[::7, ::7, :3] * 255).astype(int).reshape(-1, 3)}
+    assert len(colours) > 20
