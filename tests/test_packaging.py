@@ -46,3 +46,16 @@ def test_readme_layout_names_every_module_of_the_tree() -> None:
             if f"{folder.name}/" not in block:
                 missing.append(f"{folder.relative_to(ROOT)}/")
     assert not missing, f"README Layout does not mention {missing}"
+
+
+def test_the_readme_test_command_collects_every_test_file() -> None:
+    """`pytest` as CI runs it reaches every tests/**/test_*.py: pytest's default
+    norecursedirs skips any folder named build, which silently left tests/build out."""
+    import subprocess
+
+    found = subprocess.run([sys.executable, "-m", "pytest", "--collect-only",
+                            "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout
+    collected = {line.split("::")[0] for line in found.splitlines() if "::" in line}
+    on_disk = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py")}
+    assert on_disk - collected == set()
