@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxopt.errors import UserError
 from onnxopt.timing import paired_samples, quartiles
 
 #: The label of the original's A/A row.
@@ -36,31 +35,18 @@ def session(path: str, threads: int):
     return make_session(path, threads=threads)
 
 
-def random_feed(sess, batch: int, shapes: Mapping[str, tuple[int, ...]],
-                seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs of ``batch`` samples for timing: the first dynamic dim is the batch.
+def random_feed(specs: list, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of ``batch`` samples for timing: the engine's random data (``random:N``) for
+    the model's input specs, each input batched on its own axis.
 
     Raises:
-        UserError: An input has another dynamic dim that ``shapes`` does not fix.
+        DataError: An input has a dynamic dim besides its batch axis that no
+            ``--input-shape`` fixes, or is not a plain tensor.
     """
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for spec in sess.get_inputs():
-        if spec.name in shapes:
-            dims = [batch, *shapes[spec.name][1:]]
-        else:
-            dims = [d if isinstance(d, int) and d > 0 else None for d in spec.shape]
-            if dims and dims[0] is None:
-                dims[0] = batch
-            if any(d is None for d in dims):
-                raise UserError(f"input {spec.name!r} has a dynamic dim besides the batch; "
-                                f"give --input-shape {spec.name}:1x...")
-        kind = spec.type[len("tensor("):-1]
-        if kind.startswith("float") or kind == "double":
-            dtype = {"float": np.float32, "float16": np.float16, "double": np.float64}[kind]
-            feed[spec.name] = rng.standard_normal(dims).astype(dtype)
-        else:
-            feed[spec.name] = np.zeros(dims, dtype=np.int64 if "64" in kind else np.int32)
+    from onnxopt.data import random_source
+
+    feed, _ = next(random_source(specs, batch, seed).batches(specs, batch_size=batch,
+                                                             limit=batch))
     return feed
 
 
@@ -81,12 +67,16 @@ def measure(models: Mapping[str, str], original: str, batch_sizes: Sequence[int]
     Returns:
         Batch size -> label -> latency; the ``NOISE`` label is the original against itself.
     """
+    from onnxopt.inputs import input_specs
+    from onnxopt.model_io import load
+
+    specs = input_specs(load(original), dict(input_shapes or {}))
     sessions = {label: session(path, threads) for label, path in models.items()}
     sessions[NOISE] = session(original, threads)
     base = session(original, threads)
     results: dict[int, dict[str, Latency]] = {}
     for batch in batch_sizes:
-        feed = random_feed(base, batch, dict(input_shapes or {}))
+        feed = random_feed(specs, batch)
         results[batch] = _measure_batch(sessions, base, feed, rounds, sample_seconds)
     return results
 
