@@ -7,6 +7,7 @@ tolerance would have been needed (as Polygraphy's comparator does). Running the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -223,6 +224,16 @@ def runtime_noise(optimized: Sequence[np.ndarray], plain: Sequence[np.ndarray]) 
     return noise
 
 
+def sqnr_db(signal: float, noise: float) -> float:
+    """SQNR in dB from summed squares of the reference and of the error (inf without error,
+    -inf for an all-zero reference with error)."""
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
 def _metrics(name: str, ref: np.ndarray, act: np.ndarray, tol: Tolerance) -> OutputMetrics:
     """Error metrics of ``act`` against ``ref``; float32 work, float64 sums (large outputs)."""
     small_floats = all(x.dtype.kind == "f" and x.dtype.itemsize <= 4 for x in (ref, act))
@@ -254,12 +265,7 @@ def _metrics(name: str, ref: np.ndarray, act: np.ndarray, tol: Tolerance) -> Out
     act64 = act.astype(np.float64)
     noise = float(np.dot(diff64, diff64))
     signal = float(np.dot(ref64, ref64))
-    if noise == 0.0:
-        sqnr = float("inf")
-    elif signal == 0.0:
-        sqnr = float("-inf")
-    else:
-        sqnr = 10.0 * np.log10(signal / noise)
+    sqnr = sqnr_db(signal, noise)
     denom = float(np.sqrt(signal * float(np.dot(act64, act64))))
     if denom:
         cosine = float(np.dot(ref64, act64) / denom)

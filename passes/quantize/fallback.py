@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.compare import QualityFloor, class_sequence_like, classifier_like
+from onnxopt.compare import QualityFloor, class_sequence_like, classifier_like, sqnr_db
 from onnxopt.data import FeedSource
 from onnxopt.session import BATCH_BYTES, batch_within, stream_tensors
 
@@ -100,15 +100,6 @@ class Score:
 
 def _finite(value: float) -> float | None:
     return round(value, 2) if math.isfinite(value) else None
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    """SQNR in dB from summed squares (inf when there is no noise)."""
-    if noise <= 0.0:
-        return math.inf
-    if signal <= 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
 
 
 def _kind(array: object) -> str:
