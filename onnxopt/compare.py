@@ -122,6 +122,14 @@ def class_sequence_like(array: np.ndarray) -> bool:
     return bool(np.allclose(array.sum(axis=2, dtype=np.float64), 1.0, atol=1e-3))
 
 
+def same_top1(ref: np.ndarray, act: np.ndarray) -> np.ndarray:
+    """Per sample, whether ``act`` gives ``ref``'s answer: the same argmax over the last axis
+    (``[N, C]``), or for a sequence (``[N, T, C]``) the same argmax at every step, since the
+    same path is the same decoded sequence (stricter than comparing decoded text)."""
+    same = ref.argmax(-1) == act.argmax(-1)
+    return same.reshape(same.shape[0], -1).all(axis=1)
+
+
 def classifier_like(array: np.ndarray) -> bool:
     """Whether an output looks like per-sample class scores (``[N, C]`` with C > 1)."""
     return array.ndim == 2 and array.shape[1] > 1 and np.issubdtype(array.dtype, np.floating)
@@ -178,13 +186,8 @@ def compare_outputs(
                            _with_noise(tolerance, ref_f, out_noise, noise_multiple))
         metrics.floating = bool(np.issubdtype(ref_f.dtype, np.floating))
         metrics.noise = out_noise
-        if classifier_like(ref_f):
-            metrics.agreement = float(np.mean(ref_f.argmax(1) == act_f.argmax(1)))
-        elif class_sequence_like(ref_f):
-            # a sample agrees when its whole per-step argmax path does (the same path is
-            # the same decoded sequence); stricter than comparing decoded text
-            same_path = (ref_f.argmax(2) == act_f.argmax(2)).all(axis=1)
-            metrics.agreement = float(np.mean(same_path))
+        if classifier_like(ref_f) or class_sequence_like(ref_f):
+            metrics.agreement = float(np.mean(same_top1(ref_f, act_f)))
         result.passed &= metrics.needed_rtol <= tolerance.rtol
         result.outputs.append(metrics)
     if labels is not None:

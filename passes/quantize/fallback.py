@@ -31,7 +31,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.compare import QualityFloor, class_sequence_like, classifier_like, sqnr_db
+from onnxopt.compare import (
+    QualityFloor,
+    class_sequence_like,
+    classifier_like,
+    same_top1,
+    sqnr_db,
+)
 from onnxopt.data import FeedSource
 from onnxopt.session import BATCH_BYTES, batch_within, stream_tensors
 
@@ -143,11 +149,8 @@ def score(model: ir.Model, ref: EvalData) -> Score:
             if kind == "other":
                 continue
             want, got = expected[j], np.asarray(tensors[name])
-            if kind == "class":
-                agree[j] += int(np.sum(got.argmax(1) == want.argmax(1)))
-                total[j] += want.shape[0]
-            elif kind == "sequence":
-                agree[j] += int(np.sum((got.argmax(2) == want.argmax(2)).all(axis=1)))
+            if kind in ("class", "sequence"):
+                agree[j] += int(np.sum(same_top1(want, got)))
                 total[j] += want.shape[0]
             if kind == "binary":
                 agree[j] += int(np.sum((got > 0.5) == (want > 0.5)))
