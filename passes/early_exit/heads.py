@@ -113,7 +113,15 @@ def fit_head(features: np.ndarray, targets: np.ndarray, kind: HeadKind = "ridge"
     z = np.c_[(x - mean) / std, np.ones(len(x))]
     n, d = z.shape
     penalty = np.r_[np.ones(d - 1), 0.0]
-    if kind == "ridge":
+    if kind == "ridge" and n < d - 1:
+        # Fewer samples than features (a wide cut, a 2x2 pool of many channels): the same
+        # ridge solution in the space of the samples, n x n instead of d x d. The features
+        # are centred, so the unpenalised bias is the mean target and drops out.
+        centred_y = y - y.mean(axis=0)
+        kernel = z[:, :-1] @ z[:, :-1].T
+        kernel[np.diag_indices_from(kernel)] += l2 * n
+        w = np.r_[z[:, :-1].T @ np.linalg.solve(kernel, centred_y), y.mean(axis=0)[None]]
+    elif kind == "ridge":
         w = np.linalg.solve(z.T @ z + l2 * n * np.diag(penalty), z.T @ y)
     elif kind == "logistic":
         w = _logistic(z, y, l2, penalty)
