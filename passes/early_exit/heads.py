@@ -30,6 +30,8 @@ from typing import Literal
 
 import numpy as np
 
+from onnxopt.ridge import ridge_in_sample_space
+
 HeadKind = Literal["ridge", "logistic"]
 PoolKind = Literal["avg", "grid"]
 
@@ -117,10 +119,8 @@ def fit_head(features: np.ndarray, targets: np.ndarray, kind: HeadKind = "ridge"
         # Fewer samples than features (a wide cut, a 2x2 pool of many channels): the same
         # ridge solution in the space of the samples, n x n instead of d x d. The features
         # are centred, so the unpenalised bias is the mean target and drops out.
-        centred_y = y - y.mean(axis=0)
-        kernel = z[:, :-1] @ z[:, :-1].T
-        kernel[np.diag_indices_from(kernel)] += l2 * n
-        w = np.r_[z[:, :-1].T @ np.linalg.solve(kernel, centred_y), y.mean(axis=0)[None]]
+        weight, intercept = ridge_in_sample_space(z[:, :-1], y, l2 * n)
+        w = np.r_[weight, intercept[None]]
     elif kind == "ridge":
         w = np.linalg.solve(z.T @ z + l2 * n * np.diag(penalty), z.T @ y)
     elif kind == "logistic":

@@ -42,6 +42,7 @@ from onnxopt.feeds import input_specs
 from onnxopt.passes.prune.capture import LinearView, linear_view
 from onnxopt.passes.prune.runner import LevelRunner, segment
 from onnxopt.progress import progress
+from onnxopt.ridge import ridge_in_sample_space
 from onnxopt.session import batch_within, make_session
 
 logger = logging.getLogger(__name__)
@@ -192,16 +193,11 @@ def _solve_rows(system: _System, ridge: float) -> RefitResult:
     before = float(np.sum(residual ** 2)) / energy
     x = design[:, :inputs]
     lam = _ridge(float(np.sum(x ** 2)), inputs, ridge)
-    x_mean = x.mean(axis=0) if view.fits_bias else 0.0
-    r_mean = residual.mean(axis=0) if view.fits_bias else 0.0
-    centred = x - x_mean
-    kernel = centred @ centred.T
-    kernel[np.diag_indices_from(kernel)] += lam
-    change = centred.T @ np.linalg.solve(kernel, residual - r_mean)
+    change, shift = ridge_in_sample_space(x, residual, lam, intercept=view.fits_bias)
     theta = theta0.copy()
     theta[:inputs] += change
     if view.fits_bias:
-        theta[inputs] += r_mean - x_mean @ change
+        theta[inputs] += shift
     after = float(np.sum((target - design @ theta) ** 2)) / energy
     return _write(system, theta, before, after)
 
