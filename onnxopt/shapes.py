@@ -211,6 +211,7 @@ def concrete_shapes(model: ir.Model,
 
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
         _fix_inputs(proto.graph, inputs)
+        _widen_row_subsets(proto.graph)
         propagate_shape_values(proto)
         return onnx.shape_inference.infer_shapes(proto, data_prop=True)
 
@@ -242,6 +243,35 @@ def _fix_inputs(graph: onnx.GraphProto, inputs: Mapping[str, Dims | None]) -> No
                 dim.dim_param = f"{value.name}_dim{i}"
             else:
                 dim.dim_value = d
+
+
+def _widen_row_subsets(graph: onnx.GraphProto) -> None:
+    """Cost a data-dependent subset of rows as all of them (the worst case).
+
+    ``GatherND(data, Transpose(NonZero(mask)))`` picks the rows of ``data`` whose mask is set
+    (early exit's batched form passes on only the samples that did not exit); their count is
+    known only at run time, so inference leaves it unknown and every cost after it too. In the
+    weightless copy used for inference the pick becomes ``Identity(data)``: every row goes on,
+    as an ``If`` is costed by its costliest branch. The model itself is not changed.
+    """
+    made_by = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type != "GatherND" or len(node.input) != 2:
+            continue
+        if any(a.name == "batch_dims" and a.i != 0 for a in node.attribute):
+            continue
+        transpose = made_by.get(node.input[1])
+        nonzero = made_by.get(transpose.input[0]) if transpose is not None and \
+            transpose.op_type == "Transpose" else None
+        if nonzero is None or nonzero.op_type != "NonZero":
+            continue
+        data = node.input[0]
+        node.op_type = "Identity"
+        del node.input[:]
+        del node.attribute[:]
+        node.input.append(data)
+    for sub in _subgraphs(graph):
+        _widen_row_subsets(sub)
 
 
 def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

@@ -498,3 +498,16 @@ def test_a_fixed_batch_of_two_keeps_the_batched_form(plan, digits_model: Path) -
     build_if_form(model, plan)
     nested = Counter(n.op_type for g in _subgraphs(to_proto(model).graph) for n in g.node)
     assert nested["GatherND"] == nested["ScatterND"] == len(plan.heads)
+
+
+def test_the_batched_form_is_costed_at_its_worst_case(single_file, digits_model: Path) -> None:
+    """The rows a branch gathers are counted as every row: the MACs of the staged model are
+    the full model's plus its heads (an If is costed by its costliest branch)."""
+    from onnxopt.cost import model_cost
+
+    model, result = single_file
+    original = model_cost(load(digits_model)).macs
+    staged = model_cost(model)
+    heads = sum(e["head_macs"] for e in result.stats["exits"])
+    assert staged.macs is not None and not staged.macs_unknown
+    assert original < staged.macs <= original + heads + 1000 * len(result.stats["exits"])
