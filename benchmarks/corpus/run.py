@@ -47,6 +47,11 @@ class CorpusPipeline:
     spec: str
     needs_calib: bool = False
     classifiers_only: bool = False
+    min_calib: int = 0  # calibration samples this pipeline needs whatever --calib-samples says
+
+    def calib_file(self, folder: Path, calib_samples: int) -> Path:
+        """The calibration file of this pipeline (one per sample count)."""
+        return folder / f"calib{max(calib_samples, self.min_calib)}.npz"
 
 
 EXACT_SPEC = "cleanup,fold-bn,fuse-resconv,prune-zero,dead-layers"
@@ -54,8 +59,10 @@ PIPELINES: tuple[CorpusPipeline, ...] = (
     CorpusPipeline("exact", EXACT_SPEC),
     CorpusPipeline("prune", "cleanup,fold-bn,prune(ratio=0.3)", needs_calib=True),
     CorpusPipeline("quantize", "cleanup,fold-bn,quantize", needs_calib=True),
+    # early exit's default promise (agreement >= 0.99 in expectation) needs about 130
+    # threshold samples before it keeps any exit; with fewer every row says "unchanged"
     CorpusPipeline("early-exit", "cleanup,fold-bn,early-exit", needs_calib=True,
-                   classifiers_only=True),
+                   classifiers_only=True, min_calib=256),
 )
 DEFAULT_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -78,23 +85,23 @@ def file_nodes(path: Path) -> int:
 
 
 def cli_command(model: CorpusModel, path: Path, pipeline: CorpusPipeline, folder: Path,
-                out: Path, report: Path) -> list[str]:
+                out: Path, report: Path, calib: Path) -> list[str]:
     """The ``onnxopt`` command line of one run."""
     command = [sys.executable, "-m", "onnxopt", str(path), "-p", pipeline.spec, "-o", str(out),
                "--report", str(report), "--eval", str(folder / "eval.npz"), "-q"]
     if pipeline.needs_calib:
-        command += ["--calib", str(folder / "calib.npz")]
+        command += ["--calib", str(calib)]
     for shape in model.input_shapes:
         command += ["--input-shape", shape]
     return command
 
 
 def api_command(model: CorpusModel, path: Path, pipeline: CorpusPipeline, folder: Path,
-                out: Path, report: Path) -> list[str]:
+                out: Path, report: Path, calib: Path) -> list[str]:
     """The same run through the Python API, one sample per session call (``api_run.py``)."""
     command = [sys.executable, str(Path(__file__).with_name("api_run.py")), model.name,
                str(path), pipeline.spec, str(out), str(report), str(folder / "eval.npz")]
-    return command + ([str(folder / "calib.npz")] if pipeline.needs_calib else [])
+    return command + ([str(calib)] if pipeline.needs_calib else [])
 
 
 def run_cli(command: list[str], timeout: float) -> dict[str, Any]:
@@ -131,7 +138,7 @@ def _tolerance(passes: list[dict[str, Any]]) -> dict[str, float]:
 
 def run_one(model: CorpusModel, path: Path, pipeline: CorpusPipeline, folder: Path,
             arrays: dict[str, np.ndarray], timeout: float, api: bool = False,
-            ) -> dict[str, Any]:
+            calib: Path | None = None) -> dict[str, Any]:
     """One row: the CLI run (or with ``api`` the API run), its report and the independent
     re-check of what it wrote."""
     label = pipeline.label + (" (API)" if api else "")
@@ -139,11 +146,16 @@ def run_one(model: CorpusModel, path: Path, pipeline: CorpusPipeline, folder: Pa
     out, report_path = stem.with_suffix(".onnx"), stem.with_suffix(".json")
     make = api_command if api else cli_command
     row: dict[str, Any] = {"model": model.name, "pipeline": label, "spec": pipeline.spec,
-                           **run_cli(make(model, path, pipeline, folder, out, report_path),
-                                     timeout)}
+                           **run_cli(make(model, path, pipeline, folder, out, report_path,
+                                          calib or folder / "calib.npz"), timeout)}
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         row["passes"] = _passes(report)
+        staged = [p["stats"]["calibration"] for p in report["passes"]
+                  if p["name"] == "early-exit" and p["status"] == "kept"
+                  and (p.get("stats") or {}).get("calibration")]
+        if staged:  # MACs per sample expected from where the samples exit
+            row["expected_macs_ratio"] = staged[-1]["macs_ratio"]
         row["original"], row["final"] = report["original"], report["final"]
         row["tolerance"] = _tolerance(row["passes"])
         multiples = [p["vs_previous"]["noise_multiple"] for p in report["passes"]
@@ -213,27 +225,31 @@ def bench_model(model: CorpusModel, pipelines: list[CorpusPipeline], args: argpa
                  nodes=count_nodes(proto.graph), bytes=path.stat().st_size)
     folder = work / model.name
     folder.mkdir()
+    applicable = [p for p in pipelines if model.classifier or not p.classifiers_only]
     try:
         eval_arrays = make_inputs(model, path, args.eval_samples, seed=1)
-        calib_arrays = make_inputs(model, path, args.calib_samples, seed=2)
+        for pipeline in applicable:
+            calib = pipeline.calib_file(folder, args.calib_samples)
+            if pipeline.needs_calib and not calib.exists():
+                count = max(args.calib_samples, pipeline.min_calib)
+                np.savez(calib, **make_inputs(model, path, count, seed=2))
     except Exception as exc:  # a harness bug, but the other models still run
         log(f"{model.name}: no inputs ({type(exc).__name__}: {exc})")
         return facts, [{"model": model.name, "pipeline": "-", "spec": "", "exit": "no data",
                         "seconds": 0.0, "error": f"{type(exc).__name__}: {exc}"}]
     np.savez(folder / "eval.npz", **eval_arrays)
-    np.savez(folder / "calib.npz", **calib_arrays)
     facts["data"] = {k: [list(v.shape), str(v.dtype)] for k, v in eval_arrays.items()}
     rows = []
-    for pipeline in pipelines:
-        if pipeline.classifiers_only and not model.classifier:
-            continue
+    for pipeline in applicable:
         log(f"{model.name}: onnxopt -p {pipeline.spec}")
-        row = run_one(model, path, pipeline, folder, eval_arrays, args.timeout)
+        calib = pipeline.calib_file(folder, args.calib_samples)
+        row = run_one(model, path, pipeline, folder, eval_arrays, args.timeout, calib=calib)
         log(f"  -> exit {row['exit']} in {row['seconds']:.1f}s {row.get('error', '')}"[:200])
         rows.append(row)
         if model.batch_axes:  # the same through the API, one feed dict per run
             log(f"{model.name}: onnxopt.optimize(..., {pipeline.spec!r}, feed dicts)")
-            row = run_one(model, path, pipeline, folder, eval_arrays, args.timeout, api=True)
+            row = run_one(model, path, pipeline, folder, eval_arrays, args.timeout, api=True,
+                          calib=calib)
             log(f"  -> exit {row['exit']} in {row['seconds']:.1f}s {row.get('error', '')}"[:200])
             rows.append(row)
     if args.onnxsim and onnxsim_available():
@@ -289,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                    "eval_samples": args.eval_samples,
                    "calib_samples": args.calib_samples, "timeout": args.timeout,
                    "pipelines": {p.label: p.spec for p in args.pipelines},
-                   "onnxsim": bool(args.onnxsim and onnxsim_available())},
+                   "onnxsim": bool(args.onnxsim and onnxsim_available()),
+                   "onnxsim_skipped": not args.onnxsim},
         "models": [], "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="onnxopt-corpus-") as tmp:

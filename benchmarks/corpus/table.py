@@ -129,6 +129,8 @@ def summary_table(results: dict[str, Any]) -> str:
         macs = ""
         if row.get("original"):
             macs = _change(row["original"]["macs"], row["final"]["macs"], _num)
+            if row.get("expected_macs_ratio") is not None:
+                macs += f"; expected {row['expected_macs_ratio']:.3f}x"
         error = _worst_exact(row) if row["pipeline"].startswith("exact") else _lossy(row)
         lines.append(_line([row["model"], row["pipeline"], str(row["exit"]), _passes(row),
                             nodes, macs, error, _recheck(row), f"{row['seconds']:.1f}s"]))
@@ -155,6 +157,9 @@ def _errors(results: dict[str, Any]) -> list[str]:
                          f"`{neutral(row['error'])[:300]}`")
         for p in row.get("passes", []):
             if p["status"] in ("rolled back", "crashed", "gate failed") and p.get("message"):
+                first = neutral(p["message"]).splitlines()[0]
+                if first[:80] in neutral(row.get("error") or ""):
+                    continue  # the exit line above already says it
                 lines.append(f"- {row['model']} / {row['pipeline']}: {p['name']} {p['status']}"
                              f": {neutral(p['message']).splitlines()[0][:300]}")
     return lines or ["(none)"]
@@ -215,13 +220,17 @@ def markdown(results: dict[str, Any]) -> str:
         "the CLI's exit code (without "
         "`--strict`, a rolled-back pass still exits 0; its status says so). *nodes* counts "
         "the nodes of the input and output files, subgraphs included. *MACs* are onnxopt's "
-        "per-sample count from its report. *max err vs tolerance*: for the exact pipeline the "
+        "per-sample count from its report (for early exit the worst case, every sample to the "
+        "end, then the expected ratio from where the held-out threshold samples exit). "
+        "*max err vs tolerance*: for the exact pipeline the "
         "worst exact pass against the model before it, with the tolerance onnxopt held it to; "
         "for lossy pipelines the last lossy pass against the original. *re-check*: the "
         "written model and the input model in fresh onnxruntime sessions on the same "
         "evaluation data (exact: within the tolerance above; lossy: SQNR and top-1 "
         "agreement)." + (" The `onnxsim` rows are `onnxsim.simplify()` on the same model."
-                          if c.get("onnxsim") else " onnxsim was not installed."),
+                          if c.get("onnxsim") else
+                          " onnxsim was skipped (`--no-onnxsim`)." if c.get("onnxsim_skipped")
+                          else " onnxsim was not installed."),
         "",
         _counts(results),
         "",
