@@ -218,7 +218,8 @@ class PassManager:
         record = PassRecord(repr(pass_), exact, status, before, 0.0,
                             stats=result.stats,
                             refusals=list(result.refusals), summary=result.summary,
-                            plan=result.plan)
+                            plan=result.plan, promised_agreement=result.promised_agreement,
+                            promise_caveat=result.promise_caveat)
         if result.modified:
             problem = _structural_problem(model) if self.validate else None
             if problem is not None:

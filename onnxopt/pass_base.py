@@ -56,6 +56,10 @@ class PassResult:
         exact: Overrides the pass's declared exactness for this run (e.g. a lossy threshold).
         summary: One line printed under the report table (e.g. the budget a plan met).
         plan: What the pass would do, as text (printed by ``--dry-run``).
+        promised_agreement: Top-1 agreement with the model before the pass that the pass
+            promises on new samples, if it states one; the report notes a validation
+            measurement below it, with ``promise_caveat`` (what the promise does not cover).
+        promise_caveat: See ``promised_agreement``.
     """
 
     modified: bool
@@ -64,6 +68,8 @@ class PassResult:
     exact: bool | None = None
     summary: str | None = None
     plan: str | None = None
+    promised_agreement: float | None = None
+    promise_caveat: str = ""
 
     def refuse(self, where: str, reason: str) -> None:
         """Record a declined rewrite."""

@@ -65,6 +65,8 @@ class PassRecord:
     vs_original: Comparison | None = None
     summary: str | None = None
     plan: str | None = None
+    promised_agreement: float | None = None
+    promise_caveat: str = ""
 
     @property
     def failed(self) -> bool:
@@ -166,6 +168,9 @@ class RunReport:
                 notes.append(f"{r.name}: {r.message}")
             if r.summary and not r.failed:
                 notes.append(f"{r.name}: {r.summary}")
+            missed = _missed_promise(r, self.validated_samples)
+            if missed:
+                notes.append(f"{r.name}: {missed}")
             if r.refusals:
                 reasons: dict[str, int] = {}
                 for ref in r.refusals:
@@ -193,6 +198,17 @@ class RunReport:
             notes.append("max err and agree compare each pass with the stage before it, "
                          "the total with the original")
         return "\n".join(lines + notes + self.messages)
+
+
+def _missed_promise(record: PassRecord, samples: int | None) -> str:
+    """A note when validation measured less agreement than the pass promised, else ''."""
+    promised, measured = record.promised_agreement, record.vs_previous
+    if (promised is None or record.failed or measured is None or measured.agreement is None
+            or measured.agreement >= promised):
+        return ""
+    on = f" on the {plural(samples, 'validation sample')}" if samples else ""
+    return (f"measured agreement {measured.agreement:.3f}{on} is below the promised "
+            f"{promised:g}" + (f": {record.promise_caveat}" if record.promise_caveat else ""))
 
 
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
@@ -232,7 +248,8 @@ def _ratio(new: int | None, old: int | None) -> str:
 def _record_dict(r: PassRecord) -> dict[str, Any]:
     return {
         "name": r.name, "exact": r.exact, "status": r.status.value, "seconds": r.seconds,
-        "message": r.message, "summary": r.summary, "plan": r.plan, "after": asdict(r.after),
+        "message": r.message, "summary": r.summary, "plan": r.plan,
+        "promised_agreement": r.promised_agreement, "after": asdict(r.after),
         "stats": r.stats,
         "refusals": [asdict(x) for x in r.refusals],
         "vs_previous": _comparison_dict(r.vs_previous),

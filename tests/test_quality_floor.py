@@ -41,6 +41,27 @@ class _FlipFirstConv(Pass):
         return PassResult(modified=True)
 
 
+@dataclass(frozen=True)
+class _PromiseOptions:
+    scale: float = option(1.0, within="[-10, 10]")
+    promise: float = option(0.99, within="[0, 1]")
+
+
+@register_pass
+class _PromisingFlip(_FlipFirstConv):
+    """Test-only lossy pass that scales the first Conv weight and promises an agreement."""
+
+    name = "test-floor-promise"
+    description = "test pass that scales the first conv weight and promises an agreement"
+    Options = _PromiseOptions
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        result = super().run(model, ctx)
+        result.promised_agreement = self.options.promise
+        result.promise_caveat = "the test's caveat"
+        return result
+
+
 @register_pass
 class _CrashingPass(Pass):
     name = "test-floor-crash"
@@ -251,3 +272,23 @@ def test_a_sequence_of_class_distributions_is_judged_by_its_argmax_paths():
     assert cmp.agreement == pytest.approx(0.75)
     assert "top-1 agreement 0.7500 is below --min-agreement 0.9" in QualityFloor().violation(cmp)
     assert compare_outputs([probs], [probs * 1.0001], ["probs"]).agreement == 1.0
+
+
+def test_agreement_measured_below_a_pass_promise_is_noted(tmp_path, capsys, digits_model,
+                                                          digits_eval):
+    """The report says so when validation measures less agreement than the pass promised,
+    and is silent when the measurement meets the promise."""
+    out = str(tmp_path / "o.onnx")
+    # x1.5 on the first conv weight changes some answers of the classifier, not most
+    code, text, err = _run(capsys, [str(digits_model), "-p", "test-floor-promise(scale=1.5)",
+                                    "--eval", str(digits_eval), "-o", out])
+    assert code == 0, text + err
+    agreement = float(text.split("test-floor-promise(scale=1.5)")[1].split()[7])
+    assert 0.9 <= agreement < 0.99
+    assert (f"measured agreement {agreement:.3f} on the 512 validation samples is below the "
+            f"promised 0.99: the test's caveat") in text
+    code, text, err = _run(capsys, [str(digits_model), "-p",
+                                    "test-floor-promise(scale=1.5,promise=0.9)",
+                                    "--eval", str(digits_eval), "-o", out])
+    assert code == 0, text + err
+    assert "is below the promised" not in text

@@ -161,6 +161,14 @@ class EarlyExitPass(Pass):
                 f"{plan.guarantee.describe()}; on those held-out samples: agreement "
                 f"{cal.agreement:.4f}, expected MACs {cal.macs_ratio:.3f}x (the MACs column "
                 f"counts the worst case)")
+            result.promised_agreement = plan.guarantee.target
+            result.promise_caveat = (
+                "a promise in expectation holds on average over calibration draws, and a "
+                "single draw can fall short (more calibration samples, unlabelled ones too, "
+                "narrow the spread; confidence=P promises it for a share P of draws)"
+                if plan.guarantee.confidence is None else
+                f"the promise holds for a share {plan.guarantee.confidence:g} of calibration "
+                f"draws, and a few validation samples measure it coarsely")
         for name, reason in plan.dropped.items():
             result.refuse(name, f"exit {reason}; dropped")
         if opts.single_file and not ctx.dry_run:
