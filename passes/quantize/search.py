@@ -122,8 +122,8 @@ def missed(trace: object) -> str:
     got = best.get("agreement") if best.get("agreement") is not None else best.get("sqnr_db")
     want = (targets.get("agreement") if best.get("agreement") is not None
             else targets.get("sqnr_db"))
-    where = (f"with {best.get('float_nodes')} of {trace.get('candidates')} compute nodes "
-             "float" if best else "all int8")
+    where = (f"with {best.get('float_nodes')} of {trace.get('candidates')} candidate "
+             "nodes float" if best else "all int8")
     if best and trace.get("elementwise_float"):
         where += " and the elementwise ops float"
     dynamic = trace.get("score_dynamic_matmul_only")
