@@ -45,7 +45,13 @@ from onnxopt.passes.quantize.dynamic import (
 )
 from onnxopt.passes.quantize.equalize import equalize
 from onnxopt.passes.quantize.fallback import tensor_sqnr
-from onnxopt.passes.quantize.placement import COMPUTE_OPS, SAME, Plan, plan_quantization
+from onnxopt.passes.quantize.placement import (
+    COMPUTE_OPS,
+    PLACEMENT,
+    SAME,
+    Plan,
+    plan_quantization,
+)
 from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
 from onnxopt.passes.quantize.search import missed, search
 from onnxopt.passes.quantize.tensor_stats import TensorStats
@@ -194,8 +200,10 @@ class QuantizePass(Pass):
             notes.append("7-bit weights (reduce_range): this x86 CPU has no VNNI, so 8-bit "
                          "u8*s8 products would saturate in onnxruntime")
         result.summary = "; ".join(notes) or None
+        dynamic = build.dynamic_nodes if build.dynamic else set()
         stats["kept_float"] = [node_label(n) for i, n in enumerate(float_model.graph)
-                               if i in keep_float]
+                               if i in keep_float and n.op_type in PLACEMENT
+                               and i not in dynamic]
         stats["bias_corrections"] = build.last_corrections
         if o.report_sqnr:
             original = {new: old for old, new in rewritten.names.items()}

@@ -62,7 +62,8 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
     if base.meets(targets) or not plan.nodes:
         return set()
     fixed: set[int] = set()
-    every = {p.index for p in plan.nodes}
+    # every node, not only the planned ones: with all of them float, others become plannable
+    every = set(range(len(list(build.float_model.graph))))
     # the last probe, kept in reserve: only the MatMuls int8, dynamically
     last = o.dynamic_matmul is not False and bool(build.dynamic_nodes)
     probes = o.max_probes - int(last)
