@@ -178,7 +178,7 @@ def bench_task(name: str, models: Path, data: Path, work: Path, rounds: int) -> 
                      f"exclude_ops={';'.join(REC_ELEMENTWISE)})", False))
     for label, spec, validate in runs:
         _log(f"{name}: {label}")
-        path = work / f"{name}_{label.replace(' ', '_').replace('=', '')}.onnx"
+        path = work / f"{name}_{label.replace(' ', '_').replace('=', '').replace('/', '_')}.onnx"
         variants[label] = {"path": path}
         variants[label].update(ours(fp32, path, spec, calib, evalset, shape, validate))
     _log(f"{name}: peer")
