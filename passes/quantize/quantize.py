@@ -53,7 +53,7 @@ from onnxopt.passes.quantize.placement import (
     plan_quantization,
 )
 from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
-from onnxopt.passes.quantize.search import missed, search
+from onnxopt.passes.quantize.search import missed, search, static_best
 from onnxopt.passes.quantize.tensor_stats import TensorStats
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,10 @@ class QuantizePass(Pass):
             stats["dynamic_matmul"] = build.last_dynamic
             notes.append(f"{build.last_dynamic} MatMul dynamic int8 (activation range per "
                          "input)")
+            trace = stats.get("fallback")
+            if isinstance(trace, dict) and "score_dynamic_matmul_only" in trace:
+                notes.append("no static int8 model met the quality floor, every other node "
+                             f"stays float ({static_best(trace)})")
         if not plan.nodes and not build.last_dynamic:
             stats["quantized"] = 0
             result.stats = stats

@@ -116,23 +116,36 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
     return None
 
 
+def static_best(trace: dict) -> str:
+    """The best static probe of the search, e.g. ``best probe agreement 0.708 with 16 of 51
+    candidate nodes float``."""
+    best = trace.get("best") or {}
+    where = (f"{best.get('float_nodes')} of {trace.get('candidates')} candidate nodes float"
+             if best else "all int8")
+    if best and trace.get("elementwise_float"):
+        where += " and the elementwise ops float"
+    return f"best probe {_fmt(best)} with {where}"
+
+
 def missed(trace: object) -> str:
     """The refusal when no probe met the targets: the best one and what it aimed for."""
     assert isinstance(trace, dict)
-    best, targets = trace.get("best") or {}, trace.get("targets") or {}
-    got = best.get("agreement") if best.get("agreement") is not None else best.get("sqnr_db")
-    want = (targets.get("agreement") if best.get("agreement") is not None
-            else targets.get("sqnr_db"))
-    where = (f"with {best.get('float_nodes')} of {trace.get('candidates')} candidate "
-             "nodes float" if best else "all int8")
-    if best and trace.get("elementwise_float"):
-        where += " and the elementwise ops float"
+    text = f"int8 stays below the quality floor: {static_best(trace)}"
     dynamic = trace.get("score_dynamic_matmul_only")
     if dynamic:
-        where += (f"; {dynamic.get('agreement') or dynamic.get('sqnr_db')} with only the "
-                  "MatMuls int8 (dynamic)")
-    return (f"int8 stays below the quality floor: best probe {got} {where}, target {want}; "
-            "nothing quantized (see stats 'fallback')")
+        text += f"; {_fmt(dynamic)} with only the MatMuls int8 (dynamic)"
+    return (f"{text}; target {_fmt(trace.get('targets') or {})}; nothing quantized "
+            "(see stats 'fallback')")
+
+
+def _fmt(score: dict) -> str:
+    """``agreement 0.917, SQNR 6.7 dB`` from a score's (or the targets') dict."""
+    parts = []
+    if score.get("agreement") is not None:
+        parts.append(f"agreement {score['agreement']:.3f}")
+    if score.get("sqnr_db") is not None:
+        parts.append(f"SQNR {score['sqnr_db']:.1f} dB")
+    return ", ".join(parts) or "-"
 
 
 def as_read(model: ir.Model, names: dict[str, str]) -> dict[str, str]:
