@@ -126,7 +126,7 @@ def test_last_probe_makes_only_the_matmuls_dynamic_int8(tmp_path: Path) -> None:
     trace = record.stats["fallback"]
     assert trace["reached"] is True and trace["score_dynamic_matmul_only"]["agreement"] >= 0.93
     assert record.stats["dynamic_matmul"] == 1
-    assert "no static int8 model met the quality floor" in record.message
+    assert "no static int8 model met the quality floor" in record.summary
     ops = Counter(n.op_type for n in model.graph)
     assert ops["DynamicQuantizeLinear"] == 1 and ops["MatMulInteger"] == 1
     assert ops["QuantizeLinear"] == 0 and ops["MatMul"] == 0
