@@ -15,9 +15,18 @@ For each of rec, cls and det: the model is upgraded to opset 13 when older
 * ``peer``: onnxruntime ``quantize_static`` QDQ, per-channel, U8 activations, S8 weights,
   MinMax, after ``quant_pre_process`` (``peers.py``), on the same calibration file.
 
+* rec only, ``ours Conv/MatMul only``: ``quantize(fallback=false)`` with the elementwise
+  ops excluded (static int8 into every Conv and MatMul and nothing else), the best static
+  model found by hand.
+
 Reported per model: task agreement with the fp32 model on the evaluation set (rec: exact
 string and character accuracy of the CTC-decoded text; det: pages whose boxes all match
-one-to-one at IoU >= 0.5, and box recall; cls: same angle). For rec also: the same text
+one-to-one at IoU >= 0.5, and box recall; cls: same angle). For rec, a second table splits
+the text agreement by fp32's own confidence (per sample, the smallest top-1 minus top-2
+probability over the time steps) and gives each variant's accuracy against the rendered
+text (``rec_eval_meta.json``), with an ``fp32, input +-1 gray level`` row: fp32 on the
+evaluation crops plus uniform noise of one 8-bit gray level, the change any perturbation of
+that size makes. For rec also: the same text
 up to leading/trailing spaces, and whole per-step argmax paths equal (what a sequence-aware
 score inside the pass could compute without knowing the decoder). Also per row: the integer
 kernels in onnxruntime's optimized graph, and batch-1 latency ratios to fp32 (``latency.measure``:
@@ -58,6 +67,10 @@ INT_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QGemm", "QLinearMatMu
            "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul",
            "QLinearSigmoid", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearAveragePool",
            "QLinearLeakyRelu", "QLinearSoftmax")
+#: fp32 confidence bands of the rec strata table (smallest top-1 minus top-2 probability).
+MARGIN_BANDS = {"< 0.1": (0.0, 0.1), "0.1-0.3": (0.1, 0.3), ">= 0.3": (0.3, 2.0)}
+#: The ops between the recognizer's Conv/MatMul layers (learnable affine, hardswish, SE).
+REC_ELEMENTWISE = ("Add", "Mul", "Sigmoid", "GlobalAveragePool", "Concat", "AveragePool")
 FLOAT_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "MatMul", "FusedMatMul",
              "NhwcFusedConv")
 
@@ -158,11 +171,14 @@ def bench_task(name: str, models: Path, data: Path, work: Path, rounds: int) -> 
     task = Task(name, ocr_task.characters(fp32) if name == "rec" else [])
     shape = SHAPES[name]
     variants: dict[str, dict] = {"fp32": {"path": fp32}}
-    for label, spec, validate in (("ours", "cleanup,fold-bn,quantize", True),
-                                  ("ours fallback=false",
-                                   "cleanup,fold-bn,quantize(fallback=false)", False)):
+    runs = [("ours", "cleanup,fold-bn,quantize", True),
+            ("ours fallback=false", "cleanup,fold-bn,quantize(fallback=false)", False)]
+    if name == "rec":
+        runs.append(("ours Conv/MatMul only", "cleanup,fold-bn,quantize(fallback=false,"
+                     f"exclude_ops={';'.join(REC_ELEMENTWISE)})", False))
+    for label, spec, validate in runs:
         _log(f"{name}: {label}")
-        path = work / f"{name}_{label.replace(' ', '_').replace('=', '')}.onnx"
+        path = work / f"{name}_{label.replace(' ', '_').replace('=', '').replace('/', '_')}.onnx"
         variants[label] = {"path": path}
         variants[label].update(ours(fp32, path, spec, calib, evalset, shape, validate))
     _log(f"{name}: peer")
@@ -188,9 +204,16 @@ def bench_task(name: str, models: Path, data: Path, work: Path, rounds: int) -> 
             v["task"]["argmax_path"] = float(np.mean(
                 np.all(out.argmax(-1) == ref.argmax(-1), axis=1)))
         v["kernels"] = kernels(v["path"], work)
-        _log(f"  {label}: {v['task']} {v['kernels']}")
+        if name == "rec":
+            v["strata"] = rec_strata(out, ref, data, task.chars)
+        _log(f"  {label}: {v['task']} {v['kernels']} {v.get('strata', '')}")
+    if name == "rec":
+        noisy = xe + _gray_level_noise(xe)
+        variants["fp32, input +-1 gray level"] = {"strata": rec_strata(
+            run_all(fp32, noisy), ref, data, task.chars)}
     x1 = xe[:1]
-    sessions = {label: latency.bench_session(str(v["path"])) for label, v in variants.items()}
+    sessions = {label: latency.bench_session(str(v["path"])) for label, v in variants.items()
+                if "path" in v}
     sessions["fp32 (A/A)"] = latency.bench_session(str(fp32))  # the run's noise floor
     variants["fp32 (A/A)"] = {"path": fp32, "task": variants["fp32"]["task"],
                               "kernels": variants["fp32"]["kernels"]}
@@ -198,6 +221,58 @@ def bench_task(name: str, models: Path, data: Path, work: Path, rounds: int) -> 
         variants[label]["latency"] = st.to_dict()
     return {"model": src.name, "opset": opset, "n_eval": len(xe), "n_calib": len(xc),
             "variants": variants}
+
+
+def _gray_level_noise(x: np.ndarray, levels: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Uniform noise of +-``levels`` 8-bit gray levels in the normalized units, zero on the
+    zero padding (``(p / 255 - 0.5) / 0.5``: one level is 2/255)."""
+    rng = np.random.default_rng(seed)
+    inked = (x != 0).any(axis=1, keepdims=True)
+    return (rng.uniform(-levels, levels, x.shape) * (2 / 255) * inked).astype(np.float32)
+
+
+def rec_strata(out: np.ndarray, ref: np.ndarray, data: Path, chars: list[str]) -> dict:
+    """Text agreement with fp32 split by fp32's confidence, and accuracy against the truth.
+
+    fp32's confidence in a sample is its smallest top-1 minus top-2 probability over the
+    time steps (a near tie anywhere can change the text).
+    """
+    top = np.sort(ref, axis=-1)
+    margin = (top[..., -1] - top[..., -2]).min(axis=1)
+    want, got = ocr_task.ctc_decode(ref, chars), ocr_task.ctc_decode(out, chars)
+    truth = json.loads((data / "rec_eval_meta.json").read_text())
+    same = np.array([g == w for g, w in zip(got, want, strict=True)])
+    right = np.array([w == t for w, t in zip(want, truth, strict=True)])
+    res: dict[str, object] = {"agree": float(same.mean())}
+    for key, (lo, hi) in MARGIN_BANDS.items():
+        band = (margin >= lo) & (margin < hi)
+        res[key] = [float(same[band].mean()) if band.any() else None, int(band.sum())]
+    res["fp32_right"] = [float(same[right].mean()) if right.any() else None, int(right.sum())]
+    res["truth_exact"] = float(np.mean([g == t for g, t in zip(got, truth, strict=True)]))
+    res["truth_char"] = ocr_task.char_accuracy(got, truth)
+    return res
+
+
+def strata_table(results: dict[str, dict]) -> str:
+    """The rec table of :func:`rec_strata`, one row per variant."""
+    res = results.get("rec")
+    if not res:
+        return ""
+    bands = " | ".join(f"fp32 margin {k}" for k in MARGIN_BANDS)
+    lines = ["\n### rec: text agreement by fp32's confidence, and accuracy against the "
+             "rendered text\n",
+             f"| variant | same text as fp32 | {bands} | on texts fp32 reads right | "
+             "exact vs truth | char accuracy vs truth |",
+             "|---|---|" + "---|" * len(MARGIN_BANDS) + "---|---|---|"]
+    for label, v in res["variants"].items():
+        st = v.get("strata")
+        if not st or label == "fp32 (A/A)":
+            continue
+        cells = [f"{st[k][0]:.3f} ({st[k][1]})" if st[k][0] is not None else f"- ({st[k][1]})"
+                 for k in (*MARGIN_BANDS, "fp32_right")]
+        lines.append(f"| {label} | {st['agree']:.3f} | {' | '.join(cells)} | "
+                     f"{st['truth_exact']:.3f} | {st['truth_char']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt_task(t: dict) -> str:
@@ -211,6 +286,8 @@ def table(results: dict[str, dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         for label, v in res["variants"].items():
+            if "task" not in v:
+                continue
             k = v.get("kernels", {})
             ints = ", ".join(f"{op} {n}" for op, n in k.items() if op in INT_OPS) or "-"
             flo = ", ".join(f"{op} {n}" for op, n in k.items() if op in FLOAT_OPS) or "-"
@@ -249,12 +326,22 @@ def details(results: dict[str, dict]) -> str:
             if trace:
                 probes = [(p["float_nodes"], p["agreement"], p["sqnr_db"])
                           for p in trace.get("probes", [])]
+                kept = stats.get("kept_float") or []
+                kept_text = (", ".join(kept) if len(kept) <= 12 else
+                             f"{len(kept)} nodes, of them "
+                             f"{sum(k.split()[0] in ('Conv', 'MatMul', 'Gemm') for k in kept)} "
+                             "Conv/MatMul/Gemm")
                 out.append(f"- {label}: all-int8 scored {trace.get('score_all_quantized')} "
                            f"on the calibration samples against {trace.get('targets')}; "
-                           f"probes (float nodes, agreement, SQNR dB): {probes or 'none'}; "
+                           f"only compute ops int8: {trace.get('score_compute_only', '-')}; "
+                           f"probes (float nodes of {trace.get('candidates', '-')}, "
+                           f"agreement, SQNR dB): {probes or 'none'}; "
+                           f"only the MatMuls int8, dynamic: "
+                           f"{trace.get('score_dynamic_matmul_only', '-')}; "
                            f"reached: {trace.get('reached', 'met without fallback')}; "
-                           f"kept float: {stats.get('kept_float') or 'none'}; "
-                           f"quantized nodes: {stats.get('quantized')}")
+                           f"kept float: {kept_text or 'none'}; "
+                           f"static int8 nodes: {stats.get('quantized')}, dynamic MatMuls: "
+                           f"{stats.get('dynamic_matmul', 0)}")
             if v.get("message"):
                 out.append(f"- {label}: {v['message']}")
             if v.get("note"):
@@ -272,7 +359,7 @@ def markdown(results: dict[str, dict], info: dict, end_load: str) -> str:
             f"Task agreement is with the fp32 model's own answer on the evaluation set; "
             f"latency is batch 1, 2 intra-op threads, median of interleaved paired ratios "
             f"[quartiles], with an fp32 A/A row as the noise floor.\n\n")
-    return head + table(results) + "\n" + details(results) + "\n"
+    return head + table(results) + "\n" + strata_table(results) + details(results) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,17 @@
 """Realistic inputs for the corpus models: photos, rendered text, speech-like audio, file bytes.
 
 No data set is downloaded. Photos are random crops of the two photographs matplotlib ships as
-sample data (the bench and test extras install matplotlib); text is rendered with Pillow's
-built-in font and preprocessed as RapidOCR does (BGR, ``(x / 255 - 0.5) / 0.5``, right-padded
-with zeros); audio is a synthetic voiced signal (harmonics of a moving pitch shaped by vowel
-formants, in syllables separated by pauses and background noise) streamed through the silero
-model itself, so the recurrent state fed with each chunk is the state the model really carries
-there; file bytes are real files of this repository and of matplotlib's sample data, cut into
-magika's beginning/end features. Every generator is deterministic for a seed (up to the
-library versions that render the font and decode the photos).
+sample data (the bench and test extras install matplotlib); the OCR models' text lines and
+pages come from ``ocr_task`` (random Latin strings of the recognizer's dictionary in DejaVu
+fonts, blurred and noisy), preprocessed as RapidOCR does (BGR, ``(x / 255 - 0.5) / 0.5``,
+lines right-padded with zeros); the document-orientation pages are lines in Pillow's
+built-in font on paper or a pale photo; audio is a synthetic voiced signal (harmonics of a
+moving pitch shaped by vowel formants, in syllables separated by pauses and background noise)
+streamed through the silero model itself, so the recurrent state fed with each chunk is the
+state the model really carries there; file bytes are real files of this repository and of
+matplotlib's sample data, cut into magika's beginning/end features. Every generator is
+deterministic for a seed (up to the library versions that render the fonts and decode the
+photos).
 
 Arrays have the sample axis first, except where the model's ``batch_axes`` say otherwise.
 """
@@ -16,12 +19,14 @@ Arrays have the sample axis first, except where the model's ``batch_axes`` say o
 from __future__ import annotations
 
 import functools
+import string
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.corpus import ocr_task
 from benchmarks.corpus.models import CorpusModel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,37 +132,26 @@ def _text_line(rng: np.random.Generator, font_size: int):
     return image
 
 
-def _ocr_normalise(images: np.ndarray) -> np.ndarray:
-    """RGB uint8 ``[n, h, w, 3]`` -> BGR ``(x / 255 - 0.5) / 0.5`` NCHW float32."""
-    x = images[..., ::-1].astype(np.float32) / 255
-    return np.ascontiguousarray(((x - 0.5) / 0.5).transpose(0, 3, 1, 2))
-
-
-def _ocr_lines(rng: np.random.Generator, n: int, height: int, width: int,
-               flip: bool) -> np.ndarray:
-    """Text lines resized to ``height``, right-padded with zeros to ``width`` (RapidOCR's
-    rec/cls preprocessing); with ``flip`` half of them are upside down."""
-    from PIL import Image
-
-    out = np.zeros((n, 3, height, width), np.float32)
-    for i in range(n):
-        line = _text_line(rng, int(rng.integers(18, 40)))
-        if flip and rng.random() < 0.5:
-            line = line.rotate(180)
-        w = min(width, max(1, int(np.ceil(height * line.size[0] / line.size[1]))))
-        resized = np.asarray(line.resize((w, height), Image.Resampling.BILINEAR))
-        out[i, :, :, :w] = _ocr_normalise(resized[None])[0]
-    return out
+def _ocr_renderer(path: Path, rng: np.random.Generator) -> ocr_task.Renderer:
+    """The OCR text renderer, over the model's dictionary when it has one (the recognizer)."""
+    try:
+        chars = ocr_task.characters(path)
+    except ValueError:  # the detector and the classifier carry none: Latin and digits
+        chars = list(string.ascii_letters + string.digits + string.punctuation)
+    return ocr_task.Renderer(chars, rng)
 
 
 def ocr_line_48x320(path: Path, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Text lines for the recognizer (3x48x320)."""
-    return {_input_names(path)[0]: _ocr_lines(rng, n, 48, 320, flip=False)}
+    """Text lines for the recognizer (3x48x320), RapidOCR's preprocessing (``ocr_task``)."""
+    x, _, _ = ocr_task.text_lines(_ocr_renderer(path, rng), n, 48, 320, bgr=True)
+    return {_input_names(path)[0]: x}
 
 
 def ocr_line_48x192(path: Path, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Text lines for the direction classifier (3x48x192), half of them turned 180 degrees."""
-    return {_input_names(path)[0]: _ocr_lines(rng, n, 48, 192, flip=True)}
+    """Text lines for the direction classifier (3x48x192), every second one turned 180
+    degrees."""
+    x, _, _ = ocr_task.text_lines(_ocr_renderer(path, rng), n, 48, 192, turn=True, bgr=True)
+    return {_input_names(path)[0]: x}
 
 
 def _page(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -181,9 +175,9 @@ def _page(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def ocr_page_320(path: Path, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """320x320 document crops for the text detector."""
-    pages = np.stack([_page(rng, 320) for _ in range(n)])
-    return {_input_names(path)[0]: _ocr_normalise(pages)}
+    """320x320 pages of text lines for the text detector (``ocr_task``)."""
+    x, _ = ocr_task.text_pages(_ocr_renderer(path, rng), n, 320, bgr=True)
+    return {_input_names(path)[0]: x}
 
 
 def doc_orientation_224(path: Path, n: int,

@@ -6,6 +6,11 @@ rapidocr 1.4.4 (``config.yaml`` and ``ch_ppocr_*``): pixels ``(x / 255 - 0.5) / 
 recognizer takes a crop resized to 48 px height keeping its aspect ratio, right-padded with
 zeros to 320 px; the angle classifier the same at 48x192; the detector a page whose sides are
 multiples of 32. Pillow's bilinear resize stands in for ``cv2.resize`` (also bilinear).
+rapidocr feeds the BGR images cv2 decodes: ``bgr=True`` does the same (the corpus inputs,
+``inputs.py``, use it); the sets this script writes keep RGB order, the order the recorded
+``ocr_quantize`` results were measured on (the text is near-gray, so the two differ little).
+The same renderer serves ``inputs.py``'s OCR generators (:func:`text_lines`,
+:func:`text_pages`).
 
 Task answers (what the OCR pipeline uses from each output):
 
@@ -201,10 +206,11 @@ def _fonts() -> tuple[list[Path], list[Path]]:
 class Renderer:
     """Draws random text lines and pages from the dictionary's Latin/digit (and CJK) subset."""
 
-    def __init__(self, chars: Sequence[str], seed: int) -> None:
+    def __init__(self, chars: Sequence[str], seed: int | np.random.Generator) -> None:
         from PIL import ImageFont
 
-        self.rng = np.random.default_rng(seed)
+        self.rng = (seed if isinstance(seed, np.random.Generator)
+                    else np.random.default_rng(seed))
         latin, cjk = _fonts()
         self.latin = [ImageFont.truetype(str(p), 32) for p in latin]
         self.latin_paths = latin
@@ -312,11 +318,15 @@ class Renderer:
 
 
 # ---------------------------------------------------------------- preprocessing
-def _normalize(img: np.ndarray) -> np.ndarray:
+def normalize(img: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """RGB uint8 ``[h, w, 3]`` -> ``(x / 255 - 0.5) / 0.5`` CHW float32 (channels reversed
+    with ``bgr``, as rapidocr feeds the images cv2 decodes)."""
+    if bgr:
+        img = img[..., ::-1]
     return ((img.astype(np.float32).transpose(2, 0, 1) / 255.0) - 0.5) / 0.5
 
 
-def resize_norm(img: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_norm(img: np.ndarray, height: int, width: int, bgr: bool = False) -> np.ndarray:
     """rapidocr's rec/cls ``resize_norm_img``: fixed height, aspect kept, zero right-padding."""
     from PIL import Image
 
@@ -324,8 +334,38 @@ def resize_norm(img: np.ndarray, height: int, width: int) -> np.ndarray:
     resized_w = min(width, int(math.ceil(height * w / float(h))))
     resized = np.asarray(Image.fromarray(img).resize((resized_w, height), Image.BILINEAR))
     out = np.zeros((3, height, width), dtype=np.float32)
-    out[:, :, :resized_w] = _normalize(resized)
+    out[:, :, :resized_w] = normalize(resized, bgr)
     return out
+
+
+def text_lines(renderer: Renderer, n: int, height: int, width: int, *, turn: bool = False,
+               bgr: bool = False) -> tuple[np.ndarray, list[str], list[int]]:
+    """``n`` rendered lines preprocessed for a ``height`` x ``width`` rec/cls input.
+
+    With ``turn`` every second line is turned 180 degrees (the angle classifier's task).
+
+    Returns:
+        The ``[n, 3, height, width]`` inputs, the texts and the angles (0 or 180).
+    """
+    x, texts, angles = [], [], []
+    for i in range(n):
+        img, text = renderer.crop(max_ratio=width / height)
+        angle = 180 if turn and i % 2 else 0
+        x.append(resize_norm(img[::-1, ::-1].copy() if angle else img, height, width, bgr))
+        texts.append(text)
+        angles.append(angle)
+    return np.stack(x).astype(np.float32), texts, angles
+
+
+def text_pages(renderer: Renderer, n: int, size: int, *,
+               bgr: bool = False) -> tuple[np.ndarray, list[list[str]]]:
+    """``n`` pages of ``size`` x ``size`` for the detector, and the lines on each."""
+    x, lines = [], []
+    for _ in range(n):
+        img, page_lines = renderer.page(size)
+        x.append(normalize(img, bgr))
+        lines.append(page_lines)
+    return np.stack(x).astype(np.float32), lines
 
 
 def make_sets(rec_model: str | Path, out_dir: Path, n_calib: int, n_eval: int) -> dict[str, Path]:
@@ -344,11 +384,8 @@ def make_sets(rec_model: str | Path, out_dir: Path, n_calib: int, n_eval: int) -
             cls.append(resize_norm(img[::-1, ::-1].copy() if angle else img,
                                    CLS_HEIGHT, CLS_WIDTH))
             angles.append(angle)
-        det, pages = [], []
-        for _ in range(max(8, n // 2)):  # pages are 50x a crop's pixels: half as many
-            img, lines = r.page(DET_SIZE)
-            det.append(_normalize(img))
-            pages.append(lines)
+        # pages are 50x a crop's pixels: half as many
+        det, pages = text_pages(r, max(8, n // 2), DET_SIZE)
         for task, arr, meta in (("rec", rec, texts), ("cls", cls, angles), ("det", det, pages)):
             path = out_dir / f"{task}_{split}.npz"
             np.savez(path, x=np.stack(arr).astype(np.float32))

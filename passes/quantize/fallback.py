@@ -16,9 +16,14 @@
   readers see it (after its QuantizeLinear/DequantizeLinear) and its SQNR averaged over
   channels: the error the node adds with its weights and its output's quantization. The
   report's per-node SQNR is the same streamed sum over whole tensors.
-* Fallback: keep the ``k`` most sensitive nodes float for ``k = 1, 2, 4, ...`` (a few probes,
-  each one build and one scoring run) until the score meets the targets. When no probe does,
-  the pass quantizes nothing: an int8 model below the floor is never handed back.
+* Fallback, in two stages (each probe is one build and one scoring run). First, when the
+  all-int8 model misses the targets, only the compute ops (Conv, Gemm, MatMul) keep int8
+  inputs: the elementwise ops, pools and activations between them stay float, which removes
+  most requantizations at little cost in speed (onnxruntime still runs every compute op as
+  an integer kernel). Then the ``k`` most sensitive compute nodes stay float, ``k`` found
+  by doubling and then bisecting (:func:`choose_float_nodes`). When no probe meets the
+  targets, the pass quantizes nothing and reports the best probe: an int8 model below the
+  floor is never handed back.
 """
 
 from __future__ import annotations
@@ -98,6 +103,10 @@ class Score:
         if self.agreement is not None and self.agreement < targets.min_agreement:
             return False
         return self.sqnr_db >= targets.min_sqnr_db
+
+    def rank_key(self) -> tuple[float, float]:
+        """Orders scores from worse to better: agreement first, then SQNR."""
+        return (self.agreement if self.agreement is not None else 1.0, self.sqnr_db)
 
     def to_dict(self) -> dict[str, float | None]:
         """For the report (an SQNR without noise, or without such outputs, is None)."""
@@ -232,34 +241,57 @@ def rank_by_added_error(nodes: Sequence[tuple[int, ir.Node, Sequence[int]]],
 def choose_float_nodes(order: list[int], build: Callable[[set[int]], ir.Model],
                        ref: EvalData, targets: Targets, base: Score, max_nodes: int,
                        max_probes: int) -> tuple[set[int] | None, dict[str, object]]:
-    """Keep the fewest of the most sensitive nodes float so that the score meets the targets.
+    """Keep few of the most sensitive nodes float so that the score meets the targets.
+
+    The float set grows along ``order`` by doubling (``k = 1, 2, 4, ...`` up to the cap),
+    then, once a ``k`` meets the targets, bisects between it and the last ``k`` that did not,
+    while probes remain: about ``2 log2(cap)`` probes find the smallest ``k`` that meets them
+    (assuming the score rises with ``k``, which it does on the whole but not at every step).
 
     Args:
         order: Candidate node indices, most sensitive first.
         build: Builds the quantized model with the given indices kept float.
         ref: Float reference outputs.
         targets: What to reach.
-        base: The all-int8 model's score (below the targets).
+        base: The starting model's score (below the targets).
         max_nodes: Most nodes to keep float.
         max_probes: Most models to build and score.
 
     Returns:
         The indices to keep float, or None when no probe met the targets, and a trace for
-        the report.
+        the report (every probe, and the best one).
     """
     steps: list[dict[str, object]] = []
     trace: dict[str, object] = {"score_all_quantized": base.to_dict(),
-                                "targets": targets.to_dict(),
+                                "targets": targets.to_dict(), "candidates": len(order),
                                 "ranking": order[:max_nodes], "probes": steps}
-    k, chosen, cap = 1, None, min(max_nodes, len(order))
-    while k <= cap and len(steps) < max_probes:
-        kept = set(order[:k])
-        value = score(build(kept), ref)
-        steps.append({"float_nodes": k, **value.to_dict()})
+    cap = min(max_nodes, len(order))
+    best = base.rank_key(), {"float_nodes": 0, **base.to_dict()}
+
+    def meets(k: int) -> bool:
+        nonlocal best
+        value = score(build(set(order[:k])), ref)
+        step = {"float_nodes": k, **value.to_dict()}
+        steps.append(step)
         logger.info("fallback: %d nodes float -> %s", k, value)
-        if value.meets(targets):
-            chosen = kept
+        key = value.rank_key()
+        if key > best[0]:
+            best = key, step
+        return value.meets(targets)
+
+    low, high, k = 0, None, 1  # low: most float nodes known to miss; high: fewest to meet
+    while k <= cap and len(steps) < max_probes:
+        if meets(k):
+            high = k
             break
+        low = k
         k = min(2 * k, cap) if k < cap else cap + 1
-    trace["reached"] = chosen is not None
-    return chosen, trace
+    while high is not None and high - low > 1 and len(steps) < max_probes:
+        mid = (low + high) // 2
+        if meets(mid):
+            high = mid
+        else:
+            low = mid
+    trace["best"] = best[1]
+    trace["reached"] = high is not None
+    return (set(order[:high]) if high is not None else None), trace

@@ -9,9 +9,11 @@ Steps, each in its own module:
 4. rewrite: Q/DQ nodes, int8 weights, int32 biases (:mod:`.rewrite`, :mod:`.scheme`);
 5. optional bias correction of each layer's expected output shift (:mod:`.bias_correction`);
 6. the fallback (on by default): the int8 model is scored against the run's quality floor
-   on the calibration samples and its most sensitive nodes stay float until it clears it,
-   or nothing is quantized; and the per-node SQNR report (:mod:`.fallback`). A node that
-   stays float is kept where onnxruntime cannot re-fuse it (:mod:`.refusion`).
+   on the calibration samples; below it the elementwise ops, then the most sensitive nodes
+   stay float, and last only the MatMuls are tried as dynamic int8 (:mod:`.dynamic`),
+   until it clears it, or nothing is quantized (:mod:`.search`, :mod:`.fallback`); and the
+   per-node SQNR report. A node that stays float is kept where onnxruntime cannot re-fuse
+   it (:mod:`.refusion`).
 
 The arithmetic of each step is stated at the top of its module.
 """
@@ -36,17 +38,22 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register
 from onnxopt.passes.quantize.bias_correction import correct_biases
 from onnxopt.passes.quantize.calibration import calibrate, group_params
 from onnxopt.passes.quantize.cpu import int8_pairs_saturate
-from onnxopt.passes.quantize.equalize import equalize
-from onnxopt.passes.quantize.fallback import (
-    Targets,
-    choose_float_nodes,
-    rank_by_added_error,
-    reference,
-    score,
-    tensor_sqnr,
+from onnxopt.passes.quantize.dynamic import (
+    DYNAMIC_OPSET,
+    dynamic_candidate,
+    quantize_dynamic_matmuls,
 )
-from onnxopt.passes.quantize.placement import COMPUTE_OPS, SAME, Plan, plan_quantization
+from onnxopt.passes.quantize.equalize import equalize
+from onnxopt.passes.quantize.fallback import tensor_sqnr
+from onnxopt.passes.quantize.placement import (
+    COMPUTE_OPS,
+    PLACEMENT,
+    SAME,
+    Plan,
+    plan_quantization,
+)
 from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
+from onnxopt.passes.quantize.search import missed, search, static_best
 from onnxopt.passes.quantize.tensor_stats import TensorStats
 
 logger = logging.getLogger(__name__)
@@ -74,7 +81,8 @@ class QuantizeOptions:
         equalize: Cross-layer equalization before calibration.
         bias_correction: Correct each layer's expected output shift after quantization.
         fallback: Score the int8 model on the calibration samples against the quality
-            floor the run applies (plus a margin) and keep its most sensitive nodes float
+            floor the run applies (plus a margin); when it misses, keep the elementwise ops
+            float (int8 only into Conv/Gemm/MatMul), then its most sensitive compute nodes,
             until it clears it; when it cannot, quantize nothing (:mod:`.fallback`).
         target: The top-1 (or per-sequence argmax path) agreement the fallback aims for,
             instead of the floor's plus its margin.
@@ -88,9 +96,17 @@ class QuantizeOptions:
         calib_samples: Cap on calibration samples (None = all).
         batch_size: Calibration batch size when the batch axis is dynamic.
         bins: Histogram bins per tensor.
-        max_float_nodes: Most nodes the fallback may keep float.
-        max_probes: Most candidate models the fallback builds and scores
-            (``k = 1, 2, 4, ...`` nodes float).
+        dynamic_matmul: MatMuls with a constant weight get int8 with their activation's
+            range measured on each input at run time (DynamicQuantizeLinear + MatMulInteger,
+            fused by onnxruntime into DynamicQuantizeMatMul; :mod:`.dynamic`) instead of a
+            calibrated QuantizeLinear. None: only as the fallback's last probe, every other
+            node float, when no static int8 model meets the floor. True: always. False: never.
+        max_float_nodes: Most nodes the fallback may keep float (None: half of the
+            candidates, at least 8; the search would otherwise end at a model that is
+            mostly float).
+        max_probes: Most candidate models the fallback builds and scores (the model with
+            only compute ops int8, then ``k = 1, 2, 4, ...`` nodes float, then a bisection
+            between the last two ``k``).
         report_sqnr: Measure the per-node SQNR for the report (one more calibration run).
         sqnr_samples: Samples for the per-node SQNR (report and the fallback's ranking).
         score_samples: Samples the fallback scores the int8 model on.
@@ -107,11 +123,12 @@ class QuantizeOptions:
     target: float | None = option(None, within="[0, 1]")
     exclude_nodes: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
+    dynamic_matmul: bool | None = None
     calib_samples: int | None = option(None, within="[1, inf)")
     batch_size: int = option(16, within="[1, inf)")
     bins: int = option(2048, within="[2, inf)")
-    max_float_nodes: int = option(8, within="[0, inf)")
-    max_probes: int = option(4, within="[0, inf)")
+    max_float_nodes: int | None = option(None, within="[0, inf)")
+    max_probes: int = option(10, within="[0, inf)")
     report_sqnr: bool = True
     sqnr_samples: int = option(8, within="[1, inf)")
     score_samples: int = option(64, within="[1, inf)")
@@ -152,14 +169,13 @@ class QuantizePass(Pass):
         if o.equalize:
             stats["equalized_pairs"] = equalize(model.graph, result)
         float_model = clone_model(model)
-        build = _Builder(self, ctx, float_model, opset, per_channel)
+        build = Builder(self, ctx, float_model, opset, per_channel)
         keep_float: set[int] = set()
+        build.dynamic = bool(o.dynamic_matmul)
         if o.fallback:
-            chosen = _fallback(build, ctx, o, stats)
+            chosen = search(build, ctx, o, stats)
             if chosen is None:
-                result.refuse("model", "int8 stays below the quality floor with up to "
-                              f"{o.max_float_nodes} of its most sensitive nodes float; "
-                              "nothing quantized (see stats 'fallback')")
+                result.refuse("model", missed(stats["fallback"]))
                 notes.append("not quantized: int8 stays below the quality floor")
                 result.stats = stats
                 result.modified = bool(stats.get("equalized_pairs")) or opset != found
@@ -167,7 +183,15 @@ class QuantizePass(Pass):
                 return result
             keep_float = chosen
         plan, rewritten = build(model, keep_float, result)
-        if not plan.nodes:
+        if build.dynamic:
+            stats["dynamic_matmul"] = build.last_dynamic
+            notes.append(f"{build.last_dynamic} MatMul dynamic int8 (activation range per "
+                         "input)")
+            trace = stats.get("fallback")
+            if isinstance(trace, dict) and "score_dynamic_matmul_only" in trace:
+                notes.append("no static int8 model met the quality floor, every other node "
+                             f"stays float ({static_best(trace)})")
+        if not plan.nodes and not build.last_dynamic:
             stats["quantized"] = 0
             result.stats = stats
             result.modified = bool(stats.get("equalized_pairs")) or opset != found
@@ -180,8 +204,10 @@ class QuantizePass(Pass):
             notes.append("7-bit weights (reduce_range): this x86 CPU has no VNNI, so 8-bit "
                          "u8*s8 products would saturate in onnxruntime")
         result.summary = "; ".join(notes) or None
+        dynamic = build.dynamic_nodes if build.dynamic else set()
         stats["kept_float"] = [node_label(n) for i, n in enumerate(float_model.graph)
-                               if i in keep_float]
+                               if i in keep_float and n.op_type in PLACEMENT
+                               and i not in dynamic]
         stats["bias_corrections"] = build.last_corrections
         if o.report_sqnr:
             original = {new: old for old, new in rewritten.names.items()}
@@ -197,7 +223,7 @@ class QuantizePass(Pass):
         return result
 
 
-class _Builder:
+class Builder:
     """Plans, calibrates (once, cached), rewrites and bias-corrects one model."""
 
     def __init__(self, pass_: QuantizePass, ctx: PassContext, float_model: ir.Model,
@@ -213,6 +239,14 @@ class _Builder:
         self.excl = {"exclude_nodes": set(self.o.exclude_nodes),
                      "exclude_ops": set(self.o.exclude_ops)}
         self.last_corrections: dict[str, float] = {}
+        #: Whether builds make the MatMuls of :attr:`dynamic_nodes` dynamic int8.
+        self.dynamic = False
+        self.dynamic_nodes = {
+            i for i, n in enumerate(float_model.graph)
+            if dynamic_candidate(n) and opset >= DYNAMIC_OPSET
+            and n.name not in self.excl["exclude_nodes"] and n.op_type not in self.excl[
+                "exclude_ops"]}
+        self.last_dynamic = 0
 
     def model(self, keep_float: set[int]) -> ir.Model:
         """A quantized copy of the float model with ``keep_float`` left float."""
@@ -228,9 +262,21 @@ class _Builder:
                  ) -> tuple[Plan, Rewritten]:
         o, ctx = self.o, self.ctx
         assert ctx.calib is not None
-        plan = plan_quantization(model.graph, self.opset, result, keep_float=keep_float,
-                                 **self.excl)
+        dynamic = self.dynamic_nodes if self.dynamic else set()
+        nodes = list(model.graph)
+        planned = PassResult(False)
+        plan = plan_quantization(model.graph, self.opset, planned,
+                                 keep_float=keep_float | dynamic, **self.excl)
+        labels = {node_label(nodes[i]) for i in dynamic}
+        for refusal in planned.refusals:  # a dynamic MatMul is not "kept float"
+            if refusal.where not in labels:
+                result.refusals.append(refusal)
+        self.last_dynamic = 0
         if not plan.nodes:
+            if dynamic:
+                self.last_dynamic = quantize_dynamic_matmuls(
+                    model.graph, [nodes[i] for i in sorted(dynamic)],
+                    reduce_range=self.reduce_range)
             return plan, Rewritten()
         missing = [n for n in plan.tensors if n not in self.stats]
         if missing:
@@ -249,68 +295,10 @@ class _Builder:
                 model, rewritten.bias_sites, ctx.calib, batch_size=o.batch_size,
                 limit=o.calib_samples, input_shapes=ctx.input_shapes,
                 show_progress=ctx.progress)
+        if dynamic:
+            self.last_dynamic = quantize_dynamic_matmuls(
+                model.graph, [nodes[i] for i in sorted(dynamic)], reduce_range=self.reduce_range)
         return plan, rewritten
-
-
-def _fallback(build: _Builder, ctx: PassContext, o: QuantizeOptions,
-              stats: dict[str, object]) -> set[int] | None:
-    """Nodes to keep float so that the result meets the quality floor (:mod:`.fallback`).
-
-    Returns:
-        Graph-order indices to keep float (empty when the all-int8 model meets the
-        targets), or None when no probe met them.
-    """
-    assert ctx.calib is not None
-    shapes = ctx.input_shapes
-    ref = reference(build.float_model, ctx.calib, limit=o.score_samples,
-                    batch_size=o.batch_size, input_shapes=shapes)
-    targets = Targets.from_floor(ctx.quality_floor, o.target)
-    all_int8, plan, rewritten = build.copy(set())
-    base = score(all_int8, ref)
-    trace: dict[str, object] = {"score_all_quantized": base.to_dict(),
-                                "targets": targets.to_dict()}
-    stats["fallback"] = trace
-    if base.meets(targets) or not plan.nodes:
-        return set()
-    # the plan's nodes are the rewritten copy's; the same indices in the float model
-    float_nodes = list(build.float_model.graph)
-    candidates = [(p.index, float_nodes[p.index], p.activations) for p in plan.nodes
-                  if p.rule.output != SAME]
-    wanted = {v.name for _, node, acts in candidates
-              for v in [node.outputs[0], *(node.inputs[i] for i in acts)]
-              if v is not None and v.producer() is not None}
-    names = _as_read(all_int8, {k: rewritten.names.get(k, k) for k in wanted})
-    sqnr = tensor_sqnr(build.float_model, all_int8, names, ctx.calib, limit=o.sqnr_samples,
-                       batch_size=o.batch_size, input_shapes=shapes, per_channel=True)
-    order = rank_by_added_error(candidates, sqnr)
-    chosen, trace = choose_float_nodes(order, build.model, ref, targets, base,
-                                       o.max_float_nodes, o.max_probes)
-    stats["fallback"] = trace
-    return chosen
-
-
-def _as_read(model: ir.Model, names: dict[str, str]) -> dict[str, str]:
-    """Map each tensor to the value its readers see: the output of its DequantizeLinear.
-
-    Tensors that are not in ``model`` are dropped; those without a QuantizeLinear map to
-    themselves.
-    """
-    values = {v.name: v for node in model.graph for v in node.outputs if v.name}
-    read = {}
-    for key, name in names.items():
-        value = values.get(name)
-        if value is None:
-            continue
-        read[key] = name
-        for use in value.uses():
-            if use.node.op_type != "QuantizeLinear":
-                continue
-            dq = [u.node for u in use.node.outputs[0].uses()
-                  if u.node.op_type == "DequantizeLinear"]
-            if dq and dq[0].outputs[0].name:
-                read[key] = dq[0].outputs[0].name
-                break
-    return read
 
 
 def _upgrade_opset(model: ir.Model, per_channel: bool, result: PassResult,

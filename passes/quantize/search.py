@@ -1,0 +1,172 @@
+"""The fallback's search: which nodes stay float (or which MatMuls go dynamic) to meet the floor.
+
+Stages, each probe one build and one scoring run on the calibration samples
+(:mod:`.fallback` has the scores, the ranking and the doubling/bisection):
+
+1. the all-int8 model; when it misses the targets,
+2. int8 only into the compute ops (Conv, ConvTranspose, Gemm, MatMul), the elementwise ops,
+   pools and activations between them float;
+3. the ``k`` most sensitive nodes float as well, ``k`` by doubling then bisection, up to
+   ``max_float_nodes`` (default: half of the candidates, at least 8);
+4. every static node float and the MatMuls int8 with per-input (dynamic) ranges
+   (:mod:`.dynamic`), unless ``dynamic_matmul=false``.
+
+The first probe that meets the targets is the answer; when none does, nothing is quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import onnx_ir as ir
+
+from onnxopt.pass_base import PassContext
+from onnxopt.passes.quantize.fallback import (
+    Targets,
+    choose_float_nodes,
+    rank_by_added_error,
+    reference,
+    score,
+    tensor_sqnr,
+)
+from onnxopt.passes.quantize.placement import COMPUTE_OPS, SAME
+
+if TYPE_CHECKING:
+    from onnxopt.passes.quantize.quantize import Builder, QuantizeOptions
+
+logger = logging.getLogger(__name__)
+
+#: Fewest nodes the fallback may keep float by default (more on models with 16+ candidates).
+MIN_FLOAT_CAP = 8
+
+
+def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
+           stats: dict[str, object]) -> set[int] | None:
+    """Nodes to keep float so that the result meets the quality floor (:mod:`.fallback`).
+
+    Returns:
+        Graph-order indices to keep float (empty when the all-int8 model meets the
+        targets), or None when no probe met them.
+    """
+    assert ctx.calib is not None
+    shapes = ctx.input_shapes
+    ref = reference(build.float_model, ctx.calib, limit=o.score_samples,
+                    batch_size=o.batch_size, input_shapes=shapes)
+    targets = Targets.from_floor(ctx.quality_floor, o.target)
+    model, plan, rewritten = build.copy(set())
+    base = score(model, ref)
+    head: dict[str, object] = {"score_all_quantized": base.to_dict(),
+                               "targets": targets.to_dict()}
+    stats["fallback"] = head
+    if base.meets(targets) or not plan.nodes:
+        return set()
+    fixed: set[int] = set()
+    # every node, not only the planned ones: with all of them float, others become plannable
+    every = set(range(len(list(build.float_model.graph))))
+    # the last probe, kept in reserve: only the MatMuls int8, dynamically
+    last = o.dynamic_matmul is not False and bool(build.dynamic_nodes)
+    probes = o.max_probes - int(last)
+    others = {p.index for p in plan.nodes if p.node.op_type not in COMPUTE_OPS}
+    if others and probes > 0 and any(p.node.op_type in COMPUTE_OPS for p in plan.nodes):
+        # stage 1: int8 only into the compute ops, every requantization between them gone;
+        # the node search below starts from whichever of the two scored better
+        probes -= 1
+        trial, trial_plan, trial_rewritten = build.copy(others)
+        value = score(trial, ref)
+        head["score_compute_only"] = value.to_dict()
+        logger.info("fallback: only compute ops int8 -> %s", value)
+        if value.meets(targets):
+            stats["fallback"] = {**head, "best": {"float_nodes": 0, **value.to_dict()},
+                                 "reached": True}
+            return others
+        if value.rank_key() > base.rank_key():
+            fixed, base = others, value
+            model, plan, rewritten = trial, trial_plan, trial_rewritten
+    # stage 2: the most sensitive compute nodes float (every planned node when stage 1 lost)
+    float_nodes = list(build.float_model.graph)
+    candidates = [(p.index, float_nodes[p.index], p.activations) for p in plan.nodes
+                  if p.rule.output != SAME]
+    wanted = {v.name for _, node, acts in candidates
+              for v in [node.outputs[0], *(node.inputs[i] for i in acts)]
+              if v is not None and v.producer() is not None}
+    names = as_read(model, {k: rewritten.names.get(k, k) for k in wanted})
+    sqnr = tensor_sqnr(build.float_model, model, names, ctx.calib, limit=o.sqnr_samples,
+                       batch_size=o.batch_size, input_shapes=shapes, per_channel=True)
+    order = rank_by_added_error(candidates, sqnr)
+    order += [i for i, _, _ in candidates if i not in set(order)]  # unmeasured ones last
+    cap = (o.max_float_nodes if o.max_float_nodes is not None
+           else max(MIN_FLOAT_CAP, len(order) // 2))
+    chosen, trace = choose_float_nodes(order, lambda kept: build.model(fixed | kept), ref,
+                                       targets, base, cap, probes)
+    trace = {**trace, **head, "elementwise_float": len(fixed)}  # head: the all-int8 score
+    stats["fallback"] = trace
+    if chosen is not None:
+        return fixed | chosen
+    if last and o.max_probes > 0:
+        # stage 3: every static node float, the MatMuls int8 with per-input ranges
+        dynamic_before, build.dynamic = build.dynamic, True
+        value = score(build.model(every), ref)
+        trace["score_dynamic_matmul_only"] = value.to_dict()
+        logger.info("fallback: only the MatMuls int8, dynamic -> %s", value)
+        if value.meets(targets):
+            trace["reached"] = True
+            return every
+        build.dynamic = dynamic_before
+    return None
+
+
+def static_best(trace: dict) -> str:
+    """The best static probe of the search, e.g. ``best probe agreement 0.708 with 16 of 51
+    candidate nodes float``."""
+    best = trace.get("best") or {}
+    where = (f"{best.get('float_nodes')} of {trace.get('candidates')} candidate nodes float"
+             if best else "all int8")
+    if best and trace.get("elementwise_float"):
+        where += " and the elementwise ops float"
+    return f"best probe {_fmt(best)} with {where}"
+
+
+def missed(trace: object) -> str:
+    """The refusal when no probe met the targets: the best one and what it aimed for."""
+    assert isinstance(trace, dict)
+    text = f"int8 stays below the quality floor: {static_best(trace)}"
+    dynamic = trace.get("score_dynamic_matmul_only")
+    if dynamic:
+        text += f"; {_fmt(dynamic)} with only the MatMuls int8 (dynamic)"
+    return (f"{text}; target {_fmt(trace.get('targets') or {})}; nothing quantized "
+            "(see stats 'fallback')")
+
+
+def _fmt(score: dict) -> str:
+    """``agreement 0.917, SQNR 6.7 dB`` from a score's (or the targets') dict."""
+    parts = []
+    if score.get("agreement") is not None:
+        parts.append(f"agreement {score['agreement']:.3f}")
+    if score.get("sqnr_db") is not None:
+        parts.append(f"SQNR {score['sqnr_db']:.1f} dB")
+    return ", ".join(parts) or "-"
+
+
+def as_read(model: ir.Model, names: dict[str, str]) -> dict[str, str]:
+    """Map each tensor to the value its readers see: the output of its DequantizeLinear.
+
+    Tensors that are not in ``model`` are dropped; those without a QuantizeLinear map to
+    themselves.
+    """
+    values = {v.name: v for node in model.graph for v in node.outputs if v.name}
+    read = {}
+    for key, name in names.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        read[key] = name
+        for use in value.uses():
+            if use.node.op_type != "QuantizeLinear":
+                continue
+            dq = [u.node for u in use.node.outputs[0].uses()
+                  if u.node.op_type == "DequantizeLinear"]
+            if dq and dq[0].outputs[0].name:
+                read[key] = dq[0].outputs[0].name
+                break
+    return read
