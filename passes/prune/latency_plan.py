@@ -96,6 +96,7 @@ class LatencyOutcome:
         first_measured: The measured ratio of the first plan when a correction round ran.
         rounds: Correction rounds run.
         history: Measured ratio of every plan timed, in order (the first plan first).
+        predictions: Predicted ratio of each of those plans, by the cost it was made with.
         measurements: One-node timings measured (not found in the cache).
         cached: One-node timings found in the cache.
         steps: Group index -> measured channel granularity (when round_to was measured).
@@ -116,6 +117,7 @@ class LatencyOutcome:
     first_measured: float | None = None
     rounds: int = 0
     history: list[float] = field(default_factory=list)
+    predictions: list[float] = field(default_factory=list)
     measurements: int = 0
     cached: int = 0
     steps: dict[int, int] = field(default_factory=dict)
@@ -297,6 +299,7 @@ class LatencyBudget:
         keep, cost, timed = _best(tried, target)
         self.outcome.rounds = len(tried) - 1
         self.outcome.history = [t.ratios[0] for _, _, t in tried]
+        self.outcome.predictions = [float(c.total(k)) for k, c, _ in tried]
         self.outcome.corrected = timed is not tried[0][2]
         self.outcome.first_measured = tried[0][2].ratios[0] if len(tried) > 1 else None
         self.outcome.predicted = float(cost.total(keep))

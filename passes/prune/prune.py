@@ -56,6 +56,7 @@ from onnxopt.passes.prune.budget import (
 )
 from onnxopt.passes.prune.channel_cost import COST_MODELS, CostModel
 from onnxopt.passes.prune.importance import CRITERIA, group_scores
+from onnxopt.passes.prune.latency_slices import snapped_allocation
 from onnxopt.passes.prune.plan_report import (
     Plan,
     calib_effect,
@@ -277,6 +278,17 @@ class PrunePass(Pass):
         limits = Limits(opts.min_channels, opts.round_to or DEFAULT_ROUND_TO)
         allocation = "ratio" if kind == "ratio" else opts.allocation
         uniform = measuring = timing = None
+
+        def allocate(name: str, ranks: dict[int, np.ndarray], cost: CostModel, target: float,
+                     relative: bool) -> dict[int, np.ndarray]:
+            """The allocator's plan; under a latency budget, concat slices on the step."""
+            def plan(at: float) -> dict[int, np.ndarray]:
+                return ALLOCATORS[name](ranks, cost, at, limits, relative)
+
+            if timing is None:
+                return plan(target)
+            return snapped_allocation(plan, groups, ranks, cost, target, limits)
+
         if kind == "latency" and groups:
             timing, limits = self._latency(model, ctx, analysis, groups, scores, limits)
             costs["latency"] = timing.calibrated_cost
@@ -291,7 +303,7 @@ class PrunePass(Pass):
                     has_data if opts.sensitivity is None else opts.sensitivity):
                 if not has_data:
                     raise UserError("prune(sensitivity=true) needs calibration data")
-                context = allocate_uniform(scores, cost, value * costs[kind].total(), limits)
+                context = allocate("uniform", scores, cost, value * costs[kind].total(), False)
                 uniform = {g.index: keep_every_tensor(g, context[g.index], scores[g.index])
                            for g in groups}
                 measuring = measurement(model, ctx, opts, refit)
@@ -300,8 +312,8 @@ class PrunePass(Pass):
                 scores, uniform_error = measured_scores(model, ctx, opts, groups, scores,
                                                         uniform, limits, refit, measuring)
                 calibrated = True
-            keep = ALLOCATORS[opts.allocation](scores, cost, value * costs[kind].total(), limits,
-                                               not calibrated)
+            keep = allocate(opts.allocation, scores, cost, value * costs[kind].total(),
+                            not calibrated)
         keep = {g.index: keep_every_tensor(g, keep[g.index], scores[g.index]) for g in groups}
         if uniform is not None:
             knapsack_error = measured_error(model, ctx, opts, keep, refit, measuring)
@@ -315,8 +327,8 @@ class PrunePass(Pass):
                     f"{uniform_error:.3g}): uniform kept"))
         if timing is not None:
             def replan(new: CostModel) -> dict[int, np.ndarray]:
-                again = ALLOCATORS[allocation](scores, new.restrict([g.index for g in groups]),
-                                               value, limits, not calibrated)  # ratio units
+                again = allocate(allocation, scores, new.restrict([g.index for g in groups]),
+                                 value, not calibrated)  # ratio units
                 return {g.index: keep_every_tensor(g, again[g.index], scores[g.index])
                         for g in groups}
 
@@ -354,8 +366,11 @@ class PrunePass(Pass):
                                threads=opts.threads or 1, seed=ctx.seed)
         if opts.round_to is None:
             limits = budget.limits(limits)
-        cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits),
-                           float(opts.latency or 1.0))
+        def uniform(cost: CostModel, target: float) -> dict[int, np.ndarray]:
+            return snapped_allocation(lambda t: allocate_uniform(scores, cost, t, limits),
+                                      groups, scores, cost, target, limits)
+
+        cost = budget.cost(limits, uniform, float(opts.latency or 1.0))
         return _Timing(budget, cost), limits
 
 
