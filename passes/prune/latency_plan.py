@@ -38,7 +38,7 @@ from onnxopt.shapes import concrete_shapes, static_dims
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LatencyBudget", "LatencyOutcome", "batched_shapes"]
+__all__ = ["LatencyBudget", "LatencyOutcome", "batched_shapes", "same_plan"]
 
 NOISY = 0.05
 """A/A noise above which a whole-model timing is repeated (up to :data:`RETRIES` times)."""
@@ -167,6 +167,7 @@ class LatencyBudget:
         self.raw: CostModel | None = None
         self.full = 0.0
         self.points: list[tuple[float, float]] = []  # (node sum, measured ratio)
+        self.uniform_keep: Keep = {}  # the calibration plan
 
     def limits(self, limits: Limits) -> Limits:
         """``limits`` with each group's granularity measured (:func:`.latency.measured_steps`)."""
@@ -191,6 +192,7 @@ class LatencyBudget:
         self.outcome.table_seconds += time.perf_counter() - start
         self.full = self.raw.total()
         keep = uniform(self.raw, target * self.full)
+        self.uniform_keep = keep
         timed = self.time(keep)
         self.outcome.original_ms = timed.baseline_ms
         self.outcome.uniform_measured = timed.ratios[0]
@@ -209,7 +211,7 @@ class LatencyBudget:
             return calibrated(self.raw, 0.0, 1.0 / max(self.full, 1e-12))
         return calibrated(self.raw, high[1] - slope * high[0], slope)
 
-    def _bracket(self, target: float, noise: float = 0.0) -> CostModel:
+    def bracket(self, target: float, noise: float = 0.0) -> CostModel:
         """A line through (or tangent to) the measured plans nearest ``target``.
 
         Whole-graph effects (layouts onnxruntime picks for a set of widths, concat copies)
@@ -271,7 +273,7 @@ class LatencyBudget:
 
         A miss either way counts: a plan faster than asked removed channels it did not
         need to. Each correction round re-fits the cost on the measured plans nearest the
-        target (:meth:`_bracket`), re-plans and times the new plan, up to :data:`ROUNDS`
+        target (:meth:`bracket`), re-plans and times the new plan, up to :data:`ROUNDS`
         rounds; a round whose plan was measured already ends them. The plan kept is the
         measured one that meets the target (within the noise and :data:`CLOSE`) closest to
         it, or the fastest one when none does.
@@ -288,9 +290,9 @@ class LatencyBudget:
             if _close(timed, target):
                 break
             self.points.append((self.raw.total(keep), timed.ratios[0]))
-            cost = self._bracket(target, timed.noise)
+            cost = self.bracket(target, timed.noise)
             keep = replan(cost)
-            if any(_same(keep, k) for k, _, _ in tried):
+            if any(same_plan(keep, k) for k, _, _ in tried):
                 break  # the line moved too little to change the plan
             timed = self.time(keep)
             tried.append((keep, cost, timed))
@@ -329,7 +331,8 @@ def _close(timed: SideBySide, target: float) -> bool:
     return abs(timed.ratios[0] - target) <= timed.noise + CLOSE
 
 
-def _same(a: Keep, b: Keep) -> bool:
+def same_plan(a: Keep, b: Keep) -> bool:
+    """Whether two plans keep the same channels."""
     return a.keys() == b.keys() and all(np.array_equal(a[g], b[g]) for g in a)
 
 

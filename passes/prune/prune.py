@@ -75,7 +75,7 @@ from onnxopt.passes.prune.statistics import collect_statistics
 from onnxopt.shapes import ShapeTable, concrete_shapes, resolve_input_shapes
 
 if TYPE_CHECKING:
-    from onnxopt.passes.prune.latency_plan import LatencyBudget
+    from onnxopt.passes.prune.latency_batches import LatencyBudgets
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,9 @@ class PruneOptions:
         params: Fraction of the model's parameters to keep.
         latency: Fraction of the model's latency to keep, measured with onnxruntime on this
             machine at ``batch`` samples and ``threads`` threads (:mod:`.latency_plan`).
-        batch: Samples per run the latency budget is measured at (default 1).
+        batch: Samples per run the latency budget is measured at (default 1); several
+            (``batch=1;32``, or a tuple) keep at most ``latency`` at each of them
+            (:mod:`.latency_batches`).
         threads: Intra-op threads the latency budget is measured with (default 1: timings
             of one thread do not depend on what else the machine runs).
         criterion: Channel importance; ``auto`` = ``thinet`` with calibration data, else ``l1``.
@@ -136,7 +138,7 @@ class PruneOptions:
     macs: float | None = option(None, within="(0, 1]")
     params: float | None = option(None, within="(0, 1]")
     latency: float | None = option(None, within="(0, 1]")
-    batch: int | None = option(None, within="[1, inf)")
+    batch: int | tuple[int, ...] | None = option(None, within="[1, inf)")
     threads: int | None = option(None, within="[1, inf)")
     criterion: CriterionName = "auto"
     allocation: Literal["knapsack", "uniform"] = "knapsack"
@@ -159,6 +161,8 @@ class PruneOptions:
                  if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one budget, not {' and '.join(given)}")
+        if isinstance(self.batch, (tuple, list)) and not self.batch:
+            raise ValueError("batch= names no batch size")
         for key in ("batch", "threads"):
             if getattr(self, key) is not None and self.latency is None:
                 raise ValueError(f"{key}= sets how a latency budget is measured; give "
@@ -166,6 +170,13 @@ class PruneOptions:
         # Ranges and choices are declared on the fields (onnxopt.options).
         if self.criterion != "auto" and self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}")
+
+    def batches(self) -> tuple[int, ...]:
+        """The batch sizes a latency budget is measured at, in order, each once."""
+        if self.batch is None:
+            return (1,)
+        given = (self.batch,) if isinstance(self.batch, int) else tuple(self.batch)
+        return tuple(dict.fromkeys(given))
 
     def budget(self) -> tuple[str, float]:
         """``("ratio" | "macs" | "params" | "latency", value)``."""
@@ -335,8 +346,11 @@ class PrunePass(Pass):
             keep, costs["latency"] = timing.budget.check(keep, costs["latency"], value, replan)
             cost = costs["latency"].restrict([g.index for g in groups])
             result.stats["latency"] = timing.budget.outcome.to_dict()
+            if len(timing.budget.outcomes) > 1:
+                result.stats["latency"]["per_batch"] = [
+                    o.to_dict() for o in timing.budget.outcomes]
         if kind != "ratio":
-            reached = (timing.budget.outcome.predicted if timing is not None
+            reached = (max(o.predicted for o in timing.budget.outcomes) if timing is not None
                        else cost.total(keep) / max(costs[kind].total(), 1.0))
             if reached > value + 1e-9:
                 result.refuse("budget", f"{kind} kept {reached:.1%} > target {value:.1%}: "
@@ -344,28 +358,30 @@ class PrunePass(Pass):
         savings = {k: group_savings(c.restrict(list(keep)), keep) for k, c in costs.items()}
         if costs["macs"].unknown:
             del savings["macs"]  # unknown, not zero
-        outcome = timing.budget.outcome if timing is not None else None
-        if outcome is not None:  # the measured saving, shared as the node tables say
+        outcomes = timing.budget.outcomes if timing is not None else None
+        if outcomes:  # the measured saving at the first batch, shared as the tables say
+            outcome = outcomes[0]
             shares = savings["latency"]
             total = sum(shares.values())
             saved_ms = max(1.0 - outcome.measured, 0.0) * outcome.original_ms
             savings["latency"] = {g: v / total * saved_ms if total > 0 else 0.0
                                   for g, v in shares.items()}
         return Plan(criterion, refit, kind, value, allocation, groups, keep,
-                     plan_rows(groups, keep, savings), savings, outcome)
+                     plan_rows(groups, keep, savings), savings, outcomes)
 
     def _latency(self, model: ir.Model, ctx: PassContext, analysis: ChannelAnalysis,
                  groups: list[ChannelGroup], scores: dict[int, np.ndarray],
                  limits: Limits) -> tuple[_Timing, Limits]:
         """The measured, calibrated latency cost; with ``round_to`` unset, measured limits."""
-        from onnxopt.passes.prune.latency_plan import LatencyBudget
+        from onnxopt.passes.prune.latency_batches import LatencyBudgets
 
         opts: PruneOptions = self.options
         per_sample = resolve_input_shapes(model, ctx.input_shapes, (ctx.calib,))
-        budget = LatencyBudget(model, analysis, groups, per_sample, batch=opts.batch or 1,
-                               threads=opts.threads or 1, seed=ctx.seed)
+        budget = LatencyBudgets(model, analysis, groups, per_sample, batches=opts.batches(),
+                                threads=opts.threads or 1, seed=ctx.seed)
         if opts.round_to is None:
             limits = budget.limits(limits)
+
         def uniform(cost: CostModel, target: float) -> dict[int, np.ndarray]:
             return snapped_allocation(lambda t: allocate_uniform(scores, cost, t, limits),
                                       groups, scores, cost, target, limits)
@@ -378,7 +394,7 @@ class PrunePass(Pass):
 class _Timing:
     """The latency planner of a ``latency`` budget and its calibrated cost."""
 
-    budget: LatencyBudget
+    budget: LatencyBudgets
     calibrated_cost: CostModel
 
 
