@@ -34,11 +34,12 @@ from onnxopt.passes.prune.channel_cost import CostModel
 from onnxopt.passes.prune.latency import calibrated, latency_model, measured_steps, node_specs
 from onnxopt.passes.prune.latency_cache import LatencyMeter, Timer
 from onnxopt.passes.prune.latency_timing import SideBySide, ort_timer, side_by_side
-from onnxopt.shapes import concrete_shapes, static_dims
+from onnxopt.shapes import ShapeTable, concrete_shapes, static_dims
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LatencyBudget", "LatencyOutcome", "batched_shapes", "same_plan"]
+__all__ = ["LatencyBudget", "LatencyOutcome", "batched_shapes", "same_plan",
+           "shapes_at_batch"]
 
 NOISY = 0.05
 """A/A noise above which a whole-model timing is repeated (up to :data:`RETRIES` times)."""
@@ -77,6 +78,19 @@ def batched_shapes(model: ir.Model, per_sample: Mapping[str, tuple[int, ...]],
                             f"of {own[0]}")
         shapes[value.name or ""] = (batch, *dims[1:]) if dims else dims
     return shapes
+
+
+def shapes_at_batch(model: ir.Model, inputs: Mapping[str, tuple[int, ...]]) -> ShapeTable:
+    """Every value's dims with the inputs at ``inputs``, their batch axis included.
+
+    :func:`~onnxopt.shapes.concrete_shapes` costs per sample (a dynamic batch axis at 1), so
+    the inputs of a copy are declared at the batched dims first.
+    """
+    copy = clone_model(model)
+    for value in copy.graph.inputs:
+        if value.name in inputs:
+            value.shape = ir.Shape(inputs[value.name or ""])
+    return concrete_shapes(copy, inputs)
 
 
 @dataclass
@@ -156,7 +170,7 @@ class LatencyBudget:
         self.model = model
         self.groups = groups
         self.inputs = batched_shapes(model, per_sample, batch)
-        shapes = concrete_shapes(model, self.inputs)
+        shapes = shapes_at_batch(model, self.inputs)
         self.specs, skipped = node_specs(analysis, shapes, groups)
         self.analysis = analysis
         self.meter = LatencyMeter(threads, timer or ort_timer(threads), cache)

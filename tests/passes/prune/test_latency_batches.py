@@ -84,8 +84,13 @@ def _budgets(proto, curves: dict[int, callable], timed: dict[int, list[float]]):
             timed[batch].append(curves[batch](kept))
             return SideBySide(0.1 * batch, [timed[batch][-1]], [0.002], 1.0, 0.002)
 
+        def timer(items):  # the one-node models run at the budget's batch too
+            for _, feeds in items:
+                assert all(f.shape[0] == batch for f in feeds.values()) and feeds
+            return _macs_timer(items)
+
         return LatencyBudget(model, analysis, groups, {"input": (1, 3, 16, 16)}, batch=batch,
-                             threads=1, timer=_macs_timer, compare=compare)
+                             threads=1, timer=timer, compare=compare)
 
     budgets = LatencyBudgets(model, analysis, groups, {"input": (1, 3, 16, 16)},
                              batches=list(curves), threads=1, make=make)
@@ -119,8 +124,9 @@ def test_a_plan_meets_the_target_at_every_batch_with_a_fake_timer() -> None:
     assert one.measured <= 0.5 + one.noise + CLOSE and four.measured < one.measured
     assert one.measured == pytest.approx(0.5, abs=0.03)
     assert budgets.outcome is one
-    for out in (one, four):  # each batch's own prediction of the kept plan
-        assert out.error < 0.1
+    # each batch's own prediction of the kept plan: the binding one is re-fitted near the
+    # target; the other stays on its calibration line, off its convex curve
+    assert one.error < 0.05 and four.error < 0.15
     assert final_cost.total(final) <= 0.5 + 1e-9
 
 
