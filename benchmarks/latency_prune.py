@@ -146,7 +146,7 @@ def robustness(name: str, target: float, runs: int, rounds: int) -> dict[str, An
         lat = stats["latency"]
         plans.append({"proto": proto, "wall_s": wall, **{k: lat[k] for k in (
             "uniform_measured", "history", "predictions", "predicted", "measured",
-            "rounds", "noise")}})
+            "rounds", "noise", "steps")}})
     key = model.graph.input[0].name
     load_before = load_average()
     timed = side_by_side(model, [p.pop("proto") for p in plans],
@@ -203,8 +203,8 @@ def _robust_markdown(r: dict[str, Any], target: float) -> list[str]:
            f"{r['aa'][0]:.2f}x ±{r['aa'][1]:.2f}).", "",
            "| run | uniform | first predicted | first measured | first error | kept predicted "
            "| kept measured (planner) | kept error | re-timed | error vs re-timed | rounds "
-           "| plan s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| plan s | steps per group |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, p in enumerate(r["plans"], 1):
         first_pred, first_meas = p["predictions"][0], p["history"][0]
         out.append(
@@ -213,8 +213,13 @@ def _robust_markdown(r: dict[str, Any], target: float) -> list[str]:
             f"{p['measured']:.2f}x | {abs(p['predicted'] - p['measured']) / p['measured']:.1%}"
             f" | {p['retimed']:.2f}x ±{p['retimed_half_iqr']:.2f} | "
             f"{abs(p['predicted'] - p['retimed']) / p['retimed']:.1%} | {p['rounds']} | "
-            f"{p['wall_s']:.1f} |")
+            f"{p['wall_s']:.1f} | "
+            f"{' '.join(f'{g}:{k}' for g, k in sorted(p['steps'].items(), key=_index))} |")
     return [*out, ""]
+
+
+def _index(item: tuple[Any, int]) -> int:
+    return int(item[0])  # group indices are strings after a JSON round trip
 
 
 def _batch_markdown(r: dict[str, Any]) -> list[str]:

@@ -6,8 +6,11 @@ group thins becomes a one-node model (its inputs at the concrete shapes at the m
 size, weights random, the group's axes scaled to a kept width) and is timed by onnxruntime on
 this machine at a small grid of kept widths per group; its latency at other widths is the
 multilinear interpolation of that grid (made monotone: measured noise must not make removing
-channels look dearer). The latency of the model is then ``sum_nodes t_node(kept fractions)``,
-a :class:`~onnxopt.passes.prune.channel_cost.CostModel` whose terms are these tables, so the
+channels look dearer). A table's factors are channel sets, not whole groups: the producer of
+one slice of a concat group is timed at that slice's kept width (the knapsack thins a
+group's slices unevenly), the concat and its consumers at the sum of the slices. The
+latency of the model is then ``sum_nodes t_node(kept fractions)``, a
+:class:`~onnxopt.passes.prune.channel_cost.CostModel` whose terms are these tables, so the
 knapsack and the uniform allocator of :mod:`.budget` allocate against it unchanged.
 
 Single nodes miss what onnxruntime does to the whole graph (fused activations, layout
