@@ -18,7 +18,13 @@ from onnxopt.channels.groups import ChannelGroup
 from onnxopt.passes.prune.budget import Keep, Limits, keep_every_tensor
 from onnxopt.passes.prune.channel_cost import CostModel
 
-__all__ = ["concat_slices", "keep_slices_on_step", "snapped_allocation"]
+__all__ = ["BLOCK", "concat_slices", "keep_slices_on_step", "snapped", "snapped_allocation"]
+
+BLOCK = 8
+"""The least step of a concat slice when the steps are measured: onnxruntime's smallest NCHWc
+channel block (AVX2; AVX-512 has 16). A concat of inputs off the block is reordered, which
+no one-node measurement sees, and the measured steps of single nodes can come out small
+on a loaded machine (2 where the slices then mispredict by 20%)."""
 
 BISECTIONS = 24
 """Bisection steps on the allocator's target (the allocators take milliseconds)."""
@@ -105,17 +111,18 @@ def keep_slices_on_step(group: ChannelGroup, keep: np.ndarray, scores: np.ndarra
 
 
 def snapped(groups: Sequence[ChannelGroup], keep: Keep, scores: Mapping[int, np.ndarray],
-            limits: Limits) -> Keep:
-    """``keep`` with no tensor emptied and every concat slice on its group's step."""
+            limits: Limits, least: int = 1) -> Keep:
+    """``keep`` with no tensor emptied and every concat slice on its group's step (at
+    least ``least``)."""
     return {g.index: keep_slices_on_step(g, keep_every_tensor(g, keep[g.index],
                                                               scores[g.index]),
-                                         scores[g.index], limits.step(g.index))
+                                         scores[g.index], max(limits.step(g.index), least))
             for g in groups}
 
 
 def snapped_allocation(allocate: Callable[[float], Keep], groups: Sequence[ChannelGroup],
                        scores: Mapping[int, np.ndarray], cost: CostModel, target: float,
-                       limits: Limits) -> Keep:
+                       limits: Limits, least: int = 1) -> Keep:
     """The allocator's plan, snapped (:func:`snapped`), at most ``target`` by ``cost``.
 
     Snapping keeps each group's count but moves channels between slices, which changes
@@ -131,16 +138,18 @@ def snapped_allocation(allocate: Callable[[float], Keep], groups: Sequence[Chann
         cost: The cost the target is in.
         target: Cost to reach.
         limits: Per-group limits (their steps are the slices').
+        least: The least step of a slice (:data:`BLOCK` when the steps were measured).
     """
-    plan = snapped(groups, allocate(target), scores, limits)
+    plan = snapped(groups, allocate(target), scores, limits, least)
     if cost.total(plan) <= target * (1 + 1e-9) or not any(map(concat_slices, groups)):
         return plan  # without slices, the allocator's plan is the best there is
     low, high, best = 0.0, target, None
     for _ in range(BISECTIONS):
         mid = 0.5 * (low + high)
-        candidate = snapped(groups, allocate(mid), scores, limits)
+        candidate = snapped(groups, allocate(mid), scores, limits, least)
         if cost.total(candidate) <= target * (1 + 1e-9):
             low, best = mid, candidate
         else:
             high = mid
-    return best if best is not None else snapped(groups, allocate(0.0), scores, limits)
+    return best if best is not None else snapped(groups, allocate(0.0), scores, limits,
+                                                         least)

@@ -56,7 +56,7 @@ from onnxopt.passes.prune.budget import (
 )
 from onnxopt.passes.prune.channel_cost import COST_MODELS, CostModel
 from onnxopt.passes.prune.importance import CRITERIA, group_scores
-from onnxopt.passes.prune.latency_slices import snapped_allocation
+from onnxopt.passes.prune.latency_slices import BLOCK, snapped_allocation
 from onnxopt.passes.prune.plan_report import (
     Plan,
     calib_effect,
@@ -289,6 +289,7 @@ class PrunePass(Pass):
         limits = Limits(opts.min_channels, opts.round_to or DEFAULT_ROUND_TO)
         allocation = "ratio" if kind == "ratio" else opts.allocation
         uniform = measuring = timing = None
+        least = BLOCK if opts.round_to is None else 1  # a measured step is at least a block
 
         def allocate(name: str, ranks: dict[int, np.ndarray], cost: CostModel, target: float,
                      relative: bool) -> dict[int, np.ndarray]:
@@ -298,7 +299,7 @@ class PrunePass(Pass):
 
             if timing is None:
                 return plan(target)
-            return snapped_allocation(plan, groups, ranks, cost, target, limits)
+            return snapped_allocation(plan, groups, ranks, cost, target, limits, least)
 
         if kind == "latency" and groups:
             timing, limits = self._latency(model, ctx, analysis, groups, scores, limits)
@@ -384,7 +385,8 @@ class PrunePass(Pass):
 
         def uniform(cost: CostModel, target: float) -> dict[int, np.ndarray]:
             return snapped_allocation(lambda t: allocate_uniform(scores, cost, t, limits),
-                                      groups, scores, cost, target, limits)
+                                      groups, scores, cost, target, limits,
+                                      BLOCK if opts.round_to is None else 1)
 
         cost = budget.cost(limits, uniform, float(opts.latency or 1.0))
         return _Timing(budget, cost), limits

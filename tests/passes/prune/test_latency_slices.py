@@ -19,8 +19,10 @@ from onnxopt.passes.prune.latency import latency_model, node_specs
 from onnxopt.passes.prune.latency_cache import CACHE_ENV, LatencyMeter
 from onnxopt.passes.prune.latency_plan import LatencyBudget
 from onnxopt.passes.prune.latency_slices import (
+    BLOCK,
     concat_slices,
     keep_slices_on_step,
+    snapped,
     snapped_allocation,
 )
 from onnxopt.passes.prune.latency_timing import SideBySide
@@ -183,3 +185,18 @@ def test_latency_budget_on_concat_runs_and_snaps_slices() -> None:
     feeds = random_feeds(proto, batch=2, seed=5)
     (before,), (after,) = run_model(from_proto(proto), feeds), run_model(model, feeds)
     assert after.shape == before.shape and np.all(np.isfinite(after))
+
+
+def test_a_measured_step_below_the_block_still_snaps_slices_to_the_block() -> None:
+    _, _, _, groups, dense = _concat(width=32)
+    rng = np.random.default_rng(2)
+    scores = {g.index: rng.random(g.size) for g in groups}
+    keep = {g.index: rng.random(g.size) < 0.4 for g in groups}
+    limits = Limits(None, 2, ((dense.index, 2),))  # a step of 2 measured on a busy machine
+    loose = snapped(groups, keep, scores, limits)
+    tight = snapped(groups, keep, scores, limits, BLOCK)
+    slices = concat_slices(dense)
+    assert any(int(loose[dense.index][s].sum()) % 4 for s in slices)  # step 2 only
+    for s in slices:  # 32-wide slices on the block of 8, 16-wide ones on 4 (four steps)
+        assert int(tight[dense.index][s].sum()) % (BLOCK if len(s) >= 32 else 4) == 0
+    assert int(tight[dense.index].sum()) <= int(keep[dense.index].sum())
