@@ -36,13 +36,14 @@ def concat_slices(group: ChannelGroup) -> list[np.ndarray]:
     Empty for a group without slices (every member holds all its channels) and when the
     slices overlap (nothing to snap to).
     """
-    sets = list({tuple(np.unique(m.channels)): None for m in group.members
+    sets = list({frozenset(np.unique(m.channels).tolist()): None for m in group.members
                  if m.channels is not None})
     minimal = [s for s in sets if len(s) < group.size
-               and not any(len(t) < len(s) and set(t) <= set(s) for t in sets)]
-    if len(minimal) < 2 or len({c for s in minimal for c in s}) < sum(map(len, minimal)):
+               and not any(len(t) < len(s) and t <= s for t in sets)]
+    if len(minimal) < 2 or len(frozenset().union(*minimal)) < sum(map(len, minimal)):
         return []
-    return [np.array(s, dtype=np.int64) for s in minimal]
+    return sorted((np.array(sorted(s), dtype=np.int64) for s in minimal),
+                  key=lambda a: int(a[0]))
 
 
 SLICE_STEPS = 4
