@@ -2,7 +2,7 @@
 
 Usage, from the repository root::
 
-    python benchmarks/latency_prune.py [--latency 0.5] [--rounds 30] [--out FILE.md]
+    python benchmarks/latency_prune.py [--latency 0.5] [--rounds 30] [--runs 5] [--out FILE.md]
 
 Per model (the bundled digits ResNet with its labelled data; random-weight ``testmodels``
 structures with residual, depthwise and concat groups, measured by top-1 agreement with the
@@ -15,7 +15,12 @@ original on random inputs), in this one run:
    each sample the fastest of a few runs (robust on a shared machine), with the same
    side-by-side timing the planner uses: the median paired ratio, ± half its IQR;
 3. the latency plan's prediction against that measurement (the cost model's error), and the
-   time the latency planning took on an empty cache and again on the filled one.
+   time the latency planning took on an empty cache and again on the filled one;
+4. robustness on the concat structure: ``--runs`` plannings, each on an empty cache, with
+   each one's first-plan and kept-plan prediction against the planner's own timing, and all
+   the kept plans timed side by side again here;
+5. ``prune(latency=X, batch=1;32)`` on digits against the batch-1 plan and ``macs=0.5``,
+   timed side by side at batch 1 and at batch 32, with each batch's prediction.
 
 The load average is recorded next to the results: the machine may be shared.
 """
@@ -129,6 +134,122 @@ def bench(name: str, target: float, rounds: int) -> dict[str, Any]:
                       "second_wall_s": second[2]}}
 
 
+def robustness(name: str, target: float, runs: int, rounds: int) -> dict[str, Any]:
+    """``runs`` latency plannings of one model, each on an empty cache, then their kept
+    plans timed side by side against the original."""
+    model, calib, evals, _ = _data(name)
+    plans = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["ONNXOPT_LATENCY_CACHE"] = cache
+            proto, stats, wall = _prune(model, f"prune(latency={target:g})", calib)
+        lat = stats["latency"]
+        plans.append({"proto": proto, "wall_s": wall, **{k: lat[k] for k in (
+            "uniform_measured", "history", "predictions", "predicted", "measured",
+            "rounds", "noise", "steps")}})
+    key = model.graph.input[0].name
+    load_before = load_average()
+    timed = side_by_side(model, [p.pop("proto") for p in plans],
+                         {key: np.asarray(evals[key][:1])}, threads=1, rounds=rounds)
+    for plan, ratio, spread in zip(plans, timed.ratios, timed.spreads, strict=True):
+        plan.update(retimed=ratio, retimed_half_iqr=spread)
+    return {"model": name, "plans": plans, "aa": [timed.aa, timed.aa_spread],
+            "load": [load_before, load_average()]}
+
+
+def batches(name: str, target: float, sizes: tuple[int, ...], rounds: int) -> dict[str, Any]:
+    """``latency=X`` planned at all of ``sizes`` against the plan at the first alone and
+    ``macs=0.5``, timed side by side at each size."""
+    model, calib, evals, labelled = _data(name)
+    sizes_text = ";".join(map(str, sizes))
+    variants = {}
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["ONNXOPT_LATENCY_CACHE"] = cache
+        variants[f"latency={target:g} batch={sizes_text}"] = _prune(
+            model, f"prune(latency={target:g},batch={sizes_text})", calib)
+        variants[f"latency={target:g} batch={sizes[0]}"] = _prune(
+            model, f"prune(latency={target:g},batch={sizes[0]})", calib)
+    variants["macs=0.5"] = _prune(model, "prune(macs=0.5)", calib)
+    key = model.graph.input[0].name
+    labels = np.asarray(evals["labels"]).reshape(-1) if labelled else None
+    rows = {label: {"plan": v[1].get("latency"), "wall_s": v[2], "latency": {}}
+            for label, v in variants.items()}
+    load = [load_average()]
+    aa = {}
+    for size in sizes:
+        timed = side_by_side(model, [v[0] for v in variants.values()],
+                             {key: np.asarray(evals[key][:size])}, threads=1, rounds=rounds)
+        aa[size] = [timed.aa, timed.aa_spread, timed.baseline_ms]
+        for label, ratio, spread in zip(variants, timed.ratios, timed.spreads, strict=True):
+            rows[label]["latency"][size] = [ratio, spread]
+    load.append(load_average())
+    reference = _logits(model, evals).argmax(axis=1)
+    for label, (proto, stats, _) in variants.items():
+        top = _logits(proto, evals).argmax(axis=1)
+        rows[label].update(
+            macs=stats["macs_after"] / stats["macs_before"],
+            agreement=float(np.mean(top == reference)),
+            accuracy=float(np.mean(top == labels)) if labels is not None else None)
+    return {"model": name, "sizes": list(sizes), "rows": rows, "aa": aa, "load": load}
+
+
+def _robust_markdown(r: dict[str, Any], target: float) -> list[str]:
+    out = [f"## Robustness: {len(r['plans'])} plannings of {r['model']} at latency="
+           f"{target:g}, each on an empty cache (load average {r['load'][0]} before, "
+           f"{r['load'][1]} after the re-timing)", "",
+           "First plan: the knapsack's plan on the calibration line, before any correction "
+           "round; `kept`: the plan the planner kept. `planner` is the planner's own timing, "
+           "`re-timed` all kept plans timed again here side by side (A/A "
+           f"{r['aa'][0]:.2f}x ±{r['aa'][1]:.2f}).", "",
+           "| run | uniform | first predicted | first measured | first error | kept predicted "
+           "| kept measured (planner) | kept error | re-timed | error vs re-timed | rounds "
+           "| plan s | steps per group |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, p in enumerate(r["plans"], 1):
+        first_pred, first_meas = p["predictions"][0], p["history"][0]
+        out.append(
+            f"| {i} | {p['uniform_measured']:.2f}x | {first_pred:.2f}x | {first_meas:.2f}x | "
+            f"{abs(first_pred - first_meas) / first_meas:.1%} | {p['predicted']:.2f}x | "
+            f"{p['measured']:.2f}x | {abs(p['predicted'] - p['measured']) / p['measured']:.1%}"
+            f" | {p['retimed']:.2f}x ±{p['retimed_half_iqr']:.2f} | "
+            f"{abs(p['predicted'] - p['retimed']) / p['retimed']:.1%} | {p['rounds']} | "
+            f"{p['wall_s']:.1f} | "
+            f"{' '.join(f'{g}:{k}' for g, k in sorted(p['steps'].items(), key=_index))} |")
+    return [*out, ""]
+
+
+def _index(item: tuple[Any, int]) -> int:
+    return int(item[0])  # group indices are strings after a JSON round trip
+
+
+def _batch_markdown(r: dict[str, Any]) -> list[str]:
+    sizes = r["sizes"]
+    out = [f"## {r['model']} at batch {' and '.join(map(str, sizes))} (load average "
+           f"{r['load'][0]} before, {r['load'][1]} after timing)", "",
+           "Each plan timed side by side against the original at every batch (A/A "
+           + ", ".join(f"{r['aa'][s][0]:.2f}x ±{r['aa'][s][1]:.2f} at batch {s} "
+                       f"(original {r['aa'][s][2]:.3f} ms)" for s in sizes)
+           + "); `predicted` is the plan's own prediction at that batch, `planner` its own "
+           "measurement.", "",
+           "| plan | MACs | " + " | ".join(f"latency b{s} | predicted b{s} | planner b{s}"
+                                          for s in sizes) + " | top-1 | agreement | plan s |",
+           "|---|---|" + "---|---|---|" * len(sizes) + "---|---|---|"]
+    for label, row in r["rows"].items():
+        plan = row["plan"] or {}
+        per = {p["batch"]: p for p in plan.get("per_batch", [plan] if plan else [])}
+        cells = []
+        for s in sizes:
+            ratio, spread = row["latency"][s]
+            mine = per.get(s)
+            cells.append(f"{ratio:.2f}x ±{spread:.2f} | "
+                         + (f"{mine['predicted']:.2f}x | {mine['measured']:.2f}x" if mine
+                            else " | "))
+        acc = "" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
+        out.append(f"| {label} | {row['macs']:.2f}x | " + " | ".join(cells)
+                   + f" | {acc} | {row['agreement']:.3f} | {row['wall_s']:.1f} |")
+    return [*out, ""]
+
+
 def _history(plan: dict[str, Any]) -> str:
     """The plans the planner timed: the uniform one, then the first and each correction's,
     the one kept in bold."""
@@ -186,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--models", default="digits,residual,depthwise,concat")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="plannings of the concat structure on an empty cache (0: none)")
+    parser.add_argument("--batches", default="1;32",
+                        help="batch sizes planned together on digits ('' for none)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                         "latency_prune.md")
     args = parser.parse_args(argv)
@@ -193,8 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         print(f"{name} ...", file=sys.stderr, flush=True)
         results["models"].append(bench(name, args.latency, args.rounds))
+    if args.runs:
+        print(f"concat robustness ({args.runs} plannings) ...", file=sys.stderr, flush=True)
+        results["robustness"] = robustness("concat", args.latency, args.runs, args.rounds)
+    if args.batches:
+        print(f"digits at batch {args.batches} ...", file=sys.stderr, flush=True)
+        sizes = tuple(int(b) for b in args.batches.split(";"))
+        results["batches"] = batches("digits", args.latency, sizes, args.rounds)
     results["machine"]["load_average_end"] = load_average()
-    args.out.write_text(_markdown(results, args.latency))
+    text = _markdown(results, args.latency)
+    if "robustness" in results:
+        text += "\n" + "\n".join(_robust_markdown(results["robustness"], args.latency))
+    if "batches" in results:
+        text += "\n" + "\n".join(_batch_markdown(results["batches"]))
+    args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float))
     print(args.out.read_text())
     return 0

@@ -137,7 +137,8 @@ def validate_options(options: Any) -> None:
             raise ValueError(f"{f.name} must be one of {'|'.join(map(str, allowed))}, "
                              f"got {option_text(value)}")
         within = option_spec(f).within
-        if within is not None and value not in within:
+        items = value if isinstance(value, (tuple, list)) else (value,)  # a list: each item
+        if within is not None and any(v not in within for v in items):
             bound = str(within)
             bound = bound if bound.startswith(">") else f"in {bound}"
             raise ValueError(f"{f.name} must be {bound}, got {option_text(value)}")
@@ -176,10 +177,12 @@ def _kind(hint: Any, f: dataclasses.Field) -> str:
         return "true|false"
     within = option_spec(f).within
     noun = {int: "integer", float: "number"}.get(base, "text")
+    several = any(typing.get_origin(m) in (tuple, list) for m in members[1:])
+    more = ", or several separated by ';'" if several else ""
     if within is None:
-        return noun
+        return noun + more
     bound = str(within)
-    return f"{noun} {bound}" if bound.startswith(">") else f"{noun} in {bound}"
+    return (f"{noun} {bound}" if bound.startswith(">") else f"{noun} in {bound}") + more
 
 
 def describe_options(cls: type, name: str, width: int = 100, indent: int = 4) -> str:

@@ -6,8 +6,11 @@ group thins becomes a one-node model (its inputs at the concrete shapes at the m
 size, weights random, the group's axes scaled to a kept width) and is timed by onnxruntime on
 this machine at a small grid of kept widths per group; its latency at other widths is the
 multilinear interpolation of that grid (made monotone: measured noise must not make removing
-channels look dearer). The latency of the model is then ``sum_nodes t_node(kept fractions)``,
-a :class:`~onnxopt.passes.prune.channel_cost.CostModel` whose terms are these tables, so the
+channels look dearer). A table's factors are channel sets, not whole groups: the producer of
+one slice of a concat group is timed at that slice's kept width (the knapsack thins a
+group's slices unevenly), the concat and its consumers at the sum of the slices. The
+latency of the model is then ``sum_nodes t_node(kept fractions)``, a
+:class:`~onnxopt.passes.prune.channel_cost.CostModel` whose terms are these tables, so the
 knapsack and the uniform allocator of :mod:`.budget` allocate against it unchanged.
 
 Single nodes miss what onnxruntime does to the whole graph (fused activations, layout
@@ -28,7 +31,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt.channels.groups import ChannelAnalysis, ChannelGroup
+from onnxopt.channels.groups import ChannelAnalysis, ChannelGroup, Member
 from onnxopt.passes.prune.budget import Limits
 from onnxopt.passes.prune.channel_cost import CostModel, CostTerm
 from onnxopt.passes.prune.latency_cache import LatencyMeter
@@ -57,10 +60,14 @@ class NodeSpec:
 
     Attributes:
         node: The node.
-        factors: Candidate groups whose channels the node carries (its cost term's factors).
-        sizes: Channels of each factor group.
+        factors: Group of each factor (a group can be two factors: a layer reading a
+            prefix of a DenseNet concat and writing the next slice).
+        sizes: Channels of each factor (its group's, or its concat slice's).
         inputs: Per input: (name, dims, dtype, constant or None, ``{axis: factor index}``).
         signature: JSON-able description that identifies its timings in the cache.
+        opsets: Opset imports of the one-node model.
+        output_types: Element types of the outputs.
+        channels: Group channels of each factor (all of the group's, or one slice's).
     """
 
     node: ir.Node
@@ -70,6 +77,7 @@ class NodeSpec:
     signature: dict[str, object] = field(default_factory=dict)
     opsets: dict[str, int] = field(default_factory=dict)
     output_types: list[int] = field(default_factory=list)
+    channels: list[np.ndarray] = field(default_factory=list)
 
     def build(self, counts: Sequence[int], seed: int = 0
               ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -114,42 +122,70 @@ class NodeSpec:
         return onnx.shape_inference.infer_shapes(model), feeds  # the outputs' shapes
 
 
+def _channel_set(member: Member, size: int) -> tuple[int, ...]:
+    if member.channels is None:
+        return tuple(range(size))
+    return tuple(int(c) for c in np.unique(member.channels))
+
+
+def _factors(found: list[tuple[int, tuple[int, ...]]]) -> list[tuple[int, tuple[int, ...]]]:
+    """The node's factors: per group, its channel sets that no other set there contains.
+
+    A concat's output contains its inputs (one factor: the concat is costed from the sum of
+    its slices), a producer of one slice has only that slice, and a layer that reads a prefix
+    of a DenseNet concat and writes the next slice has two disjoint sets (two factors).
+    """
+    unique = list(dict.fromkeys(found))
+    return [(g, s) for g, s in unique
+            if not any(h == g and t != s and set(s) <= set(t) for h, t in unique)]
+
+
+def _factor_of(factors: list[tuple[int, tuple[int, ...]]], group: int,
+               channels: tuple[int, ...]) -> int:
+    return next(i for i, (g, s) in enumerate(factors)
+                if g == group and set(channels) <= set(s))
+
+
 def node_specs(analysis: ChannelAnalysis, shapes: ShapeTable,
                groups: Sequence[ChannelGroup]) -> tuple[list[NodeSpec], list[str]]:
     """The nodes whose channels ``groups`` thin, made measurable; and the ones that are not.
 
+    A node's factors are the channel sets of the groups it carries: a whole group, or the
+    slice of a concat group one producer writes (each slice is thinned on its own by the
+    knapsack, so its producer is costed by its own kept fraction, not the group's).
     A node is left out (named in the second list, its time then stays in the calibrated
-    constant) when a dim is unknown, or it has more than two factor groups, or a grouped
+    constant) when a dim is unknown, or it has more than two factors, or a grouped
     conv other than depthwise.
     """
     wanted = {g.index: g for g in groups}
-    weights: dict[tuple[int, int], dict[int, int]] = {}
+    weights: dict[tuple[int, int], dict[int, tuple[int, tuple[int, ...]]]] = {}
     for g in groups:
         for m in g.weights:
             if m.node is not None:
-                weights.setdefault((id(m.node), m.input_index), {})[m.axis] = g.index
+                weights.setdefault((id(m.node), m.input_index), {})[m.axis] = (
+                    g.index, _channel_set(m, g.size))
     opsets = {d or "": v for d, v in analysis.model.opset_imports.items()}
     specs, skipped = [], []
     for node in analysis.model.graph:
-        axes_by_input: list[dict[int, int]] = []
-        found: dict[int, None] = {}
+        axes_by_input: list[dict[int, tuple[int, tuple[int, ...]]]] = []
+        found: list[tuple[int, tuple[int, ...]]] = []
         for i, value in enumerate(node.inputs):
-            axes: dict[int, int] = dict(weights.get((id(node), i), {}))
+            axes = dict(weights.get((id(node), i), {}))
             dims = shapes.dims(value) if value is not None else None
             for axis in range(len(dims or ())):
                 hit = analysis.lookup(value, axis)
                 if hit is not None and hit[0].index in wanted:
-                    axes[axis] = hit[0].index
+                    axes[axis] = (hit[0].index, _channel_set(hit[1], hit[0].size))
             axes_by_input.append(axes)
-            found.update(dict.fromkeys(axes.values()))
+            found += axes.values()
         for value in node.outputs:
             for axis in range(len(shapes.dims(value) or ())):
                 hit = analysis.lookup(value, axis)
                 if hit is not None and hit[0].index in wanted:
-                    found[hit[0].index] = None
+                    found.append((hit[0].index, _channel_set(hit[1], hit[0].size)))
         if not found:
             continue
-        factors = list(found)
+        factors = _factors(found)
         why = _unmeasurable(node, shapes, len(factors))
         if why:
             skipped.append(f"{node.op_type} '{node.name}': {why}")
@@ -163,8 +199,8 @@ def node_specs(analysis: ChannelAnalysis, shapes: ShapeTable,
             dims = tuple(const.shape) if const is not None else shapes.dims(value)
             dtype = int(value.dtype) if value.dtype is not None else onnx.TensorProto.FLOAT
             inputs.append((value.name or "x", tuple(int(d) for d in dims), dtype, const,
-                           {a: factors.index(g) for a, g in axes.items()}))
-        sizes = [wanted[g].size for g in factors]
+                           {a: _factor_of(factors, *f) for a, f in axes.items()}))
+        sizes = [len(s) for _, s in factors]
         signature = {"op": node.op_type, "domain": node.domain or "",
                      "attrs": sorted((k, repr(a.value)) for k, a in node.attributes.items()),
                      "inputs": [(d, t, c is not None, sorted(a.items()))
@@ -172,7 +208,8 @@ def node_specs(analysis: ChannelAnalysis, shapes: ShapeTable,
                      "sizes": sizes, "opset": opsets.get(node.domain or "", 0)}
         types = [int(v.dtype) if v.dtype is not None else onnx.TensorProto.FLOAT
                  for v in node.outputs]
-        specs.append(NodeSpec(node, factors, sizes, inputs, signature, opsets, types))
+        specs.append(NodeSpec(node, [g for g, _ in factors], sizes, inputs, signature, opsets,
+                              types, [np.array(s, dtype=np.int64) for _, s in factors]))
     return specs, skipped
 
 
@@ -242,19 +279,37 @@ def monotone(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _grid_widths(size: int, limits: Limits, group: int, points: int) -> list[int]:
-    allowed = limits.allowed(size, group)[::-1]  # ascending
+def _grid_widths(size: int, limits: Limits, group: ChannelGroup, points: int) -> list[int]:
+    """Kept widths to measure a factor of ``size`` channels at, ascending.
+
+    A whole group takes the widths its limits allow. A concat slice is thinned by the
+    group's ranking, to any width down to one channel (every concat input keeps one), so
+    its grid spans 1 to its size, on the group's step where the slice holds a few steps.
+    """
+    if size == group.size:
+        allowed = limits.allowed(size, group.index)[::-1]  # ascending
+    else:
+        step = limits.step(group.index)
+        allowed = Limits(1, step if size >= 4 * step else 1).allowed(size)[::-1]
     picks = np.unique(np.round(np.linspace(0, len(allowed) - 1, points)).astype(int))
     return [int(allowed[i]) for i in picks]
 
 
+def _share(group: ChannelGroup, channels: np.ndarray) -> np.ndarray:
+    """``w`` with ``w . keep`` the kept fraction of ``channels`` (a slice or the group)."""
+    w = np.zeros(group.size)
+    w[channels] = 1.0 / max(len(channels), 1)
+    return w
+
+
 def latency_model(analysis: ChannelAnalysis, specs: Sequence[NodeSpec], limits: Limits,
                   meter: LatencyMeter) -> CostModel:
-    """Seconds per run as a cost model over the factor groups of ``specs`` (uncalibrated)."""
-    shares = {g.index: np.full(g.size, 1.0 / g.size) for g in analysis.groups}
+    """Seconds per run as a cost model over the factors of ``specs`` (uncalibrated)."""
+    by_index = {g.index: g for g in analysis.groups}
     requests, grids = [], []
     for spec in specs:
-        widths = [_grid_widths(size, limits, g, GRID_POINTS[min(len(spec.factors), 2) - 1])
+        widths = [_grid_widths(size, limits, by_index[g],
+                               GRID_POINTS[min(len(spec.factors), 2) - 1])
                   for g, size in zip(spec.factors, spec.sizes, strict=True)]
         grids.append(widths)
         requests.append((spec, [tuple(p) for p in np.array(np.meshgrid(*widths, indexing="ij"))
@@ -265,7 +320,8 @@ def latency_model(analysis: ChannelAnalysis, specs: Sequence[NodeSpec], limits: 
         values = monotone(values.reshape([len(w) for w in widths]))
         fractions = [np.array(w, dtype=np.float64) / s
                      for w, s in zip(widths, spec.sizes, strict=True)]
-        model.terms.append(TableTerm(1.0, [(g, shares[g]) for g in spec.factors],
+        model.terms.append(TableTerm(1.0, [(g, _share(by_index[g], c)) for g, c in
+                                           zip(spec.factors, spec.channels, strict=True)],
                                      fractions, values))
     return model
 

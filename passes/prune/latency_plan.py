@@ -34,11 +34,12 @@ from onnxopt.passes.prune.channel_cost import CostModel
 from onnxopt.passes.prune.latency import calibrated, latency_model, measured_steps, node_specs
 from onnxopt.passes.prune.latency_cache import LatencyMeter, Timer
 from onnxopt.passes.prune.latency_timing import SideBySide, ort_timer, side_by_side
-from onnxopt.shapes import concrete_shapes, static_dims
+from onnxopt.shapes import ShapeTable, concrete_shapes, static_dims
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LatencyBudget", "LatencyOutcome", "batched_shapes"]
+__all__ = ["LatencyBudget", "LatencyOutcome", "batched_shapes", "same_plan",
+           "shapes_at_batch"]
 
 NOISY = 0.05
 """A/A noise above which a whole-model timing is repeated (up to :data:`RETRIES` times)."""
@@ -79,6 +80,19 @@ def batched_shapes(model: ir.Model, per_sample: Mapping[str, tuple[int, ...]],
     return shapes
 
 
+def shapes_at_batch(model: ir.Model, inputs: Mapping[str, tuple[int, ...]]) -> ShapeTable:
+    """Every value's dims with the inputs at ``inputs``, their batch axis included.
+
+    :func:`~onnxopt.shapes.concrete_shapes` costs per sample (a dynamic batch axis at 1), so
+    the inputs of a copy are declared at the batched dims first.
+    """
+    copy = clone_model(model)
+    for value in copy.graph.inputs:
+        if value.name in inputs:
+            value.shape = ir.Shape(inputs[value.name or ""])
+    return concrete_shapes(copy, inputs)
+
+
 @dataclass
 class LatencyOutcome:
     """What the latency planner predicted and measured (the report's numbers).
@@ -96,6 +110,7 @@ class LatencyOutcome:
         first_measured: The measured ratio of the first plan when a correction round ran.
         rounds: Correction rounds run.
         history: Measured ratio of every plan timed, in order (the first plan first).
+        predictions: Predicted ratio of each of those plans, by the cost it was made with.
         measurements: One-node timings measured (not found in the cache).
         cached: One-node timings found in the cache.
         steps: Group index -> measured channel granularity (when round_to was measured).
@@ -116,6 +131,7 @@ class LatencyOutcome:
     first_measured: float | None = None
     rounds: int = 0
     history: list[float] = field(default_factory=list)
+    predictions: list[float] = field(default_factory=list)
     measurements: int = 0
     cached: int = 0
     steps: dict[int, int] = field(default_factory=dict)
@@ -154,7 +170,7 @@ class LatencyBudget:
         self.model = model
         self.groups = groups
         self.inputs = batched_shapes(model, per_sample, batch)
-        shapes = concrete_shapes(model, self.inputs)
+        shapes = shapes_at_batch(model, self.inputs)
         self.specs, skipped = node_specs(analysis, shapes, groups)
         self.analysis = analysis
         self.meter = LatencyMeter(threads, timer or ort_timer(threads), cache)
@@ -165,6 +181,7 @@ class LatencyBudget:
         self.raw: CostModel | None = None
         self.full = 0.0
         self.points: list[tuple[float, float]] = []  # (node sum, measured ratio)
+        self.uniform_keep: Keep = {}  # the calibration plan
 
     def limits(self, limits: Limits) -> Limits:
         """``limits`` with each group's granularity measured (:func:`.latency.measured_steps`)."""
@@ -189,6 +206,7 @@ class LatencyBudget:
         self.outcome.table_seconds += time.perf_counter() - start
         self.full = self.raw.total()
         keep = uniform(self.raw, target * self.full)
+        self.uniform_keep = keep
         timed = self.time(keep)
         self.outcome.original_ms = timed.baseline_ms
         self.outcome.uniform_measured = timed.ratios[0]
@@ -207,7 +225,7 @@ class LatencyBudget:
             return calibrated(self.raw, 0.0, 1.0 / max(self.full, 1e-12))
         return calibrated(self.raw, high[1] - slope * high[0], slope)
 
-    def _bracket(self, target: float, noise: float = 0.0) -> CostModel:
+    def bracket(self, target: float, noise: float = 0.0) -> CostModel:
         """A line through (or tangent to) the measured plans nearest ``target``.
 
         Whole-graph effects (layouts onnxruntime picks for a set of widths, concat copies)
@@ -269,7 +287,7 @@ class LatencyBudget:
 
         A miss either way counts: a plan faster than asked removed channels it did not
         need to. Each correction round re-fits the cost on the measured plans nearest the
-        target (:meth:`_bracket`), re-plans and times the new plan, up to :data:`ROUNDS`
+        target (:meth:`bracket`), re-plans and times the new plan, up to :data:`ROUNDS`
         rounds; a round whose plan was measured already ends them. The plan kept is the
         measured one that meets the target (within the noise and :data:`CLOSE`) closest to
         it, or the fastest one when none does.
@@ -286,9 +304,9 @@ class LatencyBudget:
             if _close(timed, target):
                 break
             self.points.append((self.raw.total(keep), timed.ratios[0]))
-            cost = self._bracket(target, timed.noise)
+            cost = self.bracket(target, timed.noise)
             keep = replan(cost)
-            if any(_same(keep, k) for k, _, _ in tried):
+            if any(same_plan(keep, k) for k, _, _ in tried):
                 break  # the line moved too little to change the plan
             timed = self.time(keep)
             tried.append((keep, cost, timed))
@@ -297,6 +315,7 @@ class LatencyBudget:
         keep, cost, timed = _best(tried, target)
         self.outcome.rounds = len(tried) - 1
         self.outcome.history = [t.ratios[0] for _, _, t in tried]
+        self.outcome.predictions = [float(c.total(k)) for k, c, _ in tried]
         self.outcome.corrected = timed is not tried[0][2]
         self.outcome.first_measured = tried[0][2].ratios[0] if len(tried) > 1 else None
         self.outcome.predicted = float(cost.total(keep))
@@ -326,7 +345,8 @@ def _close(timed: SideBySide, target: float) -> bool:
     return abs(timed.ratios[0] - target) <= timed.noise + CLOSE
 
 
-def _same(a: Keep, b: Keep) -> bool:
+def same_plan(a: Keep, b: Keep) -> bool:
+    """Whether two plans keep the same channels."""
     return a.keys() == b.keys() and all(np.array_equal(a[g], b[g]) for g in a)
 
 

@@ -33,7 +33,8 @@ class Plan:
     keep: dict[int, np.ndarray]
     rows: list[dict[str, Any]]
     savings: dict[str, dict[int, float]]
-    latency: LatencyOutcome | None = None
+    latency: list[LatencyOutcome] | None = None
+    """What the latency budget predicted and measured, per batch size named."""
 
 
 def summary_line(plan: Plan, opts: PruneOptions, before: ModelCost, no_groups: str) -> str:
@@ -51,13 +52,16 @@ def summary_line(plan: Plan, opts: PruneOptions, before: ModelCost, no_groups: s
             f"{plural(len(plan.rows), 'group')}, "
             f"channels {total} -> {kept}, {macs}, "
             f"params {100 * params / max(before.params, 1):.1f}%")
-    if plan.latency is not None:
-        t = plan.latency
-        corrected = (f", corrected from {t.first_measured:.2f}x"
-                     if t.corrected else "")
-        text += (f", latency {t.measured:.2f}x measured ({t.predicted:.2f}x predicted, "
-                 f"A/A {t.aa:.2f}x{corrected}) of {t.original_ms:.3g} ms at batch "
-                 f"{t.batch}, {plural(t.threads, 'thread')}")
+    if plan.latency:
+        parts = []
+        for t in plan.latency:  # one per batch size named
+            corrected = (f", corrected from {t.first_measured:.2f}x"
+                         if t.corrected else "")
+            parts.append(f"{t.measured:.2f}x measured ({t.predicted:.2f}x predicted, "
+                         f"A/A {t.aa:.2f}x{corrected}) of {t.original_ms:.3g} ms at batch "
+                         f"{t.batch}")
+        text += (f", latency {', '.join(parts)}, "
+                 f"{plural(plan.latency[0].threads, 'thread')}")
     if not plan.rows:
         text += f" ({no_groups})"
     return text

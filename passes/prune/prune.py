@@ -56,6 +56,7 @@ from onnxopt.passes.prune.budget import (
 )
 from onnxopt.passes.prune.channel_cost import COST_MODELS, CostModel
 from onnxopt.passes.prune.importance import CRITERIA, group_scores
+from onnxopt.passes.prune.latency_slices import BLOCK, snapped_allocation
 from onnxopt.passes.prune.plan_report import (
     Plan,
     calib_effect,
@@ -74,7 +75,7 @@ from onnxopt.passes.prune.statistics import collect_statistics
 from onnxopt.shapes import ShapeTable, concrete_shapes, resolve_input_shapes
 
 if TYPE_CHECKING:
-    from onnxopt.passes.prune.latency_plan import LatencyBudget
+    from onnxopt.passes.prune.latency_batches import LatencyBudgets
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,9 @@ class PruneOptions:
         params: Fraction of the model's parameters to keep.
         latency: Fraction of the model's latency to keep, measured with onnxruntime on this
             machine at ``batch`` samples and ``threads`` threads (:mod:`.latency_plan`).
-        batch: Samples per run the latency budget is measured at (default 1).
+        batch: Samples per run the latency budget is measured at (default 1); several
+            (``batch=1;32``, or a tuple) keep at most ``latency`` at each of them
+            (:mod:`.latency_batches`).
         threads: Intra-op threads the latency budget is measured with (default 1: timings
             of one thread do not depend on what else the machine runs).
         criterion: Channel importance; ``auto`` = ``thinet`` with calibration data, else ``l1``.
@@ -135,7 +138,7 @@ class PruneOptions:
     macs: float | None = option(None, within="(0, 1]")
     params: float | None = option(None, within="(0, 1]")
     latency: float | None = option(None, within="(0, 1]")
-    batch: int | None = option(None, within="[1, inf)")
+    batch: int | tuple[int, ...] | None = option(None, within="[1, inf)")
     threads: int | None = option(None, within="[1, inf)")
     criterion: CriterionName = "auto"
     allocation: Literal["knapsack", "uniform"] = "knapsack"
@@ -158,6 +161,8 @@ class PruneOptions:
                  if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one budget, not {' and '.join(given)}")
+        if isinstance(self.batch, (tuple, list)) and not self.batch:
+            raise ValueError("batch= names no batch size")
         for key in ("batch", "threads"):
             if getattr(self, key) is not None and self.latency is None:
                 raise ValueError(f"{key}= sets how a latency budget is measured; give "
@@ -165,6 +170,13 @@ class PruneOptions:
         # Ranges and choices are declared on the fields (onnxopt.options).
         if self.criterion != "auto" and self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}")
+
+    def batches(self) -> tuple[int, ...]:
+        """The batch sizes a latency budget is measured at, in order, each once."""
+        if self.batch is None:
+            return (1,)
+        given = (self.batch,) if isinstance(self.batch, int) else tuple(self.batch)
+        return tuple(dict.fromkeys(given))
 
     def budget(self) -> tuple[str, float]:
         """``("ratio" | "macs" | "params" | "latency", value)``."""
@@ -277,6 +289,18 @@ class PrunePass(Pass):
         limits = Limits(opts.min_channels, opts.round_to or DEFAULT_ROUND_TO)
         allocation = "ratio" if kind == "ratio" else opts.allocation
         uniform = measuring = timing = None
+        least = BLOCK if opts.round_to is None else 1  # a measured step is at least a block
+
+        def allocate(name: str, ranks: dict[int, np.ndarray], cost: CostModel, target: float,
+                     relative: bool) -> dict[int, np.ndarray]:
+            """The allocator's plan; under a latency budget, concat slices on the step."""
+            def plan(at: float) -> dict[int, np.ndarray]:
+                return ALLOCATORS[name](ranks, cost, at, limits, relative)
+
+            if timing is None:
+                return plan(target)
+            return snapped_allocation(plan, groups, ranks, cost, target, limits, least)
+
         if kind == "latency" and groups:
             timing, limits = self._latency(model, ctx, analysis, groups, scores, limits)
             costs["latency"] = timing.calibrated_cost
@@ -291,7 +315,7 @@ class PrunePass(Pass):
                     has_data if opts.sensitivity is None else opts.sensitivity):
                 if not has_data:
                     raise UserError("prune(sensitivity=true) needs calibration data")
-                context = allocate_uniform(scores, cost, value * costs[kind].total(), limits)
+                context = allocate("uniform", scores, cost, value * costs[kind].total(), False)
                 uniform = {g.index: keep_every_tensor(g, context[g.index], scores[g.index])
                            for g in groups}
                 measuring = measurement(model, ctx, opts, refit)
@@ -300,8 +324,8 @@ class PrunePass(Pass):
                 scores, uniform_error = measured_scores(model, ctx, opts, groups, scores,
                                                         uniform, limits, refit, measuring)
                 calibrated = True
-            keep = ALLOCATORS[opts.allocation](scores, cost, value * costs[kind].total(), limits,
-                                               not calibrated)
+            keep = allocate(opts.allocation, scores, cost, value * costs[kind].total(),
+                            not calibrated)
         keep = {g.index: keep_every_tensor(g, keep[g.index], scores[g.index]) for g in groups}
         if uniform is not None:
             knapsack_error = measured_error(model, ctx, opts, keep, refit, measuring)
@@ -315,16 +339,19 @@ class PrunePass(Pass):
                     f"{uniform_error:.3g}): uniform kept"))
         if timing is not None:
             def replan(new: CostModel) -> dict[int, np.ndarray]:
-                again = ALLOCATORS[allocation](scores, new.restrict([g.index for g in groups]),
-                                               value, limits, not calibrated)  # ratio units
+                again = allocate(allocation, scores, new.restrict([g.index for g in groups]),
+                                 value, not calibrated)  # ratio units
                 return {g.index: keep_every_tensor(g, again[g.index], scores[g.index])
                         for g in groups}
 
             keep, costs["latency"] = timing.budget.check(keep, costs["latency"], value, replan)
             cost = costs["latency"].restrict([g.index for g in groups])
             result.stats["latency"] = timing.budget.outcome.to_dict()
+            if len(timing.budget.outcomes) > 1:
+                result.stats["latency"]["per_batch"] = [
+                    o.to_dict() for o in timing.budget.outcomes]
         if kind != "ratio":
-            reached = (timing.budget.outcome.predicted if timing is not None
+            reached = (max(o.predicted for o in timing.budget.outcomes) if timing is not None
                        else cost.total(keep) / max(costs[kind].total(), 1.0))
             if reached > value + 1e-9:
                 result.refuse("budget", f"{kind} kept {reached:.1%} > target {value:.1%}: "
@@ -332,30 +359,36 @@ class PrunePass(Pass):
         savings = {k: group_savings(c.restrict(list(keep)), keep) for k, c in costs.items()}
         if costs["macs"].unknown:
             del savings["macs"]  # unknown, not zero
-        outcome = timing.budget.outcome if timing is not None else None
-        if outcome is not None:  # the measured saving, shared as the node tables say
+        outcomes = timing.budget.outcomes if timing is not None else None
+        if outcomes:  # the measured saving at the first batch, shared as the tables say
+            outcome = outcomes[0]
             shares = savings["latency"]
             total = sum(shares.values())
             saved_ms = max(1.0 - outcome.measured, 0.0) * outcome.original_ms
             savings["latency"] = {g: v / total * saved_ms if total > 0 else 0.0
                                   for g, v in shares.items()}
         return Plan(criterion, refit, kind, value, allocation, groups, keep,
-                     plan_rows(groups, keep, savings), savings, outcome)
+                     plan_rows(groups, keep, savings), savings, outcomes)
 
     def _latency(self, model: ir.Model, ctx: PassContext, analysis: ChannelAnalysis,
                  groups: list[ChannelGroup], scores: dict[int, np.ndarray],
                  limits: Limits) -> tuple[_Timing, Limits]:
         """The measured, calibrated latency cost; with ``round_to`` unset, measured limits."""
-        from onnxopt.passes.prune.latency_plan import LatencyBudget
+        from onnxopt.passes.prune.latency_batches import LatencyBudgets
 
         opts: PruneOptions = self.options
         per_sample = resolve_input_shapes(model, ctx.input_shapes, (ctx.calib,))
-        budget = LatencyBudget(model, analysis, groups, per_sample, batch=opts.batch or 1,
-                               threads=opts.threads or 1, seed=ctx.seed)
+        budget = LatencyBudgets(model, analysis, groups, per_sample, batches=opts.batches(),
+                                threads=opts.threads or 1, seed=ctx.seed)
         if opts.round_to is None:
             limits = budget.limits(limits)
-        cost = budget.cost(limits, lambda c, t: allocate_uniform(scores, c, t, limits),
-                           float(opts.latency or 1.0))
+
+        def uniform(cost: CostModel, target: float) -> dict[int, np.ndarray]:
+            return snapped_allocation(lambda t: allocate_uniform(scores, cost, t, limits),
+                                      groups, scores, cost, target, limits,
+                                      BLOCK if opts.round_to is None else 1)
+
+        cost = budget.cost(limits, uniform, float(opts.latency or 1.0))
         return _Timing(budget, cost), limits
 
 
@@ -363,7 +396,7 @@ class PrunePass(Pass):
 class _Timing:
     """The latency planner of a ``latency`` budget and its calibrated cost."""
 
-    budget: LatencyBudget
+    budget: LatencyBudgets
     calibrated_cost: CostModel
 
 
