@@ -35,6 +35,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,9 @@ def input_shapes(model: CorpusModel) -> dict[str, tuple[int, ...]] | None:
 def static_batch(path: Path) -> int | None:
     """The fixed batch size of the first input, None when it is dynamic."""
     graph = onnx.load(str(path), load_external_data=False).graph
-    dim = graph.input[0].type.tensor_type.shape.dim[0]
+    weights = {t.name for t in graph.initializer}
+    data = next(i for i in graph.input if i.name not in weights)
+    dim = data.type.tensor_type.shape.dim[0]
     return dim.dim_value or None
 
 
@@ -98,6 +101,22 @@ def run_all(path: Path, feeds: dict[str, np.ndarray], batch: int) -> np.ndarray:
     n = len(next(iter(feeds.values())))
     return np.concatenate([session.run(None, {k: v[i:i + batch] for k, v in feeds.items()})[0]
                            for i in range(0, n, batch)])
+
+
+INT_OPS = ocr_quantize.INT_OPS
+#: Float compute ops of onnxruntime's optimized graph (FusedGemm: a Gemm with its activation).
+FLOAT_OPS = (*ocr_quantize.FLOAT_OPS, "FusedGemm")
+
+
+def kernels(path: Path, work: Path) -> dict[str, int]:
+    """Integer kernels and float compute ops in onnxruntime's optimized graph of ``path``."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(work / f"{path.stem}.ortopt.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    counts = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    return {op: counts[op] for op in (*INT_OPS, *FLOAT_OPS) if counts[op]}
 
 
 # -- each model's own answer -------------------------------------------------------------
@@ -179,8 +198,11 @@ def ours(fp32: Path, dst: Path, calib: Path, val: Path,
     seconds = time.perf_counter() - start
     onnxopt.save(model, str(dst))
     rec = next(r for r in report.records if r.name.startswith("quantize"))
+    compute = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    float_compute = sorted({f"{r.where}: {r.reason}" for r in rec.refusals
+                            if r.where.split(" ", 1)[0] in compute})
     return {"seconds": seconds, "status": str(rec.status.value), "message": rec.message,
-            "stats": ocr_quantize._jsonable(rec.stats)}
+            "stats": ocr_quantize._jsonable(rec.stats), "float_compute": float_compute}
 
 
 def peer(fp32: Path, dst: Path, calib: Path, batch: int) -> dict:
@@ -191,13 +213,25 @@ def peer(fp32: Path, dst: Path, calib: Path, batch: int) -> dict:
     peers.get_peer(PEER).import_modules()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        model, extra = onnx.load(str(fp32)), ""
+        weights = {t.name for t in model.graph.initializer}
+        shadowed = [i for i in model.graph.input if i.name in weights]
+        if shadowed:  # old exports list their weights as graph inputs too; the peer's
+            for value in shadowed:  # pre-processing folds some of them away and then
+                model.graph.input.remove(value)  # asks for them as inputs
+            fp32 = Path(tmp) / "inputs_cleaned.onnx"
+            onnx.save(model, str(fp32))
+            extra = (f"{len(shadowed)} initializers removed from the graph inputs first "
+                     "(onnxruntime's remove_initializer_from_input); ")
         source, note = peers._preprocess(str(fp32), tmp)
-        reader = peers.NpzCalibrationReader(calib, peers._input_names(source), batch=batch)
+        with np.load(calib) as data:  # the light_* models keep their weights' shapes as
+            names = list(data)          # graph inputs with initializers, which the
+        reader = peers.NpzCalibrationReader(calib, names, batch=batch)  # pre-processing drops
         quantize_static(source, str(dst), reader, quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
     return {"seconds": time.perf_counter() - start,
-            "note": f"{note}; quantize_static QDQ, MinMax, U8 activations, S8 weights "
+            "note": f"{extra}{note}; quantize_static QDQ, MinMax, U8 activations, S8 weights "
                     f"per-channel"}
 
 
@@ -232,7 +266,7 @@ def bench_model(name: str, work: Path, n_calib: int, n_eval: int, rounds: int) -
     for label, v in variants.items():
         out = run_all(v["path"], data["eval"], batch)
         v["task"] = agreement("class" if kind == "constant" else kind, out, ref)
-        v["kernels"] = ocr_quantize.kernels(v["path"], work)
+        v["kernels"] = kernels(v["path"], work)
         _log(f"  {label}: {v['task']} {v['kernels']}")
     variants["fp32 (A/A)"] = {"path": fp32, "task": variants["fp32"]["task"],
                               "kernels": variants["fp32"]["kernels"]}
@@ -251,7 +285,6 @@ def bench_model(name: str, work: Path, n_calib: int, n_eval: int, rounds: int) -
 
 # -- report ------------------------------------------------------------------------------
 
-INT_OPS, FLOAT_OPS = ocr_quantize.INT_OPS, ocr_quantize.FLOAT_OPS
 
 
 def _ratio(lat: dict | None) -> str:
@@ -306,6 +339,8 @@ def details(results: dict[str, dict]) -> str:
                 out.append(f"- ours: quantized nodes {stats.get('quantized')}, kept float "
                            f"{stats.get('kept_float') or 'none'}, fallback reached "
                            f"{trace.get('reached', 'met without fallback')}")
+            for why in v.get("float_compute") or []:
+                out.append(f"- {label}: float {why}")
             for key in ("message", "note"):
                 if v.get(key):
                     out.append(f"- {label}: {v[key]}")
