@@ -279,6 +279,13 @@ def bench_model(name: str, work: Path, n_calib: int, n_eval: int, rounds: int) -
                                 max(5, rounds // 2))
         for label, st in stats.items():
             variants[label][f"latency_b{b}"] = st.to_dict()
+        # ours against the peer directly, paired, with the peer's own A/A row
+        direct = {"peer": sessions["peer"], "ours": sessions["ours"],
+                  "peer (A/A)": latency.bench_session(str(variants["peer"]["path"]))}
+        stats = latency.measure(direct, feed, "peer", rounds=rounds if b == 1 else
+                                max(5, rounds // 2))
+        variants["ours"][f"vs_peer_b{b}"] = stats["ours"].to_dict()
+        variants["peer"][f"vs_peer_b{b}"] = stats["peer (A/A)"].to_dict()
         result[f"load_b{b}"] = f"{load} -> {machine.load_average()}"
     return result
 
@@ -304,8 +311,9 @@ def _task(res: dict, v: dict) -> str:
 
 def table(results: dict[str, dict]) -> str:
     lines = ["| model | variant | task agreement vs fp32 | integer kernels (ORT graph) | "
-             "float Conv/Gemm/MatMul left | latency / fp32 b=1 | b=8 | quantize s | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "float Conv/Gemm/MatMul left | latency / fp32 b=1 | b=8 | / peer b=1 | b=8 | "
+             "quantize s | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         for label, v in res["variants"].items():
             k = v.get("kernels", {})
@@ -314,6 +322,7 @@ def table(results: dict[str, dict]) -> str:
             secs = f"{v['seconds']:.1f}" if v.get("seconds") is not None else "-"
             lines.append(f"| {name} | {label} | {_task(res, v)} | {ints} | {flo} | "
                          f"{_ratio(v.get('latency_b1'))} | {_ratio(v.get('latency_b8'))} | "
+                         f"{_ratio(v.get('vs_peer_b1'))} | {_ratio(v.get('vs_peer_b8'))} | "
                          f"{secs} | {v.get('status', '')} |")
     return "\n".join(lines)
 
@@ -357,7 +366,8 @@ def markdown(results: dict[str, dict], info: dict, end_load: str, notes: str) ->
             f"file. Task agreement is with the fp32 model's own answer on an evaluation set "
             f"made with another seed than the calibration set; latency is 2 intra-op threads, "
             f"median of interleaved paired ratios to fp32 [quartiles], with an fp32 A/A row "
-            f"as the noise floor.\n\n")
+            f"as the noise floor; `/ peer` times ours against the peer directly in a second "
+            f"paired run, where the `peer` row is the peer's own A/A.\n\n")
     return head + table(results) + "\n" + details(results) + "\n" + notes
 
 
