@@ -216,13 +216,15 @@ def peer(fp32: Path, dst: Path, calib: Path, batch: int) -> dict:
         model, extra = onnx.load(str(fp32)), ""
         weights = {t.name for t in model.graph.initializer}
         shadowed = [i for i in model.graph.input if i.name in weights]
-        if shadowed:  # old exports list their weights as graph inputs too; the peer's
-            for value in shadowed:  # pre-processing folds some of them away and then
-                model.graph.input.remove(value)  # asks for them as inputs
+        if shadowed:  # old exports (IR version 3) list their weights as graph inputs too;
+            for value in shadowed:  # the peer's pre-processing folds some of them and the
+                model.graph.input.remove(value)  # constants it makes become inputs
+            model.ir_version = max(model.ir_version, 7)
             fp32 = Path(tmp) / "inputs_cleaned.onnx"
             onnx.save(model, str(fp32))
-            extra = (f"{len(shadowed)} initializers removed from the graph inputs first "
-                     "(onnxruntime's remove_initializer_from_input); ")
+            extra = (f"{len(shadowed)} initializers removed from the graph inputs and IR "
+                     f"version {model.ir_version} first (onnxruntime's "
+                     "remove_initializer_from_input); ")
         source, note = peers._preprocess(str(fp32), tmp)
         with np.load(calib) as data:  # the light_* models keep their weights' shapes as
             names = list(data)          # graph inputs with initializers, which the
@@ -254,13 +256,17 @@ def bench_model(name: str, work: Path, n_calib: int, n_eval: int, rounds: int) -
     variants["ours"].update(ours(fp32, variants["ours"]["path"], work / f"{name}_calib.npz",
                                  work / f"{name}_val.npz", input_shapes(model)))
     _log(f"{name}: peer")
-    variants["peer"] = {"path": work / f"{name}_peer.onnx"}
-    variants["peer"].update(peer(fp32, variants["peer"]["path"], work / f"{name}_calib.npz",
-                                 fixed or peers.CALIB_BATCH))
-    batch = fixed or 8
-    ref = run_all(fp32, data["eval"], batch)
     result = {"model": name, "kind": kind, "opset": opset, "n_calib": n_calib,
               "n_eval": n_eval, "variants": variants}
+    try:
+        info = peer(fp32, work / f"{name}_peer.onnx", work / f"{name}_calib.npz",
+                    fixed or peers.CALIB_BATCH)
+        variants["peer"] = {"path": work / f"{name}_peer.onnx", **info}
+    except Exception as exc:  # the peer failing on a model is a result, not the end of the run
+        result["peer_failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        _log(f"  peer failed: {result['peer_failed']}")
+    batch = fixed or 8
+    ref = run_all(fp32, data["eval"], batch)
     if kind == "constant":
         result["constant"] = constant_output(ref)
     for label, v in variants.items():
@@ -279,6 +285,9 @@ def bench_model(name: str, work: Path, n_calib: int, n_eval: int, rounds: int) -
                                 max(5, rounds // 2))
         for label, st in stats.items():
             variants[label][f"latency_b{b}"] = st.to_dict()
+        result[f"load_b{b}"] = f"{load} -> {machine.load_average()}"
+        if "peer" not in variants:
+            continue
         # ours against the peer directly, paired, with the peer's own A/A row
         direct = {"peer": sessions["peer"], "ours": sessions["ours"],
                   "peer (A/A)": latency.bench_session(str(variants["peer"]["path"]))}
@@ -286,7 +295,6 @@ def bench_model(name: str, work: Path, n_calib: int, n_eval: int, rounds: int) -
                                 max(5, rounds // 2))
         variants["ours"][f"vs_peer_b{b}"] = stats["ours"].to_dict()
         variants["peer"][f"vs_peer_b{b}"] = stats["peer (A/A)"].to_dict()
-        result[f"load_b{b}"] = f"{load} -> {machine.load_average()}"
     return result
 
 
@@ -340,8 +348,10 @@ def details(results: dict[str, dict]) -> str:
             out.append(f"- fp32 output across the {res['n_eval']} inputs: max spread "
                        f"{c['max_spread']:.3g} on outputs up to {c['output_scale']:.3g}, "
                        f"{c['classes_fp32']:.0f} distinct top-1 class(es)")
+        if res.get("peer_failed"):
+            out.append(f"- peer: failed: {res['peer_failed']}")
         for label in ("ours", "peer"):
-            v = res["variants"][label]
+            v = res["variants"].get(label, {})
             stats = v.get("stats") or {}
             if stats:
                 trace = stats.get("fallback") or {}
