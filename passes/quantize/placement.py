@@ -13,8 +13,8 @@ The table follows what onnxruntime's QDQ fusion (its selector/action transformer
   scale and zero point on their output; onnxruntime then runs them on the integers.
 * Concat inputs produced by a quantized op and read by nothing else take the Concat's output
   parameters, so QLinearConcat copies bytes instead of requantizing.
-* Elementwise ops (Add, Mul, Concat, Sigmoid, pools) are quantized only inside a chain of
-  integer kernels, and never where they raise one tensor to a power (:mod:`.chains`).
+* Elementwise ops (Add, Mul, Concat, Sigmoid, Softmax, pools) are quantized only inside a
+  chain of integer kernels, and never where they raise one tensor to a power (:mod:`.chains`).
 * Gemm and MatMul quantize their output only when a reader wants a quantized input; otherwise
   QGemm / MatMulIntegerToFloat return float directly (e.g. the logits).
 * One QuantizeLinear per tensor; one DequantizeLinear per reading node.
@@ -123,6 +123,7 @@ PLACEMENT: dict[str, OpRule] = {
     "AveragePool": OpRule((0,), kernel="QLinearAveragePool", check=_no_dilations),
     "GlobalAveragePool": OpRule((0,), kernel="QLinearGlobalAveragePool"),
     "Sigmoid": OpRule((0,), kernel="QLinearSigmoid"),
+    "Softmax": OpRule((0,), kernel="QLinearSoftmax", min_opset=13),
     "LeakyRelu": OpRule((0,), kernel="QLinearLeakyRelu"),
     "MaxPool": OpRule((0,), SAME, kernel="MaxPool on int8", min_opset=12,
                       check=_single_output),

@@ -120,11 +120,11 @@ def test_powers_of_one_tensor_stay_float(tmp_path: Path) -> None:
     reasons = _reasons(record)
     for where in ("Mul 'square'", "Mul 'cube'", "Add 'inner'", "Mul 'scaled_inner'"):
         assert reasons[where].endswith(POWER)
-    assert reasons["Mul 'scaled'"].endswith(NO_READER)  # its only reader is a power
     for where in ("Add 'one_plus'", "Mul 'halved'"):
         assert reasons[where].endswith(NO_PRODUCER)  # after a float node (Tanh)
     ops = _ort_ops(quantized, tmp_path)
-    assert ops["QLinearConv"] == 2 and ops["QLinearMul"] == 1 and ops["QLinearAdd"] == 0
+    assert "Mul 'gate'" not in reasons and "Mul 'scaled'" not in reasons  # c * x, x * gelu'(x)
+    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 0
     feeds = _feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
     assert _sqnr(ref, got) > 28.0
@@ -143,7 +143,7 @@ def test_graph_output_concat_stays_float_and_keeps_score_resolution(tmp_path: Pa
     quantized, record = _quantize(model)
     reasons = _reasons(record)
     assert reasons["Concat 'output'"].endswith(NO_READER)
-    assert reasons["Sigmoid 'score'"].endswith(NO_READER)
+    assert "Sigmoid 'score'" not in reasons  # [0, 1] on its own scale
     ops = _ort_ops(quantized, tmp_path)
     assert ops["QLinearConv"] == 2 and ops["QLinearConcat"] == 0
     feeds = _feeds(1)
@@ -172,3 +172,33 @@ def test_elementwise_ops_inside_the_chain_stay_integer(tmp_path: Path) -> None:
     feeds = _feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
     assert _sqnr(ref, got) > 25.0
+
+
+def _softmax_model(head: bool) -> onnx.ModelProto:
+    """Conv -> Softmax over channels -> Conv (a detector's DFL), or Softmax as the output."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("Softmax", ["y"], ["p" if head else "out"], axis=1, name="soft")]
+    if head:
+        nodes.append(helper.make_node("Conv", ["p", "w2"], ["out"], pads=[1, 1, 1, 1]))
+    return _model(nodes, 4, [_weight("w1", (4, 4, 3, 3), 7), _weight("w2", (4, 4, 3, 3), 8)])
+
+
+def test_softmax_between_convs_runs_as_qlinearsoftmax(tmp_path: Path) -> None:
+    model = _softmax_model(head=True)
+    quantized, _ = _quantize(model)
+    ops = _ort_ops(quantized, tmp_path)
+    assert ops["QLinearSoftmax"] == 1 and ops["QLinearConv"] == 2 and ops["Softmax"] == 0
+    feeds = _feeds(1)
+    (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
+    assert _sqnr(ref, got) > 25.0
+
+
+def test_softmax_as_the_output_keeps_float_probabilities(tmp_path: Path) -> None:
+    model = _softmax_model(head=False)
+    quantized, record = _quantize(model)
+    assert _reasons(record)["Softmax 'soft'"].endswith(NO_READER)
+    ops = _ort_ops(quantized, tmp_path)
+    assert ops["QLinearSoftmax"] == 0 and ops["QLinearConv"] == 1
+    feeds = _feeds(1)
+    (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
+    assert np.abs(got - ref).mean() < 0.01
