@@ -10,10 +10,11 @@ scale) stays float when
 * none of its activations comes from a quantized node (through Relu/Clip and ops that only
   move values): e.g. a LayerNorm's ``(x - mean) * rsqrt(var) * gamma + beta`` after a
   Reciprocal, or ``1 + tanh(.)``. Quantizing it would add rounding and a QuantizeLinear;
-* it is a Concat or a Softmax and no quantized node reads its output: e.g. a Concat that is a
-  graph output. One scale for the whole output would be shared by inputs of very different
-  ranges (a detector's pixel boxes and its [0, 1] class scores: the scores rounded to steps of
-  more than 1); a final Softmax's probabilities keep their float precision;
+* no quantized node reads its output: it then needs a DequantizeLinear after it instead of
+  before it, and dropping it lets the nodes before it drop out too (a GELU after a MatMul that
+  then returns float directly). A Concat that is a graph output would also give one scale to
+  inputs of very different ranges (a detector's pixel boxes and its [0, 1] class scores: the
+  scores rounded to steps of more than 1), and a final Softmax keeps float probabilities;
 
 and a Mul or Add whose two activations are polynomials of one and the same tensor (``x * x``,
 ``x * (c * x)``, ``x + c * x**3``: a LayerNorm's square, the tanh approximation of GELU) stays
@@ -49,11 +50,6 @@ POWER = ("a power of one tensor (x*x, x + c*x^3, ...): its range grows as a powe
          "input's, more than one int8 scale can hold")
 NO_PRODUCER = ("no quantized node produces its inputs: int8 here saves no conversion and "
                "only adds rounding")
-#: Ops that stay float unless a quantized node reads them: a Concat's one output scale is
-#: shared by inputs of very different ranges; a Softmax at the end gives probabilities,
-#: whose close calls int8 would round away. Other elementwise ops cost the same conversions
-#: float or int8 when their readers are float, and int8 lets the ops before them stay int8.
-NEEDS_A_READER = frozenset({"Concat", "Softmax"})
 NO_READER = ("no quantized node reads its output (a graph output or float readers): int8 "
              "here saves no conversion and only adds rounding")
 
@@ -113,7 +109,7 @@ def unchained(graph: ir.Graph, nodes: Sequence[NodePlan],
             acts = [p.node.inputs[i] for i in p.activations if p.node.inputs[i] is not None]
             if not any(arrives(v) for v in acts):
                 more[id(p.node)] = NO_PRODUCER
-            elif p.node.op_type in NEEDS_A_READER and not wanted(p.node.outputs[0]):
+            elif not wanted(p.node.outputs[0]):
                 more[id(p.node)] = NO_READER
         if not more:
             return dropped
