@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -211,6 +212,7 @@ def peer(fp32: Path, dst: Path, calib: Path, batch: int) -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     peers.get_peer(PEER).import_modules()
+    fp32, dst, calib = fp32.resolve(), dst.resolve(), calib.resolve()  # the peer runs in tmp
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model, extra = onnx.load(str(fp32)), ""
@@ -225,13 +227,19 @@ def peer(fp32: Path, dst: Path, calib: Path, batch: int) -> dict:
             extra = (f"{len(shadowed)} initializers removed from the graph inputs and IR "
                      f"version {model.ir_version} first (onnxruntime's "
                      "remove_initializer_from_input); ")
-        source, note = peers._preprocess(str(fp32), tmp)
         with np.load(calib) as data:  # the light_* models keep their weights' shapes as
             names = list(data)          # graph inputs with initializers, which the
         reader = peers.NpzCalibrationReader(calib, names, batch=batch)  # pre-processing drops
-        quantize_static(source, str(dst), reader, quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        here = Path.cwd()  # the peer's failed pre-processing leaves sym_shape_infer_temp.onnx
+        os.chdir(tmp)      # and <uuid>.data files in the working folder: keep them in tmp
+        try:
+            source, note = peers._preprocess(str(fp32), tmp)
+            quantize_static(source, str(dst), reader, quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        finally:
+            os.chdir(here)
     return {"seconds": time.perf_counter() - start,
             "note": f"{extra}{note}; quantize_static QDQ, MinMax, U8 activations, S8 weights "
                     f"per-channel"}
