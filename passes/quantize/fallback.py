@@ -259,7 +259,7 @@ def choose_float_nodes(order: list[int], build: Callable[[set[int]], ir.Model],
 
     Returns:
         The indices to keep float, or None when no probe met the targets, and a trace for
-        the report (every probe, and the best one).
+        the report (every probe, and the best one: the probe kept, or the closest miss).
     """
     steps: list[dict[str, object]] = []
     trace: dict[str, object] = {"score_all_quantized": base.to_dict(),
@@ -292,6 +292,8 @@ def choose_float_nodes(order: list[int], build: Callable[[set[int]], ir.Model],
             high = mid
         else:
             low = mid
-    trace["best"] = best[1]
+    # the probe kept when one met the targets, else the one that came closest
+    trace["best"] = best[1] if high is None else next(
+        s for s in reversed(steps) if s["float_nodes"] == high)
     trace["reached"] = high is not None
     return (set(order[:high]) if high is not None else None), trace

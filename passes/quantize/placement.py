@@ -13,6 +13,8 @@ The table follows what onnxruntime's QDQ fusion (its selector/action transformer
   scale and zero point on their output; onnxruntime then runs them on the integers.
 * Concat inputs produced by a quantized op and read by nothing else take the Concat's output
   parameters, so QLinearConcat copies bytes instead of requantizing.
+* Elementwise ops (Add, Mul, Concat, Sigmoid, Softmax, pools) are quantized only inside a
+  chain of integer kernels, and never where they raise one tensor to a power (:mod:`.chains`).
 * Gemm and MatMul quantize their output only when a reader wants a quantized input; otherwise
   QGemm / MatMulIntegerToFloat return float directly (e.g. the logits).
 * One QuantizeLinear per tensor; one DequantizeLinear per reading node.
@@ -29,6 +31,7 @@ import onnx_ir as ir
 from onnxopt.ir import attr, const_array, is_constant, is_standard, node_label
 from onnxopt.layouts import gemm_bias, weight_layout
 from onnxopt.pass_base import PassResult
+from onnxopt.passes.quantize.chains import unchained
 from onnxopt.passes.quantize.refusion import refused_readers
 
 QUANTIZE = "quantize"
@@ -120,6 +123,7 @@ PLACEMENT: dict[str, OpRule] = {
     "AveragePool": OpRule((0,), kernel="QLinearAveragePool", check=_no_dilations),
     "GlobalAveragePool": OpRule((0,), kernel="QLinearGlobalAveragePool"),
     "Sigmoid": OpRule((0,), kernel="QLinearSigmoid"),
+    "Softmax": OpRule((0,), kernel="QLinearSoftmax", min_opset=13),
     "LeakyRelu": OpRule((0,), kernel="QLinearLeakyRelu"),
     "MaxPool": OpRule((0,), SAME, kernel="MaxPool on int8", min_opset=12,
                       check=_single_output),
@@ -332,6 +336,13 @@ def _plan(graph: ir.Graph, opset: int, result: PassResult, exclude_nodes: set[st
         elif draft is not None:
             draft.index = index
             plan.nodes.append(draft)
+    dropped = unchained(graph, plan.nodes,
+                        lambda p: p.rule.output == QUANTIZE and p.node.op_type not in COMPUTE_OPS,
+                        lambda p: p.rule.output == SAME)
+    for np_ in plan.nodes:
+        if id(np_.node) in dropped:
+            result.refuse(node_label(np_.node), f"stays float: {dropped[id(np_.node)]}")
+    plan.nodes = [np_ for np_ in plan.nodes if id(np_.node) not in dropped]
 
     for np_ in plan.nodes:
         for i in np_.activations:

@@ -1,0 +1,205 @@
+"""Tests of the chain and power rules: elementwise ops go int8 only inside integer chains."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxopt
+from onnxopt.passes.quantize import placement
+from onnxopt.passes.quantize.chains import NO_PRODUCER, NO_READER, POWER
+from onnxopt.session import make_session, run_model
+
+
+def _const(name: str, value: float | np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, np.float32), name)
+
+
+def _weight(name: str, shape: tuple[int, ...], seed: int, scale: float = 0.3) -> onnx.TensorProto:
+    return _const(name, np.random.default_rng(seed).standard_normal(shape) * scale)
+
+
+def _model(nodes: list, out_channels: int, initializers: list) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", out_channels, 8, 8])],
+        initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _gelu_model() -> onnx.ModelProto:
+    """Conv -> GELU (tanh approximation, written out as exporters do) -> Conv."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["y", "c"], ["a"], name="scaled"),
+        helper.make_node("Mul", ["y", "a"], ["b"], name="square"),
+        helper.make_node("Mul", ["y", "b"], ["cube"], name="cube"),
+        helper.make_node("Add", ["y", "cube"], ["d"], name="inner"),
+        helper.make_node("Mul", ["d", "k"], ["e"], name="scaled_inner"),
+        helper.make_node("Tanh", ["e"], ["t"]),
+        helper.make_node("Add", ["t", "one"], ["f"], name="one_plus"),
+        helper.make_node("Mul", ["f", "half"], ["g"], name="halved"),
+        helper.make_node("Mul", ["y", "g"], ["h"], name="gate"),
+        helper.make_node("Conv", ["h", "w2"], ["out"], pads=[1, 1, 1, 1]),
+    ]
+    return _model(nodes, 8, [_weight("w1", (8, 4, 3, 3), 0, 2.0), _weight("w2", (8, 8, 3, 3), 1),
+                             _const("c", 0.044715), _const("k", 0.7978845608),
+                             _const("one", 1.0), _const("half", 0.5)])
+
+
+def _detector_model() -> onnx.ModelProto:
+    """Two conv heads, one in pixels (x 100) and one sigmoid score, concatenated as output."""
+    nodes = [
+        helper.make_node("Conv", ["x", "wb"], ["box"], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["box", "stride"], ["pixels"], name="to_pixels"),
+        helper.make_node("Conv", ["x", "ws"], ["logit"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["logit"], ["score"], name="score"),
+        helper.make_node("Concat", ["pixels", "score"], ["out"], axis=1, name="output"),
+    ]
+    return _model(nodes, 6, [_weight("wb", (4, 4, 3, 3), 2), _weight("ws", (2, 4, 3, 3), 3),
+                             _const("stride", 100.0)])
+
+
+def _silu_model() -> onnx.ModelProto:
+    """Conv -> SiLU (x * sigmoid(x)) -> Conv, plus a residual Add: all inside the chain."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["y"], ["s"]),
+        helper.make_node("Mul", ["y", "s"], ["a"], name="silu"),
+        helper.make_node("Conv", ["a", "w2"], ["z"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["z", "y"], ["r"], name="residual"),
+        helper.make_node("Conv", ["r", "w3"], ["out"], pads=[1, 1, 1, 1]),
+    ]
+    return _model(nodes, 4, [_weight("w1", (4, 4, 3, 3), 4), _weight("w2", (4, 4, 3, 3), 5),
+                             _weight("w3", (4, 4, 3, 3), 6)])
+
+
+def _feeds(seed: int, n: int = 32) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((n, 4, 8, 8)).astype(np.float32)}
+
+
+def _quantize(model: onnx.ModelProto):
+    out, report = onnxopt.optimize(model, "quantize(fallback=false)", calib=_feeds(0),
+                                   validate=False)
+    record = report.records[-1]
+    assert record.status == "kept", record.message
+    return out, record
+
+
+def _ort_ops(model, tmp_path: Path) -> Counter:
+    path = tmp_path / f"ort_{len(list(tmp_path.iterdir()))}.onnx"
+    make_session(model, optimized_path=str(path))
+    return Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def _sqnr(reference: np.ndarray, actual: np.ndarray) -> float:
+    noise = float(np.sum((actual.astype(np.float64) - reference) ** 2))
+    return 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / noise)
+
+
+@pytest.fixture
+def without_rules(monkeypatch):
+    """The placement as it was before the chain and power rules (nothing dropped)."""
+    monkeypatch.setattr(placement, "unchained", lambda *args: {})
+
+
+def _reasons(record) -> dict[str, str]:
+    return {r.where: r.reason for r in record.refusals}
+
+
+def test_powers_of_one_tensor_stay_float(tmp_path: Path) -> None:
+    model = _gelu_model()
+    quantized, record = _quantize(model)
+    reasons = _reasons(record)
+    for where in ("Mul 'square'", "Mul 'cube'", "Add 'inner'", "Mul 'scaled_inner'"):
+        assert reasons[where].endswith(POWER)
+    for where in ("Add 'one_plus'", "Mul 'halved'"):
+        assert reasons[where].endswith(NO_PRODUCER)  # after a float node (Tanh)
+    ops = _ort_ops(quantized, tmp_path)
+    assert reasons["Mul 'scaled'"].endswith(NO_READER)  # its only reader is a power
+    assert "Mul 'gate'" not in reasons  # x * gelu'(x) between the two convs
+    assert ops["QLinearConv"] == 2 and ops["QLinearMul"] == 1 and ops["QLinearAdd"] == 0
+    feeds = _feeds(1)
+    (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
+    assert _sqnr(ref, got) > 28.0
+
+
+def test_without_the_power_rule_gelu_loses_its_small_values(without_rules) -> None:
+    model = _gelu_model()
+    quantized, _ = _quantize(model)
+    feeds = _feeds(1)
+    (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
+    assert _sqnr(ref, got) < 22.0  # the case the rule exists for
+
+
+def test_graph_output_concat_stays_float_and_keeps_score_resolution(tmp_path: Path) -> None:
+    model = _detector_model()
+    quantized, record = _quantize(model)
+    reasons = _reasons(record)
+    assert reasons["Concat 'output'"].endswith(NO_READER)
+    assert reasons["Sigmoid 'score'"].endswith(NO_READER)
+    ops = _ort_ops(quantized, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["QLinearConcat"] == 0
+    feeds = _feeds(1)
+    (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
+    error = np.abs(got[:, 4:] - ref[:, 4:])  # scores in [0, 1]
+    assert error.mean() < 0.02 and error.max() < 0.2
+    assert _sqnr(ref[:, :4], got[:, :4]) > 25.0
+
+
+def test_without_the_chain_rule_scores_share_the_pixel_scale(without_rules) -> None:
+    model = _detector_model()
+    quantized, _ = _quantize(model)
+    feeds = _feeds(1)
+    (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
+    assert np.abs(got[:, 4:] - ref[:, 4:]).mean() > 0.2  # rounded to the pixel scale
+
+
+def test_elementwise_ops_inside_the_chain_stay_integer(tmp_path: Path) -> None:
+    model = _silu_model()
+    quantized, record = _quantize(model)
+    assert not any(r.reason.endswith((POWER, NO_PRODUCER, NO_READER))
+                   for r in record.refusals)
+    ops = _ort_ops(quantized, tmp_path)
+    assert ops["QLinearConv"] == 3
+    assert ops["QLinearMul"] == 1 and ops["QLinearSigmoid"] == 1 and ops["QLinearAdd"] == 1
+    feeds = _feeds(1)
+    (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
+    assert _sqnr(ref, got) > 25.0
+
+
+def _softmax_model(head: bool) -> onnx.ModelProto:
+    """Conv -> Softmax over channels -> Conv (a detector's DFL), or Softmax as the output."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("Softmax", ["y"], ["p" if head else "out"], axis=1, name="soft")]
+    if head:
+        nodes.append(helper.make_node("Conv", ["p", "w2"], ["out"], pads=[1, 1, 1, 1]))
+    return _model(nodes, 4, [_weight("w1", (4, 4, 3, 3), 7), _weight("w2", (4, 4, 3, 3), 8)])
+
+
+def test_softmax_between_convs_runs_as_qlinearsoftmax(tmp_path: Path) -> None:
+    model = _softmax_model(head=True)
+    quantized, _ = _quantize(model)
+    ops = _ort_ops(quantized, tmp_path)
+    assert ops["QLinearSoftmax"] == 1 and ops["QLinearConv"] == 2 and ops["Softmax"] == 0
+    feeds = _feeds(1)
+    (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
+    assert _sqnr(ref, got) > 25.0
+
+
+def test_softmax_as_the_output_keeps_float_probabilities(tmp_path: Path) -> None:
+    model = _softmax_model(head=False)
+    quantized, record = _quantize(model)
+    assert _reasons(record)["Softmax 'soft'"].endswith(NO_READER)
+    ops = _ort_ops(quantized, tmp_path)
+    assert ops["QLinearSoftmax"] == 0 and ops["QLinearConv"] == 1
+    feeds = _feeds(1)
+    (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
+    assert np.abs(got - ref).mean() < 0.01
