@@ -16,6 +16,11 @@ scale) stays float when
   inputs of very different ranges (a detector's pixel boxes and its [0, 1] class scores: the
   scores rounded to steps of more than 1), and a final Softmax keeps float probabilities;
 
+A node that only moves values (MaxPool, Reshape, ...; its output shares its input's scale)
+stays float too when no quantized node produces its input: quantizing it would only move the
+QuantizeLinear from after it to before it, and would make its output look quantized to the
+nodes after it (a global pool after it would then be planned as fed by an integer kernel).
+
 and a Mul or Add whose two activations are polynomials of one and the same tensor (``x * x``,
 ``x * (c * x)``, ``x + c * x**3``: a LayerNorm's square, the tanh approximation of GELU) stays
 float whatever its neighbours: its range grows as a power of its input's (the cube of 30 is
@@ -104,12 +109,16 @@ def unchained(graph: ir.Graph, nodes: Sequence[NodePlan],
         arrives, wanted = _arrives(kept, follows_input), _wanted(kept, follows_input)
         more = {}
         for p in kept.values():
-            if not chained(p):
+            moves = follows_input(p)
+            if not chained(p) and not moves:
                 continue
             acts = [p.node.inputs[i] for i in p.activations if p.node.inputs[i] is not None]
             if not any(arrives(v) for v in acts):
+                # a node that only moves values (MaxPool, Reshape, ...) after a float
+                # producer: quantizing it would put the QuantizeLinear before it instead of
+                # after it, and make its output look quantized to the nodes after it
                 more[id(p.node)] = NO_PRODUCER
-            elif not wanted(p.node.outputs[0]):
+            elif not moves and not wanted(p.node.outputs[0]):
                 more[id(p.node)] = NO_READER
         if not more:
             return dropped

@@ -203,3 +203,45 @@ def test_softmax_as_the_output_keeps_float_probabilities(tmp_path: Path) -> None
     feeds = _feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
     assert np.abs(got - ref).mean() < 0.01
+
+
+def _pooled_classifier() -> onnx.ModelProto:
+    """Conv -> hard swish written with a Div (no integer kernel) -> MaxPool -> global pool ->
+    Flatten -> Gemm, the end of a MobileNetV3 as PaddlePaddle exports it."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["y", "three"], ["y3"]),
+        helper.make_node("Clip", ["y3", "zero", "six"], ["r6"]),
+        helper.make_node("Mul", ["y", "r6"], ["m"]),
+        helper.make_node("Div", ["m", "six"], ["hs"]),
+        helper.make_node("MaxPool", ["hs"], ["mp"], kernel_shape=[1, 1], name="pool"),
+        helper.make_node("GlobalAveragePool", ["mp"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wg"], ["out"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 10])],
+        initializer=[_weight("w1", (8, 4, 3, 3), 3), _weight("wg", (10, 8), 4),
+                     _const("three", 3.0), _const("zero", 0.0), _const("six", 6.0)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_value_mover_after_a_float_node_stays_float_and_the_gemm_is_integer(
+        tmp_path: Path) -> None:
+    """A MaxPool after a float Div was quantized (a QuantizeLinear before it), so the pool
+    after it looked fed by a quantized node; the pool stayed float by the chain rule, and the
+    re-fusion guard then kept the Gemm reading it float too."""
+    model = _pooled_classifier()
+    quantized, record = _quantize(model)
+    reasons = _reasons(record)
+    assert reasons["MaxPool 'pool'"].endswith(NO_PRODUCER)
+    assert reasons["GlobalAveragePool 'gap'"].endswith(NO_PRODUCER)
+    assert "Gemm 'fc'" not in reasons
+    ops = _ort_ops(quantized, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["QGemm"] == 1 and ops["Gemm"] == 0
+    feeds = _feeds(1)
+    (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
+    assert _sqnr(ref, got) > 25.0
