@@ -36,7 +36,6 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -104,20 +103,7 @@ def run_all(path: Path, feeds: dict[str, np.ndarray], batch: int) -> np.ndarray:
                            for i in range(0, n, batch)])
 
 
-INT_OPS = ocr_quantize.INT_OPS
-#: Float compute ops of onnxruntime's optimized graph (FusedGemm: a Gemm with its activation).
-FLOAT_OPS = (*ocr_quantize.FLOAT_OPS, "FusedGemm")
-
-
-def kernels(path: Path, work: Path) -> dict[str, int]:
-    """Integer kernels and float compute ops in onnxruntime's optimized graph of ``path``."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.optimized_model_filepath = str(work / f"{path.stem}.ortopt.onnx")
-    opts.log_severity_level = 3
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    counts = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
-    return {op: counts[op] for op in (*INT_OPS, *FLOAT_OPS) if counts[op]}
+INT_OPS, FLOAT_OPS, kernels = ocr_quantize.INT_OPS, ocr_quantize.FLOAT_OPS, ocr_quantize.kernels
 
 
 # -- each model's own answer -------------------------------------------------------------

@@ -71,8 +71,9 @@ INT_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QGemm", "QLinearMatMu
 MARGIN_BANDS = {"< 0.1": (0.0, 0.1), "0.1-0.3": (0.1, 0.3), ">= 0.3": (0.3, 2.0)}
 #: The ops between the recognizer's Conv/MatMul layers (learnable affine, hardswish, SE).
 REC_ELEMENTWISE = ("Add", "Mul", "Sigmoid", "GlobalAveragePool", "Concat", "AveragePool")
+#: Float compute ops of onnxruntime's optimized graph (FusedGemm: a Gemm with its activation).
 FLOAT_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "MatMul", "FusedMatMul",
-             "NhwcFusedConv")
+             "NhwcFusedConv", "FusedGemm")
 
 
 def _log(text: str) -> None:

@@ -10,6 +10,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.compare import compare_outputs
+from onnxopt.cost import infer_shapes, model_cost
 from onnxopt.data import input_specs
 from onnxopt.feeds import FeedSource
 from onnxopt.ir import from_proto, to_proto
@@ -82,3 +83,9 @@ def two_layer_model() -> tuple[onnx.ModelProto, np.ndarray]:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model, w
+
+
+def macs_timer(items) -> list[float]:  # noqa: ANN001 - (model proto, feeds) pairs
+    """A fake one-node timer for planner logic: seconds proportional to each model's MACs."""
+    return [1e-9 * (model_cost(infer_shapes(from_proto(proto))).macs or 0) + 1e-6
+            for proto, _ in items]

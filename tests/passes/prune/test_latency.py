@@ -35,23 +35,7 @@ from onnxopt.shapes import concrete_shapes
 from testmodels.dynamic import with_input_dims
 from testmodels.structures import concat_branches, conv_chain, inverted_residual
 from tests.helpers import apply_pass, random_feeds
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own empty latency cache (never the user's)."""
-    folder = tmp_path / "latency-cache"
-    monkeypatch.setenv(CACHE_ENV, str(folder))
-    return folder
-
-
-def _macs_timer(items):
-    """A fake timer for planner logic: seconds proportional to the one-node model's MACs."""
-    out = []
-    for proto, _ in items:
-        cost = model_cost(infer_shapes(from_proto(proto)))
-        out.append(1e-9 * (cost.macs or 0) + 1e-6)
-    return out
+from tests.helpers import macs_timer as _macs_timer
 
 
 def test_cache_is_written_and_a_second_plan_measures_nothing(_cache: Path) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -16,7 +14,6 @@ from onnxopt.pass_base import PassContext, PassResult
 from onnxopt.passes.prune import PrunePass
 from onnxopt.passes.prune.budget import Limits, allocate_knapsack, allocate_uniform
 from onnxopt.passes.prune.latency_batches import LatencyBudgets, mean_cost
-from onnxopt.passes.prune.latency_cache import CACHE_ENV
 from onnxopt.passes.prune.latency_plan import CLOSE, LatencyBudget
 from onnxopt.passes.prune.latency_timing import SideBySide
 from onnxopt.passes.prune.prune import _candidates
@@ -24,20 +21,7 @@ from onnxopt.pipeline import parse_pipeline
 from onnxopt.session import run_model
 from testmodels.structures import conv_chain, inverted_residual
 from tests.helpers import apply_pass, random_feeds
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own empty latency cache (never the user's)."""
-    folder = tmp_path / "latency-cache"
-    monkeypatch.setenv(CACHE_ENV, str(folder))
-    return folder
-
-
-def _macs_timer(items):
-    """A fake one-node timer: seconds proportional to the one-node model's MACs."""
-    return [1e-9 * (model_cost(infer_shapes(from_proto(p))).macs or 0) + 1e-6
-            for p, _ in items]
+from tests.helpers import macs_timer as _macs_timer
 
 
 def test_batch_option_takes_a_list_and_checks_each_size() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -16,7 +14,7 @@ from onnxopt.passes.prune import PrunePass
 from onnxopt.passes.prune.budget import Limits, allocate_knapsack, allocate_uniform
 from onnxopt.passes.prune.channel_cost import macs_model
 from onnxopt.passes.prune.latency import latency_model, node_specs
-from onnxopt.passes.prune.latency_cache import CACHE_ENV, LatencyMeter
+from onnxopt.passes.prune.latency_cache import LatencyMeter
 from onnxopt.passes.prune.latency_plan import LatencyBudget
 from onnxopt.passes.prune.latency_slices import (
     BLOCK,
@@ -31,20 +29,7 @@ from onnxopt.session import run_model
 from onnxopt.shapes import concrete_shapes
 from testmodels.structures import concat_branches, conv_chain
 from tests.helpers import apply_pass, random_feeds
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own empty latency cache (never the user's)."""
-    folder = tmp_path / "latency-cache"
-    monkeypatch.setenv(CACHE_ENV, str(folder))
-    return folder
-
-
-def _macs_timer(items):
-    """A fake one-node timer: seconds proportional to the one-node model's MACs."""
-    return [1e-9 * (model_cost(infer_shapes(from_proto(p))).macs or 0) + 1e-6
-            for p, _ in items]
+from tests.helpers import macs_timer as _macs_timer
 
 
 def _concat(width: int = 8):
