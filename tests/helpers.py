@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.compare import compare_outputs
+from onnxopt.compare import compare_outputs, sqnr_db
 from onnxopt.cost import infer_shapes, model_cost
 from onnxopt.data import input_specs
 from onnxopt.feeds import FeedSource
 from onnxopt.ir import from_proto, to_proto
 from onnxopt.pass_base import Pass, PassContext, PassResult
-from onnxopt.session import run_model
+from onnxopt.session import make_session, run_model
 
 
 def random_feeds(model: onnx.ModelProto | ir.Model, batch: int = 2, seed: int = 0,
@@ -89,3 +90,17 @@ def macs_timer(items) -> list[float]:  # noqa: ANN001 - (model proto, feeds) pai
     """A fake one-node timer for planner logic: seconds proportional to each model's MACs."""
     return [1e-9 * (model_cost(infer_shapes(from_proto(proto))).macs or 0) + 1e-6
             for proto, _ in items]
+
+
+def ort_ops(model, folder: Path) -> Counter:  # noqa: ANN001 - proto or IR model
+    """Op histogram of the graph onnxruntime writes after its optimizations (a fresh file in
+    ``folder``): which ops run as integer kernels, which stay float."""
+    path = folder / f"ort_optimized_{len(list(folder.iterdir()))}.onnx"
+    make_session(model, optimized_path=str(path))
+    return Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def sqnr(reference: np.ndarray, actual: np.ndarray) -> float:
+    """SQNR in dB of ``actual`` against ``reference`` (float64 sums)."""
+    ref = reference.astype(np.float64)
+    return sqnr_db(float(np.sum(ref ** 2)), float(np.sum((actual.astype(np.float64) - ref) ** 2)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxopt
 from onnxopt.passes.quantize import placement
 from onnxopt.passes.quantize.chains import NO_PRODUCER, NO_READER, POWER
-from onnxopt.session import make_session, run_model
+from onnxopt.session import run_model
+from tests.helpers import ort_ops, sqnr
 
 
 def _const(name: str, value: float | np.ndarray) -> onnx.TensorProto:
@@ -93,15 +93,6 @@ def _quantize(model: onnx.ModelProto):
     return out, record
 
 
-def _ort_ops(model, tmp_path: Path) -> Counter:
-    path = tmp_path / f"ort_{len(list(tmp_path.iterdir()))}.onnx"
-    make_session(model, optimized_path=str(path))
-    return Counter(n.op_type for n in onnx.load(path).graph.node)
-
-
-def _sqnr(reference: np.ndarray, actual: np.ndarray) -> float:
-    noise = float(np.sum((actual.astype(np.float64) - reference) ** 2))
-    return 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / noise)
 
 
 @pytest.fixture
@@ -122,13 +113,13 @@ def test_powers_of_one_tensor_stay_float(tmp_path: Path) -> None:
         assert reasons[where].endswith(POWER)
     for where in ("Add 'one_plus'", "Mul 'halved'"):
         assert reasons[where].endswith(NO_PRODUCER)  # after a float node (Tanh)
-    ops = _ort_ops(quantized, tmp_path)
+    ops = ort_ops(quantized, tmp_path)
     assert reasons["Mul 'scaled'"].endswith(NO_READER)  # its only reader is a power
     assert "Mul 'gate'" not in reasons  # x * gelu'(x) between the two convs
     assert ops["QLinearConv"] == 2 and ops["QLinearMul"] == 1 and ops["QLinearAdd"] == 0
     feeds = _feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
-    assert _sqnr(ref, got) > 28.0
+    assert sqnr(ref, got) > 28.0
 
 
 def test_without_the_power_rule_gelu_loses_its_small_values(without_rules) -> None:
@@ -136,7 +127,7 @@ def test_without_the_power_rule_gelu_loses_its_small_values(without_rules) -> No
     quantized, _ = _quantize(model)
     feeds = _feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
-    assert _sqnr(ref, got) < 22.0  # the case the rule exists for
+    assert sqnr(ref, got) < 22.0  # the case the rule exists for
 
 
 def test_graph_output_concat_stays_float_and_keeps_score_resolution(tmp_path: Path) -> None:
@@ -145,13 +136,13 @@ def test_graph_output_concat_stays_float_and_keeps_score_resolution(tmp_path: Pa
     reasons = _reasons(record)
     assert reasons["Concat 'output'"].endswith(NO_READER)
     assert reasons["Sigmoid 'score'"].endswith(NO_READER)
-    ops = _ort_ops(quantized, tmp_path)
+    ops = ort_ops(quantized, tmp_path)
     assert ops["QLinearConv"] == 2 and ops["QLinearConcat"] == 0
     feeds = _feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
     error = np.abs(got[:, 4:] - ref[:, 4:])  # scores in [0, 1]
     assert error.mean() < 0.02 and error.max() < 0.2
-    assert _sqnr(ref[:, :4], got[:, :4]) > 25.0
+    assert sqnr(ref[:, :4], got[:, :4]) > 25.0
 
 
 def test_without_the_chain_rule_scores_share_the_pixel_scale(without_rules) -> None:
@@ -167,12 +158,12 @@ def test_elementwise_ops_inside_the_chain_stay_integer(tmp_path: Path) -> None:
     quantized, record = _quantize(model)
     assert not any(r.reason.endswith((POWER, NO_PRODUCER, NO_READER))
                    for r in record.refusals)
-    ops = _ort_ops(quantized, tmp_path)
+    ops = ort_ops(quantized, tmp_path)
     assert ops["QLinearConv"] == 3
     assert ops["QLinearMul"] == 1 and ops["QLinearSigmoid"] == 1 and ops["QLinearAdd"] == 1
     feeds = _feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
-    assert _sqnr(ref, got) > 25.0
+    assert sqnr(ref, got) > 25.0
 
 
 def _softmax_model(head: bool) -> onnx.ModelProto:
@@ -187,18 +178,18 @@ def _softmax_model(head: bool) -> onnx.ModelProto:
 def test_softmax_between_convs_runs_as_qlinearsoftmax(tmp_path: Path) -> None:
     model = _softmax_model(head=True)
     quantized, _ = _quantize(model)
-    ops = _ort_ops(quantized, tmp_path)
+    ops = ort_ops(quantized, tmp_path)
     assert ops["QLinearSoftmax"] == 1 and ops["QLinearConv"] == 2 and ops["Softmax"] == 0
     feeds = _feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
-    assert _sqnr(ref, got) > 25.0
+    assert sqnr(ref, got) > 25.0
 
 
 def test_softmax_as_the_output_keeps_float_probabilities(tmp_path: Path) -> None:
     model = _softmax_model(head=False)
     quantized, record = _quantize(model)
     assert _reasons(record)["Softmax 'soft'"].endswith(NO_READER)
-    ops = _ort_ops(quantized, tmp_path)
+    ops = ort_ops(quantized, tmp_path)
     assert ops["QLinearSoftmax"] == 0 and ops["QLinearConv"] == 1
     feeds = _feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
@@ -240,8 +231,8 @@ def test_a_value_mover_after_a_float_node_stays_float_and_the_gemm_is_integer(
     assert reasons["MaxPool 'pool'"].endswith(NO_PRODUCER)
     assert reasons["GlobalAveragePool 'gap'"].endswith(NO_PRODUCER)
     assert "Gemm 'fc'" not in reasons
-    ops = _ort_ops(quantized, tmp_path)
+    ops = ort_ops(quantized, tmp_path)
     assert ops["QLinearConv"] == 1 and ops["QGemm"] == 1 and ops["Gemm"] == 0
     feeds = _feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
-    assert _sqnr(ref, got) > 25.0
+    assert sqnr(ref, got) > 25.0

@@ -3,7 +3,6 @@ kept-float nodes that stay float in onnxruntime, and the sequence metric."""
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,9 @@ import onnxopt
 from onnxopt.data import open_feeds
 from onnxopt.ir import from_proto
 from onnxopt.passes.quantize.fallback import Score, Targets, reference, score
-from onnxopt.session import make_session, run_model
+from onnxopt.session import run_model
 from testmodels import conv_chain
-
-
-def _ort_ops(model, path: Path) -> Counter:
-    make_session(model, optimized_path=str(path))
-    return Counter(n.op_type for n in onnx.load(path).graph.node)
+from tests.helpers import ort_ops
 
 
 def _sensitive_model() -> onnx.ModelProto:
@@ -70,7 +65,7 @@ def test_fallback_keeps_the_sensitive_layer_float_and_clears_the_floor(tmp_path:
     ref, got = run_model(proto, {"x": x})[0], run_model(model, {"x": x})[0]
     assert float(np.mean(ref.argmax(1) == got.argmax(1))) >= 0.9
     # conv_a runs in float in onnxruntime, not as an integer kernel it re-fused
-    ops = _ort_ops(model, tmp_path / "opt.onnx")
+    ops = ort_ops(model, tmp_path)
     assert ops["QLinearConv"] == 0 and ops["Conv"] + ops["FusedConv"] == 2
 
 
@@ -94,7 +89,7 @@ def test_excluded_node_runs_in_float_in_onnxruntime(tmp_path: Path) -> None:
     # cannot re-fuse the excluded Conv (DequantizeLinear in, QuantizeLinear out)
     reasons = [r.reason for r in record.refusals if f"'{names[2]}'" in r.where]
     assert reasons and names[1] in reasons[0]
-    ops = _ort_ops(model, tmp_path / "opt.onnx")
+    ops = ort_ops(model, tmp_path)
     assert ops["QLinearConv"] == 1 and ops["Conv"] + ops["FusedConv"] == 2
     feeds = {"input": np.random.default_rng(1).normal(size=(8, 3, 16, 16)).astype(np.float32)}
     ref, got = run_model(proto, feeds)[0], run_model(model, feeds)[0]
@@ -132,7 +127,7 @@ def test_sequence_score_is_the_share_of_whole_argmax_paths() -> None:
     assert got.meets(Targets(want, 0.0)) and not got.meets(Targets(want + 0.01, 0.0))
 
 
-def test_one_probability_per_sample_is_scored_as_a_decision_and_by_sqnr() -> None:
+def test_one_probability_per_sample_is_scored_as_a_decision_and_bysqnr() -> None:
     rng = np.random.default_rng(1)
     w = rng.normal(size=(4, 1)).astype(np.float32)
     other = w + rng.normal(scale=0.5, size=w.shape).astype(np.float32)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,9 @@ from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, from_proto
 from onnxopt.pass_base import PassContext, PassResult, get_pass
 from onnxopt.passes.quantize.equalize import equalize
-from onnxopt.session import make_session, run_model
+from onnxopt.session import run_model
 from testmodels import STRUCTURES, conv_chain, residual_blocks
-from tests.helpers import all_feeds, random_feeds
+from tests.helpers import all_feeds, ort_ops, random_feeds, sqnr
 
 FLOAT_COMPUTE = {"Conv", "Gemm", "MatMul"}
 
@@ -33,16 +32,6 @@ def _quantize(model, spec: str = "fold-bn,quantize", calib="random:32"):
     return out, record
 
 
-def _ort_ops(model, tmp_path: Path) -> Counter:
-    """Op histogram of the graph onnxruntime writes after its optimizations."""
-    path = tmp_path / f"ort_optimized_{len(list(tmp_path.iterdir()))}.onnx"
-    make_session(model, optimized_path=str(path))
-    return Counter(n.op_type for n in onnx.load(path).graph.node)
-
-
-def _sqnr(reference: np.ndarray, actual: np.ndarray) -> float:
-    noise = float(np.sum((actual.astype(np.float64) - reference) ** 2))
-    return 10 * np.log10(float(np.sum(reference.astype(np.float64) ** 2)) / noise)
 
 
 def _nodes(model, op_type: str) -> list:
@@ -142,7 +131,7 @@ def test_digits_structure(digits_quantized) -> None:
 
 def test_digits_every_conv_and_gemm_fused_by_onnxruntime(digits_quantized, tmp_path) -> None:
     model, _ = digits_quantized
-    ops = _ort_ops(model, tmp_path)
+    ops = ort_ops(model, tmp_path)
     assert not FLOAT_COMPUTE & set(ops), ops
     assert ops["QLinearConv"] == 13 and ops["QGemm"] == 1 and ops["QLinearAdd"] == 5
     assert ops["DequantizeLinear"] == 0 and ops["QuantizeLinear"] == 1  # only the input
@@ -155,11 +144,11 @@ def test_digits_every_conv_and_gemm_fused_by_onnxruntime(digits_quantized, tmp_p
 def test_structures_fuse_and_stay_close(name: str, tmp_path: Path) -> None:
     proto = STRUCTURES[name]()
     model, record = _quantize(proto)
-    ops = _ort_ops(model, tmp_path)
+    ops = ort_ops(model, tmp_path)
     assert not FLOAT_COMPUTE & set(ops), ops
     assert ops["QLinearConv"] == record.stats["quantized_ops"]["Conv"]
     feeds = random_feeds(proto, batch=8, seed=5)
-    assert _sqnr(run_model(proto, feeds)[0], run_model(model, feeds)[0]) > 20.0
+    assert sqnr(run_model(proto, feeds)[0], run_model(model, feeds)[0]) > 20.0
 
 
 def _matmul_model() -> onnx.ModelProto:
@@ -186,12 +175,12 @@ def test_matmul_and_gemm_without_transpose_fuse_per_column(tmp_path: Path) -> No
         w_dq = mm.inputs[1].producer()
         assert w_dq.attributes["axis"].value == 1  # per output column
         assert w_dq.inputs[1].const_value.shape[0] == mm.outputs[0].shape[-1]
-    ops = _ort_ops(model, tmp_path)
+    ops = ort_ops(model, tmp_path)
     assert not FLOAT_COMPUTE & set(ops), ops
     assert ops["QLinearMatMul"] == 1 and ops["QGemm"] == 1
     assert ops["MatMulIntegerToFloat"] == 1  # the last MatMul returns float y
     feeds = random_feeds(proto, batch=16)
-    assert _sqnr(run_model(proto, feeds)[0], run_model(model, feeds)[0]) > 30.0
+    assert sqnr(run_model(proto, feeds)[0], run_model(model, feeds)[0]) > 30.0
 
 
 def test_conv_graph_output_keeps_name_and_stays_float(tmp_path: Path) -> None:
@@ -209,10 +198,10 @@ def test_conv_graph_output_keeps_name_and_stays_float(tmp_path: Path) -> None:
     model, _ = _quantize(proto, "quantize")
     assert [v.name for v in model.graph.outputs] == ["y", "r"]
     assert {_producer_op(v) for v in model.graph.outputs} == {"DequantizeLinear", "Relu"}
-    assert _ort_ops(model, tmp_path)["QLinearConv"] == 1
+    assert ort_ops(model, tmp_path)["QLinearConv"] == 1
     feeds = random_feeds(proto, batch=4)
     for ref, got in zip(run_model(proto, feeds), run_model(model, feeds), strict=True):
-        assert _sqnr(ref, got) > 30.0
+        assert sqnr(ref, got) > 30.0
 
 
 def test_concat_inputs_share_the_output_scale() -> None:
@@ -238,13 +227,13 @@ def test_excluded_nodes_and_ops_stay_float(tmp_path: Path) -> None:
     reasons = {(r.where, r.reason) for r in record.refusals}
     assert ("Conv 'conv2'", "excluded by option (stays float)") in reasons
     assert sum(r.reason.startswith("excluded") for r in record.refusals) == 3  # conv2 + 2 Adds
-    ops = _ort_ops(model, tmp_path)
+    ops = ort_ops(model, tmp_path)
     assert ops["QLinearConv"] == 5 and ops["Conv"] + ops["FusedConv"] == 1  # conv2 is float
     # The Adds get no Q/DQ of their own (onnxruntime may still fuse one whose neighbours
     # are all quantized; the option's documentation says so).
     assert "Add" not in record.stats["quantized_ops"]
     feeds = random_feeds(proto, batch=4)
-    assert _sqnr(run_model(proto, feeds)[0], run_model(model, feeds)[0]) > 20.0
+    assert sqnr(run_model(proto, feeds)[0], run_model(model, feeds)[0]) > 20.0
 
 
 def test_misspelt_exclusions_are_user_errors() -> None:
@@ -271,7 +260,7 @@ def test_int8_activations_and_reduce_range(tmp_path: Path) -> None:
     for conv in _nodes(model, "Conv"):
         weight = conv.inputs[1].producer().inputs[0].const_value.numpy()
         assert np.abs(weight).max() <= 63  # 7-bit weights
-    ops = _ort_ops(model, tmp_path)
+    ops = ort_ops(model, tmp_path)
     assert not FLOAT_COMPUTE & set(ops) and ops["QLinearConv"] == 3
 
 
@@ -297,7 +286,7 @@ def test_range_methods(method: str) -> None:
         proto, f"fold-bn,quantize(method={method},per_channel=false,fallback=false)")
     assert record.stats["quantized"] == 6  # 3 Conv, GlobalAveragePool, Flatten, Gemm
     feeds = random_feeds(proto, batch=8, seed=3)
-    assert _sqnr(run_model(proto, feeds)[0], run_model(model, feeds)[0]) > 15.0
+    assert sqnr(run_model(proto, feeds)[0], run_model(model, feeds)[0]) > 15.0
 
 
 # -- refusals --------------------------------------------------------------------------------
@@ -330,7 +319,7 @@ def test_conv_with_computed_weight_stays_float_with_a_reason() -> None:
     second = next(n for n in model.graph if n.op_type == "Conv" and n is not first)
     assert _producer_op(second.inputs[1]) == "DequantizeLinear"
     ref = run_model(proto, feeds)[0]
-    assert _sqnr(ref, run_model(model, feeds)[0]) > 30.0
+    assert sqnr(ref, run_model(model, feeds)[0]) > 30.0
 
 
 def test_without_calibration_data_nothing_changes() -> None:
@@ -409,7 +398,7 @@ def test_accuracy_fallback_keeps_the_most_sensitive_nodes_float(tmp_path: Path) 
     ref, got = run_model(proto, feeds)[0], run_model(model, feeds)[0]
     assert float(np.mean(ref.argmax(1) == got.argmax(1))) >= 0.99
     # and the kept Conv nodes run in float: no integer kernel re-fused around them
-    ops = _ort_ops(model, tmp_path)
+    ops = ort_ops(model, tmp_path)
     kept_convs = sum(label.startswith("Conv") for label in kept)
     assert kept_convs and ops["Conv"] + ops["FusedConv"] >= kept_convs
     assert ops["QLinearConv"] <= 3 - kept_convs

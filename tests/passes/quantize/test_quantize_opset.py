@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -13,9 +10,9 @@ from onnx import helper
 import onnxopt
 from onnxopt.ir import to_proto
 from onnxopt.model_io import load, save, serialized_size
-from onnxopt.session import make_session, run_model
+from onnxopt.session import run_model
 from testmodels.old_opsets import conv_relu_gemm, conv_then_scan8
-from tests.helpers import assert_same_outputs, random_feeds
+from tests.helpers import assert_same_outputs, ort_ops, random_feeds
 
 
 def _quantize(proto: onnx.ModelProto, spec: str = "quantize"):
@@ -30,11 +27,6 @@ def _sqnr_db(proto: onnx.ModelProto, model) -> float:
     got = run_model(model, feeds)[0].astype(np.float64)
     return float(10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)))
 
-
-def _ort_ops(model, tmp_path: Path) -> Counter:
-    path = tmp_path / f"ort_{len(list(tmp_path.iterdir()))}.onnx"
-    make_session(model, optimized_path=str(path))
-    return Counter(n.op_type for n in onnx.load(path).graph.node)
 
 
 def _weight_dequantizers(model) -> list:
@@ -64,7 +56,7 @@ def test_old_opsets_are_upgraded_to_13_for_per_channel_weights(opset: int, tmp_p
     weights = _weight_dequantizers(model)
     assert len(weights) == 2 and all(n.attributes["axis"].value in (0, 1) for n in weights)
     assert all(n.inputs[1].const_value.shape[0] > 1 for n in weights)  # per channel
-    ops = _ort_ops(model, tmp_path)
+    ops = ort_ops(model, tmp_path)
     assert ops["QLinearConv"] == 1 and ops["QGemm"] == 1 and ops["Conv"] == ops["Gemm"] == 0
     assert _sqnr_db(proto, model) > 25
 
@@ -79,7 +71,7 @@ def test_per_tensor_weights_upgrade_only_to_10(tmp_path) -> None:
     dequantizers = [n for n in model.graph if n.op_type == "DequantizeLinear"]
     # opset 10 has no axis; the biases' scales are scalars like their weights' scales
     assert dequantizers and all("axis" not in n.attributes for n in dequantizers)
-    assert _ort_ops(model, tmp_path)["QLinearConv"] == 1
+    assert ort_ops(model, tmp_path)["QLinearConv"] == 1
     assert _sqnr_db(proto, model) > 20
 
 

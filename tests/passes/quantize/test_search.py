@@ -11,14 +11,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
-from onnxopt.session import make_session, run_model
+from onnxopt.session import run_model
+from tests.helpers import ort_ops
 
 BRANCHES = 10
 
-
-def _ort_ops(model, path: Path) -> Counter:
-    make_session(model, optimized_path=str(path))
-    return Counter(n.op_type for n in onnx.load(path).graph.node)
 
 
 def _conv(rng: np.random.Generator, name: str, x: str, y: str, inits: list, *,
@@ -83,7 +80,7 @@ def test_search_keeps_more_than_eight_nodes_float_when_the_floor_needs_them(
     kept = {label.split("'")[1] for label in record.stats["kept_float"] if "'" in label}
     assert kept == {f"wide{i}" for i in range(BRANCHES)}  # each branch's wide Conv, only
     assert _agreement(proto, model) >= 0.9
-    ops = _ort_ops(model, tmp_path / "opt.onnx")
+    ops = ort_ops(model, tmp_path)
     assert ops["QLinearConv"] >= 1 and ops["Conv"] + ops["FusedConv"] == 2 * BRANCHES
 
 
@@ -130,8 +127,8 @@ def test_last_probe_makes_only_the_matmuls_dynamic_int8(tmp_path: Path) -> None:
     ops = Counter(n.op_type for n in model.graph)
     assert ops["DynamicQuantizeLinear"] == 1 and ops["MatMulInteger"] == 1
     assert ops["QuantizeLinear"] == 0 and ops["MatMul"] == 0
-    ort_ops = _ort_ops(model, tmp_path / "opt.onnx")
-    assert ort_ops["DynamicQuantizeMatMul"] == 1 and ort_ops["QLinearConv"] == 0
+    fused = ort_ops(model, tmp_path)
+    assert fused["DynamicQuantizeMatMul"] == 1 and fused["QLinearConv"] == 0
     assert _agreement(proto, model) >= 0.95
     # without the dynamic probe nothing meets the floor: nothing quantized
     model, report = onnxopt.optimize(
