@@ -85,7 +85,7 @@ def file_nodes(path: Path) -> int:
 
 
 def cli_command(model: CorpusModel, path: Path, pipeline: CorpusPipeline, folder: Path,
-                out: Path, report: Path, calib: Path) -> list[str]:
+                out: Path, report: Path, calib: Path | None) -> list[str]:
     """The ``onnxopt`` command line of one run."""
     command = [sys.executable, "-m", "onnxopt", str(path), "-p", pipeline.spec, "-o", str(out),
                "--report", str(report), "--eval", str(folder / "eval.npz"), "-q"]
@@ -97,7 +97,7 @@ def cli_command(model: CorpusModel, path: Path, pipeline: CorpusPipeline, folder
 
 
 def api_command(model: CorpusModel, path: Path, pipeline: CorpusPipeline, folder: Path,
-                out: Path, report: Path, calib: Path) -> list[str]:
+                out: Path, report: Path, calib: Path | None) -> list[str]:
     """The same run through the Python API, one sample per session call (``api_run.py``)."""
     command = [sys.executable, str(Path(__file__).with_name("api_run.py")), model.name,
                str(path), pipeline.spec, str(out), str(report), str(folder / "eval.npz")]
@@ -140,14 +140,16 @@ def run_one(model: CorpusModel, path: Path, pipeline: CorpusPipeline, folder: Pa
             arrays: dict[str, np.ndarray], timeout: float, api: bool = False,
             calib: Path | None = None) -> dict[str, Any]:
     """One row: the CLI run (or with ``api`` the API run), its report and the independent
-    re-check of what it wrote."""
+    re-check of what it wrote (``calib``: the calibration file, for pipelines that need one)."""
+    if pipeline.needs_calib and calib is None:
+        raise ValueError(f"pipeline {pipeline.label!r} needs a calibration file")
     label = pipeline.label + (" (API)" if api else "")
     stem = folder / label.replace(" ", "_").replace("(", "").replace(")", "")
     out, report_path = stem.with_suffix(".onnx"), stem.with_suffix(".json")
     make = api_command if api else cli_command
     row: dict[str, Any] = {"model": model.name, "pipeline": label, "spec": pipeline.spec,
                            **run_cli(make(model, path, pipeline, folder, out, report_path,
-                                          calib or folder / "calib.npz"), timeout)}
+                                          calib), timeout)}
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         row["passes"] = _passes(report)
