@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                    "eval_samples": args.eval_samples,
                    "calib_samples": args.calib_samples, "timeout": args.timeout,
                    "pipelines": {p.label: p.spec for p in args.pipelines},
+                   "min_calib": {p.label: p.min_calib for p in args.pipelines if p.min_calib},
                    "onnxsim": bool(args.onnxsim and onnxsim_available()),
                    "onnxsim_skipped": not args.onnxsim},
         "models": [], "rows": []}

@@ -208,8 +208,10 @@ def markdown(results: dict[str, Any]) -> str:
         "Production models that pip packages ship (none trained by this project), each run "
         "through the `onnxopt` command line in a fresh process per pipeline, with "
         f"{c['eval_samples']} realistic evaluation samples (`--eval`) and, for lossy passes, "
-        f"{c['calib_samples']} calibration samples (`--calib`; early exit at least 256, "
-        f"as its promise needs them); see "
+        f"{c['calib_samples']} calibration samples (`--calib`"
+        + "".join(f"; {label} at least {n}, as it needs them"
+                  for label, n in c.get("min_calib", {}).items())
+        + "); see "
         "`benchmarks/corpus/inputs.py`. Pipelines:",
         "",
         pipelines,
