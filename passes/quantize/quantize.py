@@ -3,7 +3,9 @@
 Steps, each in its own module:
 
 1. optional cross-layer equalization of the float weights (:mod:`.equalize`);
-2. placement: which nodes and tensors get QuantizeLinear/DequantizeLinear (:mod:`.placement`);
+2. placement: which nodes and tensors get QuantizeLinear/DequantizeLinear (:mod:`.placement`),
+   with each HardSwish split into ``x * HardSigmoid(x)`` so that its product can be int8
+   (joined back where it stays float; :mod:`.hard_swish`);
 3. calibration: streaming statistics of those tensors and a range per parameter group
    (:mod:`.calibration`, :mod:`.tensor_stats`, :mod:`.ranges`);
 4. rewrite: Q/DQ nodes, int8 weights, int32 biases (:mod:`.rewrite`, :mod:`.scheme`);
@@ -45,6 +47,7 @@ from onnxopt.passes.quantize.dynamic import (
 )
 from onnxopt.passes.quantize.equalize import equalize
 from onnxopt.passes.quantize.fallback import tensor_sqnr
+from onnxopt.passes.quantize.hard_swish import join_hard_swish, split_hard_swish
 from onnxopt.passes.quantize.placement import (
     COMPUTE_OPS,
     PLACEMENT,
@@ -168,6 +171,8 @@ class QuantizePass(Pass):
             infer_shapes(model)  # in place; the manager has usually done it already
         if o.equalize:
             stats["equalized_pairs"] = equalize(model.graph, result)
+        # int8 products instead of float HardSwish; the float ones are joined back below
+        split = [] if "HardSwish" in o.exclude_ops else split_hard_swish(model.graph)
         float_model = clone_model(model)
         build = Builder(self, ctx, float_model, opset, per_channel)
         keep_float: set[int] = set()
@@ -175,6 +180,7 @@ class QuantizePass(Pass):
         if o.fallback:
             chosen = search(build, ctx, o, stats)
             if chosen is None:
+                join_hard_swish(model.graph, split)
                 result.refuse("model", missed(stats["fallback"]))
                 notes.append("not quantized: int8 stays below the quality floor")
                 result.stats = stats
@@ -183,6 +189,9 @@ class QuantizePass(Pass):
                 return result
             keep_float = chosen
         plan, rewritten = build(model, keep_float, result)
+        joined = join_hard_swish(model.graph, split)
+        if len(split) > joined:
+            stats["hard_swish_split"] = len(split) - joined
         if build.dynamic:
             stats["dynamic_matmul"] = build.last_dynamic
             notes.append(f"{build.last_dynamic} MatMul dynamic int8 (activation range per "
