@@ -21,6 +21,12 @@ stays float too when no quantized node produces its input: quantizing it would o
 QuantizeLinear from after it to before it, and would make its output look quantized to the
 nodes after it (a global pool after it would then be planned as fed by an integer kernel).
 
+An input that a Conv/Gemm/MatMul also reads counts as quantized for both rules above, whatever
+produced it: it gets its QuantizeLinear for that reader anyway, and the other readers share
+that int8 copy (a ShuffleNet unit's average-pool shortcut of a tensor after a float Sum, which
+its conv branch reads too: onnxruntime then runs the pool and the Concat after it int8 and
+channels-last between the convolutions instead of a float pool with a Transpose on each side).
+
 and a Mul or Add whose two activations are polynomials of one and the same tensor (``x * x``,
 ``x * (c * x)``, ``x + c * x**3``: a LayerNorm's square, the tanh approximation of GELU) stays
 float whatever its neighbours: its range grows as a power of its input's (the cube of 30 is
@@ -113,7 +119,8 @@ def unchained(graph: ir.Graph, nodes: Sequence[NodePlan],
             if not chained(p) and not moves:
                 continue
             acts = [p.node.inputs[i] for i in p.activations if p.node.inputs[i] is not None]
-            if not any(arrives(v) for v in acts):
+            if not any(arrives(v) or _quantized_anyway(v, kept, chained, follows_input)
+                       for v in acts):
                 # a node that only moves values (MaxPool, Reshape, ...) after a float
                 # producer: quantizing it would put the QuantizeLinear before it instead of
                 # after it, and make its output look quantized to the nodes after it
@@ -123,6 +130,20 @@ def unchained(graph: ir.Graph, nodes: Sequence[NodePlan],
         if not more:
             return dropped
         dropped.update(more)
+
+
+def _quantized_anyway(value: ir.Value, kept: dict[int, NodePlan],
+                      chained: Callable[[NodePlan], bool],
+                      follows_input: Callable[[NodePlan], bool]) -> bool:
+    """Whether a kept compute node (Conv, Gemm, ...: never dropped by these rules) reads
+    ``value`` as an activation, so that it gets a QuantizeLinear whatever its other readers
+    do, and they can read that int8 copy at no extra conversion."""
+    for use in value.uses():
+        p = kept.get(id(use.node))
+        if (p is not None and use.idx in p.activations and not chained(p)
+                and not follows_input(p)):
+            return True
+    return False
 
 
 def _arrives(kept: dict[int, NodePlan],

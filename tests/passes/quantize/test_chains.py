@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
+from onnxopt.ir import to_proto
 from onnxopt.passes.quantize import placement
 from onnxopt.passes.quantize.chains import NO_PRODUCER, NO_READER, POWER
 from onnxopt.session import run_model
@@ -233,6 +234,47 @@ def test_a_value_mover_after_a_float_node_stays_float_and_the_gemm_is_integer(
     assert "Gemm 'fc'" not in reasons
     ops = ort_ops(quantized, tmp_path)
     assert ops["QLinearConv"] == 1 and ops["QGemm"] == 1 and ops["Gemm"] == 0
+    feeds = _feeds(1)
+    (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
+    assert sqnr(ref, got) > 25.0
+
+
+def _shuffle_block() -> onnx.ModelProto:
+    """A ShuffleNet stride-2 unit: a float Sum (no integer kernel) before it, then a conv
+    branch and an average-pool shortcut of the same tensor, concatenated."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sum", ["y", "x"], ["s"], name="residual"),
+        helper.make_node("Relu", ["s"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["b"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("AveragePool", ["r"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         strides=[2, 2], name="shortcut"),
+        helper.make_node("Concat", ["b", "p"], ["c"], axis=1, name="join"),
+        helper.make_node("Conv", ["c", "w3"], ["out"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, 4, 4])],
+        initializer=[_weight("w1", (4, 4, 3, 3), 7), _weight("w2", (4, 4, 3, 3), 8),
+                     _weight("w3", (4, 8, 3, 3), 9)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_pool_reading_what_a_conv_reads_shares_its_int8_copy(tmp_path: Path) -> None:
+    """The shortcut pool's input comes from a float Sum, but the conv branch reads it too, so
+    it gets a QuantizeLinear anyway: the pool reads that copy and the Concat stays int8."""
+    model = _shuffle_block()
+    quantized, record = _quantize(model)
+    reasons = _reasons(record)
+    assert "AveragePool 'shortcut'" not in reasons and "Concat 'join'" not in reasons
+    ops = ort_ops(quantized, tmp_path)
+    assert ops["QLinearAveragePool"] == 1 and ops["AveragePool"] == 0
+    assert ops["QLinearConcat"] == 1 and ops["QLinearConv"] == 3
+    proto = quantized if isinstance(quantized, onnx.ModelProto) else to_proto(quantized)
+    readers_of_r = [n.op_type for n in proto.graph.node if "r" in n.input]
+    assert readers_of_r == ["QuantizeLinear"]  # one int8 copy of r for both readers
     feeds = _feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
     assert sqnr(ref, got) > 25.0
