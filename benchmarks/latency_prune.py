@@ -46,7 +46,7 @@ from machine import load_average, machine_info  # noqa: E402
 
 import onnxopt  # noqa: E402
 from onnxopt.ir import to_proto  # noqa: E402
-from onnxopt.passes.prune.latency_timing import latency_session, side_by_side  # noqa: E402
+from onnxopt.timing import latency_session, side_by_side  # noqa: E402
 from testmodels import DIGITS_CALIB, DIGITS_EVAL, DIGITS_MODEL  # noqa: E402
 from testmodels.structures import STRUCTURES  # noqa: E402
 

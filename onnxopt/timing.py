@@ -1,6 +1,7 @@
 """Latency side by side: sessions timed against a baseline in interleaved, adjacent pairs.
 
-One algorithm serves the latency budget of ``prune``, ``onnxopt sweep`` and the benchmarks:
+One algorithm serves the latency budget of ``prune``, the speed check of ``quantize``,
+``onnxopt sweep`` and the benchmarks (:func:`side_by_side` for whole models):
 every session is warmed up, which also estimates its run time; from that, the runs per
 sample are chosen so a sample takes at least ``sample_seconds``. Each round then visits the
 other sessions in a fresh random order and samples each right next to a sample of the
@@ -14,13 +15,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
-__all__ = ["Paired", "paired_samples", "quartiles"]
+from onnxopt.session import make_session
+
+__all__ = ["Paired", "SideBySide", "latency_session", "paired_samples", "quartiles",
+           "side_by_side"]
 
 
 @dataclass
@@ -115,3 +121,57 @@ def paired_samples(
     if not others:  # only the baseline: still give its time
         found.times[baseline] = [sample(baseline) for _ in range(rounds)]
     return found
+
+
+def latency_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    """A CPU session as a deployment would build it (its threads do not spin)."""
+    return make_session(model, threads=threads)
+
+
+@dataclass
+class SideBySide:
+    """Whole models timed against the original in adjacent pairs.
+
+    Attributes:
+        baseline_ms: Median time of one run of the original, in milliseconds.
+        ratios: Median paired ratio (model / original) of each model, in order.
+        spreads: Half the interquartile range of each model's paired ratios.
+        aa: Median ratio of the original against itself (the noise row).
+        aa_spread: Half the interquartile range of the A/A ratios.
+    """
+
+    baseline_ms: float
+    ratios: list[float]
+    spreads: list[float]
+    aa: float
+    aa_spread: float
+
+    @property
+    def noise(self) -> float:
+        """How far a ratio may move by noise alone: the A/A offset plus its spread."""
+        return abs(self.aa - 1.0) + self.aa_spread
+
+
+def side_by_side(original: onnx.ModelProto, models: Sequence[onnx.ModelProto],
+                 feed: dict[str, np.ndarray], threads: int, rounds: int = 21,
+                 sample_seconds: float = 0.003, min_runs: int = 5,
+                 seed: int = 0) -> SideBySide:
+    """Time ``models`` and a second session of ``original`` against ``original``.
+
+    Every session is warmed up; a sample is the fastest of enough runs to take
+    ``sample_seconds``, at least ``min_runs`` (a run another process interrupted is slower,
+    never faster); each
+    round visits the models in a fresh random order and samples each right next to the
+    original (which goes first is random); a pair gives one ratio.
+    """
+    labels = ["original", "A/A", *(f"model {i}" for i in range(len(models)))]
+    sessions = {label: latency_session(m, threads)
+                for label, m in zip(labels, (original, original, *models), strict=True)}
+    found = paired_samples(sessions, dict.fromkeys(labels, feed), "original", rounds=rounds,
+                           sample_seconds=sample_seconds, warmup_seconds=0.05,
+                           min_runs=min_runs, statistic="min", seed=seed)
+    ratios = [found.ratios[label] for label in labels[1:]]
+    med = [float(np.median(r)) for r in ratios]
+    half = [float(np.subtract(*np.percentile(r, [75, 25]))) / 2 for r in ratios]
+    base = found.times["original"]
+    return SideBySide(float(np.median(base)) * 1e3, med[1:], half[1:], med[0], half[0])

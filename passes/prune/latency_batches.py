@@ -34,7 +34,7 @@ from onnxopt.passes.prune.latency_plan import (
     LatencyOutcome,
     same_plan,
 )
-from onnxopt.passes.prune.latency_timing import SideBySide
+from onnxopt.timing import SideBySide
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,9 @@ from onnxopt.passes.prune.budget import Keep, Limits, keep_every_tensor
 from onnxopt.passes.prune.channel_cost import CostModel
 from onnxopt.passes.prune.latency import calibrated, latency_model, measured_steps, node_specs
 from onnxopt.passes.prune.latency_cache import LatencyMeter, Timer
-from onnxopt.passes.prune.latency_timing import SideBySide, ort_timer, side_by_side
+from onnxopt.passes.prune.latency_timing import ort_timer
 from onnxopt.shapes import ShapeTable, concrete_shapes, static_dims
+from onnxopt.timing import SideBySide, side_by_side
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class LatencyBudget:
         batch: Samples per run to time.
         threads: Intra-op threads to time with.
         timer: One-node timer (default: onnxruntime, :func:`.latency_timing.ort_timer`).
-        compare: Whole-model timer (default :func:`.latency_timing.side_by_side`).
+        compare: Whole-model timer (default :func:`onnxopt.timing.side_by_side`).
         cache: Cache folder (default :func:`.latency_cache.cache_dir`).
     """
 

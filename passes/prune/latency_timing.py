@@ -1,4 +1,5 @@
-"""Timing with onnxruntime for latency budgets: one-node tables and whole models side by side.
+"""Timing with onnxruntime for latency budgets: one-node tables (whole models side by side are
+:func:`onnxopt.timing.side_by_side`).
 
 The machine is shared and its load changes from second to second, so nothing is timed
 alone: models measured together are visited in a fresh random order every round, each
@@ -14,21 +15,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from onnxopt.session import make_session
-from onnxopt.timing import paired_samples
+from onnxopt.timing import latency_session
 
-__all__ = ["SideBySide", "latency_session", "ort_timer", "side_by_side"]
-
-
-def latency_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    """A CPU session as a deployment would build it (its threads do not spin)."""
-    return make_session(model, threads=threads)
+__all__ = ["ort_timer"]
 
 
 def _trivial() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -70,52 +63,3 @@ def ort_timer(threads: int, rounds: int = 7, repeat: int = 5, seed: int = 0):
         return [max(m - medians[-1], 1e-7) for m in medians[:-1]]
 
     return timer
-
-
-@dataclass
-class SideBySide:
-    """Whole models timed against the original in adjacent pairs.
-
-    Attributes:
-        baseline_ms: Median time of one run of the original, in milliseconds.
-        ratios: Median paired ratio (model / original) of each model, in order.
-        spreads: Half the interquartile range of each model's paired ratios.
-        aa: Median ratio of the original against itself (the noise row).
-        aa_spread: Half the interquartile range of the A/A ratios.
-    """
-
-    baseline_ms: float
-    ratios: list[float]
-    spreads: list[float]
-    aa: float
-    aa_spread: float
-
-    @property
-    def noise(self) -> float:
-        """How far a ratio may move by noise alone: the A/A offset plus its spread."""
-        return abs(self.aa - 1.0) + self.aa_spread
-
-
-def side_by_side(original: onnx.ModelProto, models: Sequence[onnx.ModelProto],
-                 feed: dict[str, np.ndarray], threads: int, rounds: int = 21,
-                 sample_seconds: float = 0.003, min_runs: int = 5,
-                 seed: int = 0) -> SideBySide:
-    """Time ``models`` and a second session of ``original`` against ``original``.
-
-    Every session is warmed up; a sample is the fastest of enough runs to take
-    ``sample_seconds``, at least ``min_runs`` (a run another process interrupted is slower,
-    never faster); each
-    round visits the models in a fresh random order and samples each right next to the
-    original (which goes first is random); a pair gives one ratio.
-    """
-    labels = ["original", "A/A", *(f"model {i}" for i in range(len(models)))]
-    sessions = {label: latency_session(m, threads)
-                for label, m in zip(labels, (original, original, *models), strict=True)}
-    found = paired_samples(sessions, dict.fromkeys(labels, feed), "original", rounds=rounds,
-                           sample_seconds=sample_seconds, warmup_seconds=0.05,
-                           min_runs=min_runs, statistic="min", seed=seed)
-    ratios = [found.ratios[label] for label in labels[1:]]
-    med = [float(np.median(r)) for r in ratios]
-    half = [float(np.subtract(*np.percentile(r, [75, 25]))) / 2 for r in ratios]
-    base = found.times["original"]
-    return SideBySide(float(np.median(base)) * 1e3, med[1:], half[1:], med[0], half[0])

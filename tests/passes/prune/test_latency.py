@@ -27,11 +27,11 @@ from onnxopt.passes.prune.latency import (
 )
 from onnxopt.passes.prune.latency_cache import CACHE_ENV, LatencyMeter, cache_dir
 from onnxopt.passes.prune.latency_plan import CLOSE, ROUNDS, LatencyBudget
-from onnxopt.passes.prune.latency_timing import SideBySide
 from onnxopt.passes.prune.prune import _candidates
 from onnxopt.pipeline import parse_pipeline
 from onnxopt.session import run_model
 from onnxopt.shapes import concrete_shapes
+from onnxopt.timing import SideBySide
 from testmodels.dynamic import with_input_dims
 from testmodels.structures import concat_branches, conv_chain, inverted_residual
 from tests.helpers import apply_pass, random_feeds

@@ -15,10 +15,10 @@ from onnxopt.passes.prune import PrunePass
 from onnxopt.passes.prune.budget import Limits, allocate_knapsack, allocate_uniform
 from onnxopt.passes.prune.latency_batches import LatencyBudgets, mean_cost
 from onnxopt.passes.prune.latency_plan import CLOSE, LatencyBudget
-from onnxopt.passes.prune.latency_timing import SideBySide
 from onnxopt.passes.prune.prune import _candidates
 from onnxopt.pipeline import parse_pipeline
 from onnxopt.session import run_model
+from onnxopt.timing import SideBySide
 from testmodels.structures import conv_chain, inverted_residual
 from tests.helpers import apply_pass, random_feeds
 from tests.helpers import macs_timer as _macs_timer

@@ -23,10 +23,10 @@ from onnxopt.passes.prune.latency_slices import (
     snapped,
     snapped_allocation,
 )
-from onnxopt.passes.prune.latency_timing import SideBySide
 from onnxopt.passes.prune.prune import _candidates
 from onnxopt.session import run_model
 from onnxopt.shapes import concrete_shapes
+from onnxopt.timing import SideBySide
 from testmodels.structures import concat_branches, conv_chain
 from tests.helpers import apply_pass, random_feeds
 from tests.helpers import macs_timer as _macs_timer
