@@ -57,6 +57,7 @@ from onnxopt.passes.quantize.placement import (
 )
 from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
 from onnxopt.passes.quantize.search import missed, search, static_best
+from onnxopt.passes.quantize.speed import time_against_float
 from onnxopt.passes.quantize.tensor_stats import TensorStats
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,12 @@ class QuantizeOptions:
         report_sqnr: Measure the per-node SQNR for the report (one more calibration run).
         sqnr_samples: Samples for the per-node SQNR (report and the fallback's ranking).
         score_samples: Samples the fallback scores the int8 model on.
+        speed_check: Time the int8 model against the float one on this CPU (batch 1, one
+            thread, side by side, a few seconds at most) and say so in the report when it
+            is slower (:mod:`.speed`).
+        max_latency: Refuse, and hand back the float model, when the int8 model runs
+            slower than this multiple of the float model's latency beyond the timing
+            noise (1.0: int8 must not be slower). None: only report.
     """
 
     method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
@@ -135,6 +142,8 @@ class QuantizeOptions:
     report_sqnr: bool = True
     sqnr_samples: int = option(8, within="[1, inf)")
     score_samples: int = option(64, within="[1, inf)")
+    speed_check: bool = True
+    max_latency: float | None = option(None, within="(0, inf)")
 
 
 @register_pass
@@ -206,6 +215,22 @@ class QuantizePass(Pass):
             result.modified = bool(stats.get("equalized_pairs")) or opset != found
             result.summary = "; ".join(notes) or None
             return result
+        speed = (time_against_float(float_model, model, ctx)
+                 if o.speed_check or o.max_latency is not None else None)
+        if speed is not None:
+            stats["latency_vs_float"] = speed.to_dict()
+            if o.max_latency is not None and speed.over(o.max_latency):
+                model.graph = float_model.graph  # the float model, as the search left it
+                join_hard_swish(model.graph, split)
+                result.refuse("model", f"{speed.describe()}, over max_latency="
+                                       f"{o.max_latency:g}; nothing quantized")
+                notes.append("not quantized: slower than max_latency")
+                result.stats = stats
+                result.modified = bool(stats.get("equalized_pairs")) or opset != found
+                result.summary = "; ".join(notes)
+                return result
+            if speed.over(1.0):
+                notes.append(f"{speed.describe()}: the float model is faster here")
         result.modified = True
         stats.update(_summary(plan, rewritten))
         stats["reduce_range"] = build.reduce_range
