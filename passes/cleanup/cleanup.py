@@ -23,6 +23,8 @@ Each step is an identity of the computed function, so the pass is exact:
   inlining alternate, so a condition computed from folded shapes is resolved. Both steps,
   and why inlining matters, are described in :mod:`onnxopt.passes.cleanup.folding`.
 * A Cast to the type its input already has is an identity and goes (``casts``).
+* A hard swish written out as ``x * Clip(x + 3, 0, 6) / 6`` becomes one HardSwish (opset 14
+  on) or ``x * HardSigmoid(x)`` (:mod:`~onnxopt.passes.cleanup.activations`).
 * Consecutive Slices over different axes become one (:mod:`~onnxopt.passes.cleanup.slices`).
 * A per-channel constant Mul/Div/Add/Sub after a Conv, ConvTranspose, Gemm, MatMul or
   BatchNormalization folds into its weight and bias (:mod:`~onnxopt.passes.cleanup.affine`).
@@ -60,6 +62,7 @@ from onnxopt.ir import (
 )
 from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, register_pass
+from onnxopt.passes.cleanup.activations import fuse_hard_swish
 from onnxopt.passes.cleanup.affine import fold_affine
 from onnxopt.passes.cleanup.cse import eliminate_common_subexpressions
 from onnxopt.passes.cleanup.folding import (
@@ -90,6 +93,9 @@ class CleanupOptions:
         merge_slices: Whether to merge consecutive Slices over different axes.
         merge_duplicates: Whether to merge nodes that compute the same thing from the
             same inputs (constants compared by content).
+        fuse_activations: Whether to make a hard swish written out as arithmetic
+            (``x * Clip(x + 3, 0, 6) / 6``) one HardSwish, or ``x * HardSigmoid(x)`` before
+            opset 14.
     """
 
     lift_constants: bool = True
@@ -99,6 +105,7 @@ class CleanupOptions:
     fold_affine: bool = True
     merge_slices: bool = True
     merge_duplicates: bool = True
+    fuse_activations: bool = True
 
 
 @register_pass
@@ -107,7 +114,8 @@ class CleanupPass(Pass):
 
     Stats: ``constants_lifted``, ``identities``, ``dropouts``, ``dead_nodes``, ``folded``,
     ``weights_materialized`` (folded weights above ``max_fold_elements``),
-    ``shapes_resolved``, ``reshape_targets``, ``ifs_inlined``, ``casts``, ``affine_folded``,
+    ``shapes_resolved``, ``reshape_targets``, ``ifs_inlined``, ``casts``, ``hard_swish_fused``,
+    ``affine_folded``,
     ``slices_merged``, ``duplicates_merged``, ``inputs_removed``,
     ``initializers_removed`` (including those of removed inputs), ``reordered`` (0/1),
     ``fold_skipped`` (reason -> count) and ``subgraphs_skipped``.
@@ -116,7 +124,7 @@ class CleanupPass(Pass):
     name = "cleanup"
     description = ("lift Constant nodes; remove Identity/Dropout/no-op Cast, dead nodes and "
                    "unused initializers; fold constants, shapes and per-channel affine ops; "
-                   "merge Slices and duplicates")
+                   "merge Slices and duplicates; written-out hard swish made one op")
     Options = CleanupOptions
     exact = True
     needs_data = False
@@ -157,6 +165,8 @@ class CleanupPass(Pass):
             stats["dead_nodes"] += remove_dead_nodes(graph)
         inferred = infer_values(model)
         stats["casts"] = _bypass_noop_casts(graph, inferred.dtypes, kept)
+        if self.options.fuse_activations:
+            stats["hard_swish_fused"] = fuse_hard_swish(model, opset)
         if model.ir_version >= 4:  # both add initializers
             if self.options.fold_affine:
                 stats["affine_folded"] = fold_affine(model, result, inferred.dims)
@@ -182,7 +192,8 @@ class CleanupPass(Pass):
 #: Stats that count changes to the model; ``modified`` is true when any is non-zero.
 _CHANGE_COUNTS = ("constants_lifted", "identities", "dropouts", "dead_nodes", "folded",
                   "weights_materialized", "shapes_resolved", "reshape_targets", "ifs_inlined",
-                  "casts", "affine_folded", "slices_merged", "duplicates_merged",
+                  "casts", "hard_swish_fused", "affine_folded", "slices_merged",
+                  "duplicates_merged",
                   "initializers_removed", "inputs_removed", "reordered")
 
 
