@@ -28,7 +28,6 @@ reports the plan (channels kept per group, MACs saved) and leaves the model unch
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -38,9 +37,7 @@ import onnx_ir as ir
 
 from onnxopt.blas import single_blas_thread
 from onnxopt.channels import ChannelAnalysis, ChannelGroup, analyse_channels
-from onnxopt.channels.linear import SEEDS
 from onnxopt.channels.surgery import remove_channels
-from onnxopt.channels.tie import Role
 from onnxopt.cost import model_cost
 from onnxopt.errors import UserError
 from onnxopt.ir import clone_model, unmatched
@@ -54,6 +51,7 @@ from onnxopt.passes.prune.budget import (
     group_savings,
     keep_every_tensor,
 )
+from onnxopt.passes.prune.candidates import candidates, why_no_groups
 from onnxopt.passes.prune.channel_cost import COST_MODELS, CostModel
 from onnxopt.passes.prune.importance import CRITERIA, group_scores
 from onnxopt.passes.prune.latency_slices import BLOCK, snapped_allocation
@@ -214,7 +212,7 @@ class PrunePass(Pass):
         shapes = concrete_shapes(model, input_shapes)
         plan = self._plan(model, ctx, result, shapes)
         before = model_cost(model, shapes=shapes)
-        summary = summary_line(plan, opts, before, _why_no_groups(result))
+        summary = summary_line(plan, opts, before, why_no_groups(result))
         result.stats.update({"criterion": plan.criterion, "allocation": plan.allocation,
                              "budget": f"{plan.kind}={plan.value:g}", "reconstruct": plan.refit,
                              "groups": plan.rows})
@@ -276,7 +274,7 @@ class PrunePass(Pass):
         if kind == "macs" and costs["macs"].unknown:
             raise UserError(f"prune(macs={value:g}) needs the model's MACs, and they are "
                             f"unknown: {costs['macs'].unknown}")
-        groups = _candidates(analysis, opts.exclude, result)
+        groups = candidates(analysis, opts.exclude, result)
         aware = refit and opts.refit_aware
         stats = None
         needs = rule.needs | (rule.refit_needs if aware else frozenset())
@@ -398,44 +396,3 @@ class _Timing:
 
     budget: LatencyBudgets
     calibrated_cost: CostModel
-
-
-def _excluded(group: ChannelGroup, patterns: tuple[str, ...]) -> str | None:
-    """The first pattern matching a producer, pass-through node or tensor of the group."""
-    names = [t.node.name or "" for t in group.ties if t.tie.role is not Role.CONSUMER]
-    names += [m.value.name or "" for m in group.members]
-    for pattern in patterns:
-        if any(fnmatch.fnmatchcase(n, pattern) for n in names if n):
-            return pattern
-    return None
-
-
-def _candidates(analysis: ChannelAnalysis, exclude: tuple[str, ...],
-                result: PassResult) -> list[ChannelGroup]:
-    found = []
-    for group in analysis.groups:
-        if not group.ties_with_role(Role.PRODUCER):
-            # Channels that come from graph inputs or constants, or from a weighted op whose
-            # weight is not a constant (its tie froze): say so for the latter.
-            if any(t.tie.frozen and t.node.op_type in SEEDS for t in group.ties):
-                result.refuse(group.label(), "frozen: " + "; ".join(group.frozen))
-            continue
-        if not group.prunable:
-            result.refuse(group.label(), "frozen: " + "; ".join(group.frozen))
-            continue
-        pattern = _excluded(group, exclude)
-        if pattern is not None:
-            result.refuse(group.label(), f"excluded by {pattern!r}")
-        elif group.size > 1 and all(m.channels is not None for m in group.members):
-            found.append(group)
-    return found
-
-
-def _why_no_groups(result: PassResult) -> str:
-    """Why no channel group can be pruned, from the refusals collected while planning."""
-    if not result.refusals:
-        return ("no channel group starts at a Conv, ConvTranspose, Gemm or MatMul with a "
-                "constant weight")
-    reasons = list(dict.fromkeys(r.reason for r in result.refusals))
-    more = f" (+{len(reasons) - 1} other reasons)" if len(reasons) > 1 else ""
-    return f"no prunable group: {len(result.refusals)} refused, e.g. {reasons[0]}{more}"

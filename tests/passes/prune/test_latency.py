@@ -17,6 +17,7 @@ from onnxopt.ir import from_proto, to_proto
 from onnxopt.pass_base import PassContext, PassResult
 from onnxopt.passes.prune import PrunePass
 from onnxopt.passes.prune.budget import Limits, allocate_knapsack, allocate_uniform
+from onnxopt.passes.prune.candidates import candidates
 from onnxopt.passes.prune.latency import (
     TableTerm,
     calibrated,
@@ -27,7 +28,6 @@ from onnxopt.passes.prune.latency import (
 )
 from onnxopt.passes.prune.latency_cache import CACHE_ENV, LatencyMeter, cache_dir
 from onnxopt.passes.prune.latency_plan import CLOSE, ROUNDS, LatencyBudget
-from onnxopt.passes.prune.prune import _candidates
 from onnxopt.pipeline import parse_pipeline
 from onnxopt.session import run_model
 from onnxopt.shapes import concrete_shapes
@@ -71,7 +71,7 @@ def test_concurrent_writers_merge_their_points(_cache: Path) -> None:
     proto = conv_chain()
     model = from_proto(proto)
     analysis = analyse_channels(model)
-    groups = _candidates(analysis, (), PassResult(modified=False))
+    groups = candidates(analysis, (), PassResult(modified=False))
     specs, skipped = node_specs(analysis, concrete_shapes(model, {"input": (1, 3, 16, 16)}),
                                 groups)
     assert specs and not skipped
@@ -121,7 +121,7 @@ def test_step_detection_finds_blocked_kernels() -> None:
 def _budget(proto: onnx.ModelProto, compare) -> tuple[LatencyBudget, list, dict]:
     model = from_proto(proto)
     analysis = analyse_channels(model)
-    groups = _candidates(analysis, (), PassResult(modified=False))
+    groups = candidates(analysis, (), PassResult(modified=False))
     budget = LatencyBudget(model, analysis, groups, {"input": (1, 3, 16, 16)}, batch=2,
                            threads=1, timer=_macs_timer, compare=compare)
     scores = {g.index: np.arange(g.size, dtype=float) + 1 for g in groups}
@@ -274,7 +274,7 @@ def test_node_tables_cover_depthwise_and_concat() -> None:
     for proto in (inverted_residual(), concat_branches()):
         model = from_proto(proto)
         analysis = analyse_channels(model)
-        groups = _candidates(analysis, (), PassResult(modified=False))
+        groups = candidates(analysis, (), PassResult(modified=False))
         shapes = concrete_shapes(model, {"input": (1, 3, 16, 16)})
         specs, skipped = node_specs(analysis, shapes, groups)
         assert not skipped

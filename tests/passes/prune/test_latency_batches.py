@@ -13,9 +13,9 @@ from onnxopt.ir import from_proto
 from onnxopt.pass_base import PassContext, PassResult
 from onnxopt.passes.prune import PrunePass
 from onnxopt.passes.prune.budget import Limits, allocate_knapsack, allocate_uniform
+from onnxopt.passes.prune.candidates import candidates
 from onnxopt.passes.prune.latency_batches import LatencyBudgets, mean_cost
 from onnxopt.passes.prune.latency_plan import CLOSE, LatencyBudget
-from onnxopt.passes.prune.prune import _candidates
 from onnxopt.pipeline import parse_pipeline
 from onnxopt.session import run_model
 from onnxopt.timing import SideBySide
@@ -42,7 +42,7 @@ def test_mean_cost_is_the_mean_of_the_batches_plus_the_excess() -> None:
     proto = inverted_residual()
     model = from_proto(proto)
     analysis = analyse_channels(model)
-    groups = _candidates(analysis, (), PassResult(modified=False))
+    groups = candidates(analysis, (), PassResult(modified=False))
     from onnxopt.passes.prune.channel_cost import macs_model, params_model
 
     a, b = macs_model(analysis), params_model(analysis)
@@ -58,7 +58,7 @@ def _budgets(proto, curves: dict[int, callable], timed: dict[int, list[float]]):
     ``curves[batch](m)`` (a fake timer per batch: the larger batch gains more)."""
     model = from_proto(proto)
     analysis = analyse_channels(model)
-    groups = _candidates(analysis, (), PassResult(modified=False))
+    groups = candidates(analysis, (), PassResult(modified=False))
     full = model_cost(infer_shapes(model)).macs
 
     def make(batch: int) -> LatencyBudget:

@@ -12,6 +12,7 @@ from onnxopt.ir import from_proto
 from onnxopt.pass_base import PassContext, PassResult
 from onnxopt.passes.prune import PrunePass
 from onnxopt.passes.prune.budget import Limits, allocate_knapsack, allocate_uniform
+from onnxopt.passes.prune.candidates import candidates
 from onnxopt.passes.prune.channel_cost import macs_model
 from onnxopt.passes.prune.latency import latency_model, node_specs
 from onnxopt.passes.prune.latency_cache import LatencyMeter
@@ -23,7 +24,6 @@ from onnxopt.passes.prune.latency_slices import (
     snapped,
     snapped_allocation,
 )
-from onnxopt.passes.prune.prune import _candidates
 from onnxopt.session import run_model
 from onnxopt.shapes import concrete_shapes
 from onnxopt.timing import SideBySide
@@ -36,7 +36,7 @@ def _concat(width: int = 8):
     proto = concat_branches(width=width)
     model = from_proto(proto)
     analysis = analyse_channels(model)
-    groups = _candidates(analysis, (), PassResult(modified=False))
+    groups = candidates(analysis, (), PassResult(modified=False))
     dense = max(groups, key=lambda g: g.size)  # the Inception + DenseNet concat group
     return proto, model, analysis, groups, dense
 
@@ -123,7 +123,7 @@ def test_snapped_allocation_meets_the_target_with_slices_on_the_step() -> None:
     # without concat slices the allocator's plan is returned as it is
     chain = from_proto(conv_chain())
     chain_analysis = analyse_channels(chain)
-    chain_groups = _candidates(chain_analysis, (), PassResult(modified=False))
+    chain_groups = candidates(chain_analysis, (), PassResult(modified=False))
     chain_cost = macs_model(chain_analysis).restrict([g.index for g in chain_groups])
     chain_scores = {g.index: np.arange(g.size, dtype=float) for g in chain_groups}
     direct = allocate_knapsack(chain_scores, chain_cost, 0.5 * chain_cost.total(), limits)
