@@ -130,3 +130,14 @@ def test_output_sqnr_rule() -> None:
     # a slice without signal does not count, nor does a single slice
     assert output_sqnr(np.array([1e6, 0.0]), noise)[1] is None
     assert output_sqnr(np.array([4.0]), np.array([1.0]))[1] is None
+
+
+def test_refusal_names_the_slice_below_the_target() -> None:
+    proto = _boxes_and_scores_model()
+    model, report = onnxopt.optimize(proto, "quantize(max_float_nodes=0)", calib={"x": _x(1)},
+                                     eval={"x": _x(3, 32)})
+    record = report.records[-1]
+    assert record.stats["fallback"]["reached"] is False
+    reasons = [r.reason for r in record.refusals if "stays below the quality floor" in r.reason]
+    assert reasons and "dB in y[:, 1]" in reasons[0]
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph)  # nothing handed back
