@@ -20,7 +20,8 @@ evaluation set (seed 2) that only this script sees. Variants:
 
 Reported per model and variant: the task's answer against fp32's on the evaluation set
 (the class; open_nsfw also its nsfw decision at 0.5 and max |dp|; nudenet_320n its boxes after
-its own decode and NMS, matched at IoU >= 0.5 with the same class; magika its content type),
+its own decode and NMS, matched at IoU >= 0.5 with the same class, and the worst and mean SQNR
+of its class-score rows; magika its content type),
 the integer kernels and float Conv/Gemm/MatMul in onnxruntime's optimized graph, and latency
 ratios to fp32 at batch 1 (and 8 where the batch is dynamic) with an fp32 A/A row
 (``latency.measure``: warmed up, interleaved paired ratios, median and quartiles). The light_*
@@ -145,6 +146,16 @@ def matched(got: list, want: list) -> int:
     return found
 
 
+def score_rows_sqnr(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """SQNR in dB of each class-score row (``[:, 4:]``) of a YOLO output against fp32's, over
+    all images: what the quantize fallback's per-slice score sees, on the evaluation set."""
+    r = ref[:, 4:].astype(np.float64)
+    d = out[:, 4:].astype(np.float64) - r
+    signal, noise = np.einsum("nca,nca->c", r, r), np.einsum("nca,nca->c", d, d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(noise > 0, 10 * np.log10(signal / noise), np.inf)
+
+
 def agreement(kind: str, out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """The task's answer from ``out`` against the one from ``ref`` (the fp32 outputs)."""
     n = len(ref)
@@ -152,10 +163,12 @@ def agreement(kind: str, out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
         got, want = [yolo_boxes(o) for o in out], [yolo_boxes(r) for r in ref]
         found = [matched(g, w) for g, w in zip(got, want, strict=True)]
         same = [f == len(g) == len(w) for f, g, w in zip(found, got, want, strict=True)]
+        rows = score_rows_sqnr(out, ref)
         return {"agree": float(np.mean(same)),
                 "box_recall": sum(found) / max(1, sum(len(w) for w in want)),
                 "boxes_fp32": float(sum(len(w) for w in want)),
-                "images_with_boxes": float(sum(bool(w) for w in want))}
+                "images_with_boxes": float(sum(bool(w) for w in want)),
+                "score_rows_db_min": float(rows.min()), "score_rows_db_mean": float(rows.mean())}
     a, b = out.reshape(n, -1), ref.reshape(n, -1)
     found = {"agree": float(np.mean(a.argmax(1) == b.argmax(1))),
              "classes_fp32": float(len(set(b.argmax(1).tolist())))}

@@ -5,7 +5,11 @@
   (``[N, C]``) top-1 agreement; for sequences of class distributions (``[N, T, C]``, a CTC
   recognizer's softmax) the share of samples whose whole per-step argmax path agrees (the same
   path decodes to the same text); for every other float output (maps, boxes, embeddings) the
-  SQNR ``10 log10(sum x**2 / sum (x' - x)**2)``. One probability per sample (``[N]`` or
+  SQNR ``10 log10(sum x**2 / sum (x' - x)**2)``, and when the slices of that output along
+  axis 1 differ in scale by more than :data:`SCALE_SPREAD` (RMS of the largest over the
+  smallest), the worst slice's SQNR as well: one SQNR over a detector's ``[N, 4 + C, A]``
+  output is the SQNR of its pixel coordinates, blind to the class-score rows that decide
+  which boxes are kept (:func:`output_sqnr`). One probability per sample (``[N]`` or
   ``[N, 1]`` in [0, 1], e.g. a voice-activity detector) is also a yes/no decision at 0.5,
   whose agreement the pass holds to the agreement target besides the SQNR (stricter than the
   floor, which only asks for the SQNR).
@@ -53,6 +57,9 @@ AGREEMENT_MARGIN = 0.03
 SQNR_MARGIN_DB = 1.0
 #: SQNR credited to an input that is not quantized (a graph input, a float node's output).
 CLEAN_DB = 60.0
+#: RMS ratio of the largest to the smallest slice (along axis 1) of a float output above
+#: which each slice is held to the SQNR target on its own, not only the whole output.
+SCALE_SPREAD = 100.0
 
 
 @dataclass
@@ -93,10 +100,15 @@ class Targets:
 
 @dataclass(frozen=True)
 class Score:
-    """A model's outputs against the float reference (worst output of each kind)."""
+    """A model's outputs against the float reference (worst output of each kind).
+
+    ``sqnr_db`` is the worst SQNR of a whole output or, where it counts
+    (:func:`output_sqnr`), of one slice of it, which ``worst`` then names (``boxes[:, 6]``).
+    """
 
     agreement: float | None
     sqnr_db: float
+    worst: str | None = None
 
     def meets(self, targets: Targets) -> bool:
         """Whether every output clears its target."""
@@ -108,9 +120,13 @@ class Score:
         """Orders scores from worse to better: agreement first, then SQNR."""
         return (self.agreement if self.agreement is not None else 1.0, self.sqnr_db)
 
-    def to_dict(self) -> dict[str, float | None]:
+    def to_dict(self) -> dict[str, float | str | None]:
         """For the report (an SQNR without noise, or without such outputs, is None)."""
-        return {"agreement": self.agreement, "sqnr_db": _finite(self.sqnr_db)}
+        found: dict[str, float | str | None] = {"agreement": self.agreement,
+                                                "sqnr_db": _finite(self.sqnr_db)}
+        if self.worst is not None:
+            found["sqnr_worst"] = self.worst
+        return found
 
 
 def _finite(value: float) -> float | None:
@@ -149,8 +165,9 @@ def score(model: ir.Model, ref: EvalData) -> Score:
     """Score ``model`` against the float reference (see the module docstring)."""
     agree = [0] * len(ref.names)
     total = [0] * len(ref.names)
-    signal = [0.0] * len(ref.names)
-    noise = [0.0] * len(ref.names)
+    # per output: summed squares per slice along axis 1 (one slice for 1-d outputs)
+    signal: list[np.ndarray | None] = [None] * len(ref.names)
+    noise: list[np.ndarray | None] = [None] * len(ref.names)
     batches = stream_tensors([model], [ref.names], ref.source, batch_size=ref.batch_size,
                              limit=ref.limit, input_shapes=ref.input_shapes)
     for ((tensors,), _), expected in zip(batches, ref.outputs, strict=False):
@@ -165,14 +182,66 @@ def score(model: ir.Model, ref: EvalData) -> Score:
                 agree[j] += int(np.sum((got > 0.5) == (want > 0.5)))
                 total[j] += want.size
             if kind in ("float", "binary"):
-                w, d = want.astype(np.float64), got.astype(np.float64) - want
-                signal[j] += float(np.sum(w * w))
-                noise[j] += float(np.sum(d * d))
+                sig, noi = _slice_squares(want, got)
+                before_s, before_n = signal[j], noise[j]
+                if before_s is not None and before_n is not None:
+                    if before_s.shape != sig.shape:  # axis 1 changed size: whole sums only
+                        before_s, before_n = before_s.sum(keepdims=True), before_n.sum(
+                            keepdims=True)
+                        sig, noi = sig.sum(keepdims=True), noi.sum(keepdims=True)
+                    sig, noi = sig + before_s, noi + before_n
+                signal[j], noise[j] = sig, noi
     agreements = [a / t for a, t, k in zip(agree, total, ref.kinds, strict=True)
                   if k in ("class", "sequence", "binary") and t]
-    sqnrs = [sqnr_db(s, n) for s, n, k in zip(signal, noise, ref.kinds, strict=True)
-             if k in ("float", "binary")]
-    return Score(min(agreements) if agreements else None, min(sqnrs, default=math.inf))
+    sqnrs = [(*output_sqnr(s, n), name)
+             for s, n, k, name in zip(signal, noise, ref.kinds, ref.names, strict=True)
+             if k in ("float", "binary") and s is not None and n is not None]
+    agreement = min(agreements) if agreements else None
+    if not sqnrs:
+        return Score(agreement, math.inf)
+    db, where, name = min(sqnrs, key=lambda t: t[0])
+    return Score(agreement, db, None if where is None else f"{name}[:, {where}]")
+
+
+def _slice_squares(want: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sums of squares of the reference and of the error per slice along axis 1."""
+    w = want.astype(np.float64)
+    d = got.astype(np.float64) - w
+    if w.ndim < 2:
+        return np.atleast_1d(np.sum(w * w)), np.atleast_1d(np.sum(d * d))
+    w3, d3 = w.reshape(w.shape[0], w.shape[1], -1), d.reshape(d.shape[0], d.shape[1], -1)
+    return np.einsum("ncx,ncx->c", w3, w3), np.einsum("ncx,ncx->c", d3, d3)
+
+
+def output_sqnr(signal: np.ndarray, noise: np.ndarray) -> tuple[float, int | None]:
+    """SQNR of one output from its summed squares per slice, and the slice it comes from.
+
+    The SQNR of the whole output, unless its slices along axis 1 that carry signal differ
+    in RMS by more than :data:`SCALE_SPREAD`: then the worst of the whole and of each
+    slice. A detector's ``[N, 4 + C, anchors]`` output has box rows in pixels (RMS ~100)
+    beside class-score rows in [0, 1] (RMS ~0.01): one SQNR over it is the boxes' SQNR, and
+    a class-score row that int8 has turned into noise would not lower it. Where the slices
+    have comparable scales, the whole is judged as before.
+
+    Args:
+        signal: Summed squares of the reference per slice.
+        noise: Summed squares of the error per slice.
+
+    Returns:
+        The SQNR in dB, and the index of the slice it is or None for the whole output.
+    """
+    whole = sqnr_db(float(signal.sum()), float(noise.sum()))
+    live = np.flatnonzero(signal > 0)
+    if live.size < 2:
+        return whole, None
+    rms = np.sqrt(signal[live])
+    if float(rms.max()) <= SCALE_SPREAD * float(rms.min()):
+        return whole, None
+    per_slice = [sqnr_db(float(signal[i]), float(noise[i])) for i in live]
+    at = int(np.argmin(per_slice))
+    if per_slice[at] >= whole:
+        return whole, None
+    return per_slice[at], int(live[at])
 
 
 def tensor_sqnr(float_model: ir.Model, quant_model: ir.Model, names: Mapping[str, str],

@@ -144,7 +144,8 @@ def _fmt(score: dict) -> str:
     if score.get("agreement") is not None:
         parts.append(f"agreement {score['agreement']:.3f}")
     if score.get("sqnr_db") is not None:
-        parts.append(f"SQNR {score['sqnr_db']:.1f} dB")
+        worst = f" in {score['sqnr_worst']}" if score.get("sqnr_worst") else ""
+        parts.append(f"SQNR {score['sqnr_db']:.1f} dB{worst}")
     return ", ".join(parts) or "-"
 
 
