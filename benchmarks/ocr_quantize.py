@@ -337,6 +337,7 @@ def details(results: dict[str, dict]) -> str:
                            f"only compute ops int8: {trace.get('score_compute_only', '-')}; "
                            f"probes (float nodes of {trace.get('candidates', '-')}, "
                            f"agreement, SQNR dB): {probes or 'none'}; "
+                           f"MatMuls dynamic beside static Convs: {_mixed_text(trace)}; "
                            f"only the MatMuls int8, dynamic: "
                            f"{trace.get('score_dynamic_matmul_only', '-')}; "
                            f"reached: {trace.get('reached', 'met without fallback')}; "
@@ -348,6 +349,16 @@ def details(results: dict[str, dict]) -> str:
             if v.get("note"):
                 out.append(f"- {label}: {v['note']}")
     return "\n".join(out)
+
+
+def _mixed_text(trace: dict) -> str:
+    """The search's stage with the MatMuls dynamic and the Convs static: start, probes, kept."""
+    sub = trace.get("dynamic_matmul_stage")
+    if not sub:
+        return "-"
+    probes = [(p["float_nodes"], p["agreement"], p["sqnr_db"]) for p in sub.get("probes", [])]
+    return (f"all {sub.get('static_nodes')} static {sub.get('score_base')}, probes (float of "
+            f"them, agreement, SQNR dB): {probes or 'none'}, reached: {sub.get('reached')}")
 
 
 def markdown(results: dict[str, dict], info: dict, end_load: str) -> str:
