@@ -18,6 +18,9 @@ For each of rec, cls and det: the model is upgraded to opset 13 when older
 * rec only, ``ours Conv/MatMul only``: ``quantize(fallback=false)`` with the elementwise
   ops excluded (static int8 into every Conv and MatMul and nothing else), the best static
   model found by hand.
+* rec only, ``ours static Conv + dynamic MatMul``: the start of the fallback's stage with
+  the MatMuls dynamic: every Conv static int8, the 9 MatMuls with a constant weight dynamic
+  int8, the elementwise ops and the 4 attention MatMuls float.
 
 Reported per model: task agreement with the fp32 model on the evaluation set (rec: exact
 string and character accuracy of the CTC-decoded text; det: pages whose boxes all match
@@ -71,6 +74,8 @@ INT_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QGemm", "QLinearMatMu
 MARGIN_BANDS = {"< 0.1": (0.0, 0.1), "0.1-0.3": (0.1, 0.3), ">= 0.3": (0.3, 2.0)}
 #: The ops between the recognizer's Conv/MatMul layers (learnable affine, hardswish, SE).
 REC_ELEMENTWISE = ("Add", "Mul", "Sigmoid", "GlobalAveragePool", "Concat", "AveragePool")
+#: The recognizer's four MatMuls of two activations (attention scores and their values).
+REC_ATTENTION = ("p2o.MatMul.2", "p2o.MatMul.4", "p2o.MatMul.14", "p2o.MatMul.16")
 #: Float compute ops of onnxruntime's optimized graph (FusedGemm: a Gemm with its activation).
 FLOAT_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "MatMul", "FusedMatMul",
              "NhwcFusedConv", "FusedGemm")
@@ -177,6 +182,9 @@ def bench_task(name: str, models: Path, data: Path, work: Path, rounds: int) -> 
     if name == "rec":
         runs.append(("ours Conv/MatMul only", "cleanup,fold-bn,quantize(fallback=false,"
                      f"exclude_ops={';'.join(REC_ELEMENTWISE)})", False))
+        runs.append(("ours static Conv + dynamic MatMul", "cleanup,fold-bn,quantize("
+                     f"fallback=false,dynamic_matmul=true,exclude_ops={';'.join(REC_ELEMENTWISE)},"
+                     f"exclude_nodes={';'.join(REC_ATTENTION)})", False))
     for label, spec, validate in runs:
         _log(f"{name}: {label}")
         path = work / f"{name}_{label.replace(' ', '_').replace('=', '').replace('/', '_')}.onnx"
