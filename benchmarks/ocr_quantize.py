@@ -18,6 +18,9 @@ For each of rec, cls and det: the model is upgraded to opset 13 when older
 * rec only, ``ours Conv/MatMul only``: ``quantize(fallback=false)`` with the elementwise
   ops excluded (static int8 into every Conv and MatMul and nothing else), the best static
   model found by hand.
+* rec only, ``ours static Conv + dynamic MatMul``: the start of the fallback's stage with
+  the MatMuls dynamic: every Conv static int8, the 9 MatMuls with a constant weight dynamic
+  int8, the elementwise ops and the 4 attention MatMuls float.
 
 Reported per model: task agreement with the fp32 model on the evaluation set (rec: exact
 string and character accuracy of the CTC-decoded text; det: pages whose boxes all match
@@ -71,6 +74,8 @@ INT_OPS = ("QLinearConv", "ConvInteger", "MatMulInteger", "QGemm", "QLinearMatMu
 MARGIN_BANDS = {"< 0.1": (0.0, 0.1), "0.1-0.3": (0.1, 0.3), ">= 0.3": (0.3, 2.0)}
 #: The ops between the recognizer's Conv/MatMul layers (learnable affine, hardswish, SE).
 REC_ELEMENTWISE = ("Add", "Mul", "Sigmoid", "GlobalAveragePool", "Concat", "AveragePool")
+#: The recognizer's four MatMuls of two activations (attention scores and their values).
+REC_ATTENTION = ("p2o.MatMul.2", "p2o.MatMul.4", "p2o.MatMul.14", "p2o.MatMul.16")
 #: Float compute ops of onnxruntime's optimized graph (FusedGemm: a Gemm with its activation).
 FLOAT_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "MatMul", "FusedMatMul",
              "NhwcFusedConv", "FusedGemm")
@@ -177,6 +182,9 @@ def bench_task(name: str, models: Path, data: Path, work: Path, rounds: int) -> 
     if name == "rec":
         runs.append(("ours Conv/MatMul only", "cleanup,fold-bn,quantize(fallback=false,"
                      f"exclude_ops={';'.join(REC_ELEMENTWISE)})", False))
+        runs.append(("ours static Conv + dynamic MatMul", "cleanup,fold-bn,quantize("
+                     f"fallback=false,dynamic_matmul=true,exclude_ops={';'.join(REC_ELEMENTWISE)},"
+                     f"exclude_nodes={';'.join(REC_ATTENTION)})", False))
     for label, spec, validate in runs:
         _log(f"{name}: {label}")
         path = work / f"{name}_{label.replace(' ', '_').replace('=', '').replace('/', '_')}.onnx"
@@ -337,6 +345,7 @@ def details(results: dict[str, dict]) -> str:
                            f"only compute ops int8: {trace.get('score_compute_only', '-')}; "
                            f"probes (float nodes of {trace.get('candidates', '-')}, "
                            f"agreement, SQNR dB): {probes or 'none'}; "
+                           f"MatMuls dynamic beside static Convs: {_mixed_text(trace)}; "
                            f"only the MatMuls int8, dynamic: "
                            f"{trace.get('score_dynamic_matmul_only', '-')}; "
                            f"reached: {trace.get('reached', 'met without fallback')}; "
@@ -348,6 +357,16 @@ def details(results: dict[str, dict]) -> str:
             if v.get("note"):
                 out.append(f"- {label}: {v['note']}")
     return "\n".join(out)
+
+
+def _mixed_text(trace: dict) -> str:
+    """The search's stage with the MatMuls dynamic and the Convs static: start, probes, kept."""
+    sub = trace.get("dynamic_matmul_stage")
+    if not sub:
+        return "-"
+    probes = [(p["float_nodes"], p["agreement"], p["sqnr_db"]) for p in sub.get("probes", [])]
+    return (f"all {sub.get('static_nodes')} static {sub.get('score_base')}, probes (float of "
+            f"them, agreement, SQNR dB): {probes or 'none'}, reached: {sub.get('reached')}")
 
 
 def markdown(results: dict[str, dict], info: dict, end_load: str) -> str:

@@ -25,9 +25,11 @@
   inputs: the elementwise ops, pools and activations between them stay float, which removes
   most requantizations at little cost in speed (onnxruntime still runs every compute op as
   an integer kernel). Then the ``k`` most sensitive compute nodes stay float, ``k`` found
-  by doubling and then bisecting (:func:`choose_float_nodes`). When no probe meets the
-  targets, the pass quantizes nothing and reports the best probe: an int8 model below the
-  floor is never handed back.
+  by doubling and then bisecting (:func:`choose_float_nodes`). On a model with MatMuls of a
+  constant weight the search then tries them dynamic int8 beside static Convs, and last
+  alone (:mod:`.search` has the stages). When no probe meets the targets, the pass
+  quantizes nothing and reports the best probe: an int8 model below the floor is never
+  handed back.
 """
 
 from __future__ import annotations

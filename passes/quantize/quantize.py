@@ -12,10 +12,10 @@ Steps, each in its own module:
 5. optional bias correction of each layer's expected output shift (:mod:`.bias_correction`);
 6. the fallback (on by default): the int8 model is scored against the run's quality floor
    on the calibration samples; below it the elementwise ops, then the most sensitive nodes
-   stay float, and last only the MatMuls are tried as dynamic int8 (:mod:`.dynamic`),
-   until it clears it, or nothing is quantized (:mod:`.search`, :mod:`.fallback`); and the
-   per-node SQNR report. A node that stays float is kept where onnxruntime cannot re-fuse
-   it (:mod:`.refusion`).
+   stay float, then the MatMuls are tried as dynamic int8 (:mod:`.dynamic`) beside static
+   Convs (the most sensitive of them float), and last alone, until it clears it, or
+   nothing is quantized (:mod:`.search`, :mod:`.fallback`); and the per-node SQNR report.
+   A node that stays float is kept where onnxruntime cannot re-fuse it (:mod:`.refusion`).
 
 The arithmetic of each step is stated at the top of its module.
 """
@@ -56,7 +56,7 @@ from onnxopt.passes.quantize.placement import (
     plan_quantization,
 )
 from onnxopt.passes.quantize.rewrite import Rewritten, apply_plan
-from onnxopt.passes.quantize.search import missed, search, static_best
+from onnxopt.passes.quantize.search import dynamic_note, missed, search
 from onnxopt.passes.quantize.speed import time_against_float
 from onnxopt.passes.quantize.tensor_stats import TensorStats
 
@@ -103,14 +103,17 @@ class QuantizeOptions:
         dynamic_matmul: MatMuls with a constant weight get int8 with their activation's
             range measured on each input at run time (DynamicQuantizeLinear + MatMulInteger,
             fused by onnxruntime into DynamicQuantizeMatMul; :mod:`.dynamic`) instead of a
-            calibrated QuantizeLinear. None: only as the fallback's last probe, every other
-            node float, when no static int8 model meets the floor. True: always. False: never.
+            calibrated QuantizeLinear. None: only in the fallback, when no static int8 model
+            meets the floor: first beside static Conv/ConvTranspose/Gemm (the most sensitive
+            of them float), last with every other node float. True: always. False: never.
         max_float_nodes: Most nodes the fallback may keep float (None: half of the
             candidates, at least 8; the search would otherwise end at a model that is
             mostly float).
         max_probes: Most candidate models the fallback builds and scores (the model with
             only compute ops int8, then ``k = 1, 2, 4, ...`` nodes float, then a bisection
-            between the last two ``k``).
+            between the last two ``k``; on a model with dynamic MatMul candidates, one probe
+            is kept for the last one and half of the rest for the static Convs beside
+            dynamic MatMuls).
         report_sqnr: Measure the per-node SQNR for the report (one more calibration run).
         sqnr_samples: Samples for the per-node SQNR (report and the fallback's ranking).
         score_samples: Samples the fallback scores the int8 model on.
@@ -138,7 +141,7 @@ class QuantizeOptions:
     batch_size: int = option(16, within="[1, inf)")
     bins: int = option(2048, within="[2, inf)")
     max_float_nodes: int | None = option(None, within="[0, inf)")
-    max_probes: int = option(10, within="[0, inf)")
+    max_probes: int = option(20, within="[0, inf)")
     report_sqnr: bool = True
     sqnr_samples: int = option(8, within="[1, inf)")
     score_samples: int = option(64, within="[1, inf)")
@@ -205,10 +208,9 @@ class QuantizePass(Pass):
             stats["dynamic_matmul"] = build.last_dynamic
             notes.append(f"{build.last_dynamic} MatMul dynamic int8 (activation range per "
                          "input)")
-            trace = stats.get("fallback")
-            if isinstance(trace, dict) and "score_dynamic_matmul_only" in trace:
-                notes.append("no static int8 model met the quality floor, every other node "
-                             f"stays float ({static_best(trace)})")
+            why = dynamic_note(stats.get("fallback"))
+            if why:
+                notes.append(why)
         if not plan.nodes and not build.last_dynamic:
             stats["quantized"] = 0
             result.stats = stats

@@ -8,8 +8,14 @@ Stages, each probe one build and one scoring run on the calibration samples
    pools and activations between them float;
 3. the ``k`` most sensitive nodes float as well, ``k`` by doubling then bisection, up to
    ``max_float_nodes`` (default: half of the candidates, at least 8);
-4. every static node float and the MatMuls int8 with per-input (dynamic) ranges
-   (:mod:`.dynamic`), unless ``dynamic_matmul=false``.
+4. the MatMuls with a constant weight int8 with per-input (dynamic) ranges (:mod:`.dynamic`)
+   and the other weighted compute ops (Conv, ConvTranspose, Gemm) static int8, every other
+   node float; then the ``k`` most sensitive of those static nodes float as well, ``k`` as
+   in 3 (its own share of the probes: half of those left after the last probe);
+5. every static node float and only the MatMuls dynamic int8.
+
+Stages 4 and 5 run unless ``dynamic_matmul=false`` or the model has no MatMul with a
+constant weight.
 
 The first probe that meets the targets is the answer; when none does, nothing is quantized.
 """
@@ -23,6 +29,7 @@ import onnx_ir as ir
 
 from onnxopt.pass_base import PassContext
 from onnxopt.passes.quantize.fallback import (
+    EvalData,
     Targets,
     choose_float_nodes,
     rank_by_added_error,
@@ -33,12 +40,18 @@ from onnxopt.passes.quantize.fallback import (
 from onnxopt.passes.quantize.placement import COMPUTE_OPS, SAME
 
 if TYPE_CHECKING:
+    from onnxopt.passes.quantize.placement import Plan
     from onnxopt.passes.quantize.quantize import Builder, QuantizeOptions
+    from onnxopt.passes.quantize.rewrite import Rewritten
 
 logger = logging.getLogger(__name__)
 
 #: Fewest nodes the fallback may keep float by default (more on models with 16+ candidates).
 MIN_FLOAT_CAP = 8
+#: Compute ops that stay static int8 beside the dynamic MatMuls in stage 4.
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+#: The trace key of stage 4.
+MIXED = "dynamic_matmul_stage"
 
 
 def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
@@ -67,9 +80,14 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
     # the last probe, kept in reserve: only the MatMuls int8, dynamically
     last = o.dynamic_matmul is not False and bool(build.dynamic_nodes)
     probes = o.max_probes - int(last)
+    # and the probes of stage 4: static weighted compute ops beside the dynamic MatMuls
+    mixed_fixed = every - {i for i, n in enumerate(build.float_model.graph)
+                           if n.op_type in WEIGHTED_OPS}
+    mixed_probes = probes // 2 if last and mixed_fixed != every else 0
+    probes -= mixed_probes
     others = {p.index for p in plan.nodes if p.node.op_type not in COMPUTE_OPS}
     if others and probes > 0 and any(p.node.op_type in COMPUTE_OPS for p in plan.nodes):
-        # stage 1: int8 only into the compute ops, every requantization between them gone;
+        # stage 2: int8 only into the compute ops, every requantization between them gone;
         # the node search below starts from whichever of the two scored better
         probes -= 1
         trial, trial_plan, trial_rewritten = build.copy(others)
@@ -83,18 +101,8 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
         if value.rank_key() > base.rank_key():
             fixed, base = others, value
             model, plan, rewritten = trial, trial_plan, trial_rewritten
-    # stage 2: the most sensitive compute nodes float (every planned node when stage 1 lost)
-    float_nodes = list(build.float_model.graph)
-    candidates = [(p.index, float_nodes[p.index], p.activations) for p in plan.nodes
-                  if p.rule.output != SAME]
-    wanted = {v.name for _, node, acts in candidates
-              for v in [node.outputs[0], *(node.inputs[i] for i in acts)]
-              if v is not None and v.producer() is not None}
-    names = as_read(model, {k: rewritten.names.get(k, k) for k in wanted})
-    sqnr = tensor_sqnr(build.float_model, model, names, ctx.calib, limit=o.sqnr_samples,
-                       batch_size=o.batch_size, input_shapes=shapes, per_channel=True)
-    order = rank_by_added_error(candidates, sqnr)
-    order += [i for i, _, _ in candidates if i not in set(order)]  # unmeasured ones last
+    # stage 3: the most sensitive compute nodes float (every planned node when stage 1 lost)
+    order = _ranking(build, ctx, o, model, plan, rewritten)
     cap = (o.max_float_nodes if o.max_float_nodes is not None
            else max(MIN_FLOAT_CAP, len(order) // 2))
     chosen, trace = choose_float_nodes(order, lambda kept: build.model(fixed | kept), ref,
@@ -103,8 +111,13 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
     stats["fallback"] = trace
     if chosen is not None:
         return fixed | chosen
+    if mixed_probes > 0:
+        chosen = _mixed(build, ctx, o, ref, targets, mixed_fixed, mixed_probes, trace)
+        if chosen is not None:
+            trace["reached"] = True
+            return chosen
     if last and o.max_probes > 0:
-        # stage 3: every static node float, the MatMuls int8 with per-input ranges
+        # stage 5: every static node float, the MatMuls int8 with per-input ranges
         dynamic_before, build.dynamic = build.dynamic, True
         value = score(build.model(every), ref)
         trace["score_dynamic_matmul_only"] = value.to_dict()
@@ -114,6 +127,59 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
             return every
         build.dynamic = dynamic_before
     return None
+
+
+def _mixed(build: Builder, ctx: PassContext, o: QuantizeOptions, ref: EvalData,
+           targets: Targets, fixed: set[int], probes: int,
+           trace: dict[str, object]) -> set[int] | None:
+    """Stage 4: the MatMuls dynamic int8, Conv/ConvTranspose/Gemm static, the rest float.
+
+    Its trace goes to ``trace[MIXED]``. Returns the nodes to keep float, with
+    ``build.dynamic`` left on, or None (and ``build.dynamic`` as it was).
+    """
+    dynamic_before, build.dynamic = build.dynamic, True
+    model, plan, rewritten = build.copy(fixed)
+    base = score(model, ref)
+    logger.info("fallback: MatMuls dynamic, %s static -> %s", "/".join(sorted(WEIGHTED_OPS)),
+                base)
+    sub: dict[str, object] = {"score_base": base.to_dict(), "static_nodes": len(plan.nodes)}
+    trace[MIXED] = sub
+    if base.meets(targets) and plan.nodes:
+        sub.update(reached=True, best={"float_nodes": 0, **base.to_dict()})
+        return fixed
+    if probes > 1 and plan.nodes:
+        order = _ranking(build, ctx, o, model, plan, rewritten)
+        cap = (o.max_float_nodes if o.max_float_nodes is not None
+               else max(MIN_FLOAT_CAP, len(order) // 2))
+        # fewer than all of them: every one float is the last probe's model
+        cap = min(cap, len(order) - 1)
+        chosen, steps = choose_float_nodes(order, lambda kept: build.model(fixed | kept), ref,
+                                           targets, base, cap, probes - 1)
+        sub.update({k: v for k, v in steps.items() if k not in ("score_all_quantized",
+                                                                "targets")})
+        if chosen is not None:
+            return fixed | chosen
+    else:
+        sub.update(reached=False, best={"float_nodes": 0, **base.to_dict()})
+    build.dynamic = dynamic_before
+    return None
+
+
+def _ranking(build: Builder, ctx: PassContext, o: QuantizeOptions, model: ir.Model,
+             plan: Plan, rewritten: Rewritten) -> list[int]:
+    """Planned nodes of ``model``, most sensitive first (:func:`.rank_by_added_error`)."""
+    float_nodes = list(build.float_model.graph)
+    candidates = [(p.index, float_nodes[p.index], p.activations) for p in plan.nodes
+                  if p.rule.output != SAME]
+    wanted = {v.name for _, node, acts in candidates
+              for v in [node.outputs[0], *(node.inputs[i] for i in acts)]
+              if v is not None and v.producer() is not None}
+    names = as_read(model, {k: rewritten.names.get(k, k) for k in wanted})
+    sqnr = tensor_sqnr(build.float_model, model, names, ctx.calib, limit=o.sqnr_samples,
+                       batch_size=o.batch_size, input_shapes=ctx.input_shapes,
+                       per_channel=True)
+    order = rank_by_added_error(candidates, sqnr)
+    return order + [i for i, _, _ in candidates if i not in set(order)]  # unmeasured last
 
 
 def static_best(trace: dict) -> str:
@@ -127,10 +193,39 @@ def static_best(trace: dict) -> str:
     return f"best probe {_fmt(best)} with {where}"
 
 
+def mixed_best(trace: dict) -> str | None:
+    """Stage 4's kept or best probe, e.g. ``agreement 0.729 with the MatMuls dynamic and 19
+    of 38 Conv/ConvTranspose/Gemm float``; None when it did not run."""
+    sub = trace.get(MIXED)
+    if not isinstance(sub, dict):
+        return None
+    best = sub.get("best") or {}
+    return (f"{_fmt(best)} with the MatMuls dynamic and {best.get('float_nodes', 0)} of "
+            f"{sub.get('static_nodes')} Conv/ConvTranspose/Gemm float")
+
+
+def dynamic_note(trace: object) -> str | None:
+    """The report's line on why the MatMuls are dynamic, when the search chose it."""
+    if not isinstance(trace, dict):
+        return None
+    if "score_dynamic_matmul_only" in trace:
+        text = f"no static int8 model met the quality floor ({static_best(trace)}"
+        mixed = mixed_best(trace)
+        return (f"{text}{'; ' + mixed if mixed else ''}), every other node stays float")
+    sub = trace.get(MIXED)
+    if isinstance(sub, dict) and sub.get("reached"):
+        return (f"no all-static int8 model met the quality floor ({static_best(trace)}); "
+                f"kept: {mixed_best(trace)}, the other ops float")
+    return None
+
+
 def missed(trace: object) -> str:
     """The refusal when no probe met the targets: the best one and what it aimed for."""
     assert isinstance(trace, dict)
     text = f"int8 stays below the quality floor: {static_best(trace)}"
+    mixed = mixed_best(trace)
+    if mixed:
+        text += f"; {mixed}"
     dynamic = trace.get("score_dynamic_matmul_only")
     if dynamic:
         text += f"; {_fmt(dynamic)} with only the MatMuls int8 (dynamic)"

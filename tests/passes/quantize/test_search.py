@@ -139,3 +139,92 @@ def test_last_probe_makes_only_the_matmuls_dynamic_int8(tmp_path: Path) -> None:
     assert "score_dynamic_matmul_only" not in record.stats["fallback"]
     assert not any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear")
                    for n in model.graph)
+
+
+def _conv_gain_matmul(tmp_path: Path) -> tuple[onnx.ModelProto, Path]:
+    """Two Convs (the second's int8 weights lose its input, as above), then a MatMul head
+    whose input is scaled per sample by a second input ``gain`` over six decades: one
+    calibrated int8 range cannot hold both ends, a range per input (batch 1) can. And a
+    calibration file for it."""
+    rng = np.random.default_rng(2)
+    inits: list = []
+    nodes = [_conv(rng, "stem", "x", "s", inits, channels_in=4, zero_out_7=True),
+             _conv(rng, "wide", "s", "b", inits, huge_on_7=True)]
+    wm = rng.normal(0, 1, (8, 10)).astype(np.float32)
+    inits.append(numpy_helper.from_array(wm, "wm"))
+    nodes += [helper.make_node("GlobalAveragePool", ["b"], ["p"], name="gap"),
+              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+              helper.make_node("Mul", ["f", "gain"], ["g"], name="scale"),
+              helper.make_node("MatMul", ["g", "wm"], ["y"], name="head")]
+    graph = helper.make_graph(
+        nodes, "gainmm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8]),
+                          helper.make_tensor_value_info("gain", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    path = tmp_path / "calib.npz"
+    n = 64
+    np.savez(path, x=rng.normal(size=(n, 4, 8, 8)).astype(np.float32),
+             gain=(10.0 ** rng.uniform(-3, 3, (n, 1))).astype(np.float32))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path
+
+
+def _gain_agreement(proto: onnx.ModelProto, model: object) -> float:
+    rng = np.random.default_rng(9)
+    feeds = {"x": rng.normal(size=(128, 4, 8, 8)).astype(np.float32),
+             "gain": (10.0 ** rng.uniform(-3, 3, (128, 1))).astype(np.float32)}
+    ref = run_model(proto, feeds)[0]
+    got = np.concatenate([run_model(model, {k: v[i:i + 1] for k, v in feeds.items()})[0]
+                          for i in range(128)])  # one input per run: its own dynamic range
+    return float(np.mean(ref.argmax(1) == got.argmax(1)))
+
+
+def test_static_convs_beside_dynamic_matmuls_meet_the_floor(tmp_path: Path) -> None:
+    proto, calib = _conv_gain_matmul(tmp_path)
+    # 5 probes: the last one in reserve, 2 for the static search (only the compute ops int8,
+    # then 1 node float), 2 for the Convs static beside the dynamic MatMul
+    spec = "quantize(report_sqnr=false,batch_size=1,max_probes=5)"
+    model, report = onnxopt.optimize(proto, spec, calib=str(calib), batch_size=1)
+    record = report.records[-1]
+    assert not report.failures and record.status == "kept"
+    trace = record.stats["fallback"]
+    assert [p["float_nodes"] for p in trace["probes"]] == [1]  # the static search missed
+    stage = trace["dynamic_matmul_stage"]
+    assert stage["static_nodes"] == 2 and stage["score_base"]["agreement"] < 0.93
+    assert stage["reached"] is True and stage["best"]["float_nodes"] == 1
+    assert [p["float_nodes"] for p in stage["probes"]] == [1]
+    assert trace["reached"] is True and "score_dynamic_matmul_only" not in trace
+    assert record.stats["dynamic_matmul"] == 1
+    assert record.stats["kept_float"] and any("'wide'" in k for k in record.stats["kept_float"])
+    assert "no all-static int8 model met the quality floor" in record.summary
+    assert "1 of 2 Conv/ConvTranspose/Gemm float" in record.summary
+    fused = ort_ops(model, tmp_path)
+    assert fused["QLinearConv"] == 1 and fused["DynamicQuantizeMatMul"] == 1
+    assert fused["Conv"] + fused["FusedConv"] == 1
+    assert _gain_agreement(proto, model) >= 0.95
+
+
+def test_static_convs_beside_dynamic_matmuls_miss_and_the_search_goes_on(
+        tmp_path: Path) -> None:
+    proto, calib = _conv_gain_matmul(tmp_path)
+    # no node may stay float: the stage has only its start, with the wrecked Conv int8
+    spec = "quantize(report_sqnr=false,batch_size=1,max_float_nodes=0)"
+    model, report = onnxopt.optimize(proto, spec, calib=str(calib), batch_size=1)
+    record = report.records[-1]
+    assert not report.failures and record.status == "kept"
+    trace = record.stats["fallback"]
+    stage = trace["dynamic_matmul_stage"]
+    assert stage["reached"] is False and stage["probes"] == []
+    assert stage["best"]["agreement"] < 0.93
+    assert trace["reached"] is True and trace["score_dynamic_matmul_only"]["agreement"] >= 0.93
+    assert "no static int8 model met the quality floor" in record.summary
+    assert "with the MatMuls dynamic and 0 of 2 Conv/ConvTranspose/Gemm float" in \
+        record.summary
+    fused = ort_ops(model, tmp_path)
+    assert fused["QLinearConv"] == 0 and fused["DynamicQuantizeMatMul"] == 1
+    assert _gain_agreement(proto, model) >= 0.95
+    # without dynamic MatMuls neither stage runs, and nothing meets the floor
+    model, report = onnxopt.optimize(proto, spec.replace(")", ",dynamic_matmul=false)"),
+                                     calib=str(calib), batch_size=1)
+    trace = report.records[-1].stats["fallback"]
+    assert trace["reached"] is False and "dynamic_matmul_stage" not in trace
+    reason = next(r.reason for r in report.records[-1].refusals if "quality floor" in r.reason)
+    assert "MatMuls dynamic" not in reason
