@@ -15,17 +15,20 @@ from onnxopt.session import run_model
 from tests.helpers import op_counts, ort_ops, sqnr
 
 
-def _model() -> onnx.ModelProto:
-    """Conv -> HardSwish -> Conv -> HardSwish (a graph output), MobileNetV3 style."""
+def hard_swish_model(last_activation: bool = True) -> onnx.ModelProto:
+    """Conv -> HardSwish -> Conv, MobileNetV3 style, and a second HardSwish as the graph
+    output when ``last_activation``."""
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array((rng.standard_normal(s) * 0.5).astype(np.float32), n)
                for n, s in (("w1", (8, 4, 3, 3)), ("w2", (8, 8, 3, 3)))]
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1, 1, 1, 1], name="conv1"),
         helper.make_node("HardSwish", ["y"], ["h"], name="act1"),
-        helper.make_node("Conv", ["h", "w2"], ["z"], pads=[1, 1, 1, 1], name="conv2"),
-        helper.make_node("HardSwish", ["z"], ["out"], name="act2"),
+        helper.make_node("Conv", ["h", "w2"], ["z" if last_activation else "out"],
+                         pads=[1, 1, 1, 1], name="conv2"),
     ]
+    if last_activation:
+        nodes.append(helper.make_node("HardSwish", ["z"], ["out"], name="act2"))
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8, 8, 8])],
@@ -35,27 +38,28 @@ def _model() -> onnx.ModelProto:
     return model
 
 
-def _feeds(seed: int, n: int = 32) -> dict[str, np.ndarray]:
+def hard_swish_feeds(seed: int, n: int = 32) -> dict[str, np.ndarray]:
+    """Standard-normal inputs for :func:`hard_swish_model`."""
     return {"x": np.random.default_rng(seed).standard_normal((n, 4, 8, 8)).astype(np.float32)}
 
 
 def _quantize(model: onnx.ModelProto, options: str = ""):
     out, report = onnxopt.optimize(model, f"quantize(fallback=false{options})",
-                                   calib=_feeds(0), validate=False)
+                                   calib=hard_swish_feeds(0), validate=False)
     record = report.records[-1]
     assert record.status == "kept", record.message
     return out, record
 
 
 def test_split_and_join_give_back_the_model_and_the_same_outputs() -> None:
-    model = _model()
+    model = hard_swish_model()
     work = from_proto(model)
     made = split_hard_swish(work.graph)
     assert made == ["act1", "act2"]
     split = to_proto(work)
     onnx.checker.check_model(split, full_check=True)
     assert op_counts(split) == {"Conv": 2, "HardSigmoid": 2, "Mul": 2}
-    feeds = _feeds(1)
+    feeds = hard_swish_feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(split, feeds)
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
     assert join_hard_swish(work.graph, made) == 2
@@ -65,7 +69,7 @@ def test_split_and_join_give_back_the_model_and_the_same_outputs() -> None:
 
 
 def test_the_hard_swish_between_two_int8_convs_is_an_integer_product(tmp_path: Path) -> None:
-    model = _model()
+    model = hard_swish_model()
     quantized, record = _quantize(model)
     assert record.stats["hard_swish_split"] == 1
     # act1 sits between two int8 convs: its product is quantized; act2 is the graph output
@@ -76,20 +80,20 @@ def test_the_hard_swish_between_two_int8_convs_is_an_integer_product(tmp_path: P
     assert op_counts(proto)["HardSigmoid"] == 1
     ops = ort_ops(quantized, tmp_path)  # onnxruntime runs act2 as its function body, in float
     assert ops["QLinearConv"] == 2 and ops["QLinearMul"] == 1 and ops["Mul"] == 1
-    feeds = _feeds(1)
+    feeds = hard_swish_feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
     assert sqnr(ref, got) > 25.0
 
 
 def test_an_excluded_hard_swish_is_joined_back_and_stays_float(tmp_path: Path) -> None:
-    model = _model()
+    model = hard_swish_model()
     quantized, record = _quantize(model, ",exclude_nodes=act1")
     assert "hard_swish_split" not in record.stats
     assert ort_ops(quantized, tmp_path)["QLinearMul"] == 0
     proto = quantized if isinstance(quantized, onnx.ModelProto) else to_proto(quantized)
     assert op_counts(proto)["HardSigmoid"] == 0  # nothing split is left
     assert {n.name: n.op_type for n in proto.graph.node}["act1"] == "HardSwish"
-    feeds = _feeds(1)
+    feeds = hard_swish_feeds(1)
     (ref,), (got,) = run_model(model, feeds), run_model(quantized, feeds)
     assert sqnr(ref, got) > 25.0
     excluded, _ = _quantize(model, ",exclude_ops=HardSwish")

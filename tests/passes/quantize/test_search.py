@@ -97,14 +97,21 @@ def test_search_gives_up_with_its_best_probe_when_the_cap_is_too_small() -> None
     assert _agreement(proto, model) == 1.0
 
 
-def _conv_then_matmul() -> onnx.ModelProto:
-    """A Conv whose int8 weights lose its input (as above), then a MatMul head."""
-    rng = np.random.default_rng(1)
+def _two_convs_and_head_weight(seed: int) -> tuple[list, list, np.random.Generator]:
+    """Two Convs (the second's int8 weights lose its input, as above) and the weight ``wm``
+    of a MatMul head: the nodes, the initializers and the generator that drew them."""
+    rng = np.random.default_rng(seed)
     inits: list = []
     nodes = [_conv(rng, "stem", "x", "s", inits, channels_in=4, zero_out_7=True),
              _conv(rng, "wide", "s", "b", inits, huge_on_7=True)]
     wm = rng.normal(0, 1, (8, 10)).astype(np.float32)
     inits.append(numpy_helper.from_array(wm, "wm"))
+    return nodes, inits, rng
+
+
+def _conv_then_matmul() -> onnx.ModelProto:
+    """A Conv whose int8 weights lose its input (as above), then a MatMul head."""
+    nodes, inits, _ = _two_convs_and_head_weight(1)
     nodes += [helper.make_node("GlobalAveragePool", ["b"], ["p"], name="gap"),
               helper.make_node("Flatten", ["p"], ["f"], name="flat"),
               helper.make_node("MatMul", ["f", "wm"], ["y"], name="head")]
@@ -146,12 +153,7 @@ def _conv_gain_matmul(tmp_path: Path) -> tuple[onnx.ModelProto, Path]:
     whose input is scaled per sample by a second input ``gain`` over six decades: one
     calibrated int8 range cannot hold both ends, a range per input (batch 1) can. And a
     calibration file for it."""
-    rng = np.random.default_rng(2)
-    inits: list = []
-    nodes = [_conv(rng, "stem", "x", "s", inits, channels_in=4, zero_out_7=True),
-             _conv(rng, "wide", "s", "b", inits, huge_on_7=True)]
-    wm = rng.normal(0, 1, (8, 10)).astype(np.float32)
-    inits.append(numpy_helper.from_array(wm, "wm"))
+    nodes, inits, rng = _two_convs_and_head_weight(2)
     nodes += [helper.make_node("GlobalAveragePool", ["b"], ["p"], name="gap"),
               helper.make_node("Flatten", ["p"], ["f"], name="flat"),
               helper.make_node("Mul", ["f", "gain"], ["g"], name="scale"),

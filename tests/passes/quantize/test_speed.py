@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt.ir import to_proto
@@ -17,34 +16,13 @@ from onnxopt.passes.quantize import quantize as quantize_module
 from onnxopt.passes.quantize.speed import Speed
 from onnxopt.session import run_model
 from tests.helpers import op_counts
-
-
-def _model() -> onnx.ModelProto:
-    """Conv -> HardSwish -> Conv."""
-    rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array((rng.standard_normal(s) * 0.5).astype(np.float32), n)
-               for n, s in (("w1", (8, 4, 3, 3)), ("w2", (8, 8, 3, 3)))]
-    nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["y"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("HardSwish", ["y"], ["h"], name="act"),
-        helper.make_node("Conv", ["h", "w2"], ["out"], pads=[1, 1, 1, 1], name="conv2"),
-    ]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8, 8, 8])],
-        initializer=weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def _feeds(seed: int, n: int = 32) -> dict[str, np.ndarray]:
-    return {"x": np.random.default_rng(seed).standard_normal((n, 4, 8, 8)).astype(np.float32)}
+from tests.passes.quantize.test_hard_swish import hard_swish_feeds, hard_swish_model
 
 
 def _quantize(options: str = ""):
-    out, report = onnxopt.optimize(_model(), f"quantize(fallback=false{options})",
-                                   calib=_feeds(0), validate=False)
+    out, report = onnxopt.optimize(hard_swish_model(last_activation=False),
+                                   f"quantize(fallback=false{options})",
+                                   calib=hard_swish_feeds(0), validate=False)
     record = report.records[-1]
     return (out if isinstance(out, onnx.ModelProto) else to_proto(out)), record
 
@@ -88,11 +66,11 @@ def test_max_latency_hands_back_the_float_model(timed_as) -> None:
     model, record = _quantize(",max_latency=1.0")
     assert record.status == "unchanged"
     assert any("over max_latency=1" in r.reason for r in record.refusals)
-    original = _model()
+    original = hard_swish_model(last_activation=False)
     # the HardSwish split for int8 is joined back: the model is the one given
     assert [(n.op_type, n.name) for n in model.graph.node] == \
         [(n.op_type, n.name) for n in original.graph.node]
-    feeds = _feeds(1)
+    feeds = hard_swish_feeds(1)
     np.testing.assert_array_equal(run_model(model, feeds)[0], run_model(original, feeds)[0])
 
 
