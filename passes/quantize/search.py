@@ -101,10 +101,9 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
         if value.rank_key() > base.rank_key():
             fixed, base = others, value
             model, plan, rewritten = trial, trial_plan, trial_rewritten
-    # stage 3: the most sensitive compute nodes float (every planned node when stage 1 lost)
+    # stage 3: the most sensitive compute nodes float (every planned node when stage 2 lost)
     order = _ranking(build, ctx, o, model, plan, rewritten)
-    cap = (o.max_float_nodes if o.max_float_nodes is not None
-           else max(MIN_FLOAT_CAP, len(order) // 2))
+    cap = _float_cap(o, order)
     chosen, trace = choose_float_nodes(order, lambda kept: build.model(fixed | kept), ref,
                                        targets, base, cap, probes)
     trace = {**trace, **head, "elementwise_float": len(fixed)}  # head: the all-int8 score
@@ -149,10 +148,8 @@ def _mixed(build: Builder, ctx: PassContext, o: QuantizeOptions, ref: EvalData,
         return fixed
     if probes > 1 and plan.nodes:
         order = _ranking(build, ctx, o, model, plan, rewritten)
-        cap = (o.max_float_nodes if o.max_float_nodes is not None
-               else max(MIN_FLOAT_CAP, len(order) // 2))
         # fewer than all of them: every one float is the last probe's model
-        cap = min(cap, len(order) - 1)
+        cap = min(_float_cap(o, order), len(order) - 1)
         chosen, steps = choose_float_nodes(order, lambda kept: build.model(fixed | kept), ref,
                                            targets, base, cap, probes - 1)
         sub.update({k: v for k, v in steps.items() if k not in ("score_all_quantized",
@@ -163,6 +160,14 @@ def _mixed(build: Builder, ctx: PassContext, o: QuantizeOptions, ref: EvalData,
         sub.update(reached=False, best={"float_nodes": 0, **base.to_dict()})
     build.dynamic = dynamic_before
     return None
+
+
+def _float_cap(o: QuantizeOptions, order: list[int]) -> int:
+    """Most of ``order`` a stage may keep float: ``max_float_nodes``, else half of them (at
+    least :data:`MIN_FLOAT_CAP`)."""
+    if o.max_float_nodes is not None:
+        return o.max_float_nodes
+    return max(MIN_FLOAT_CAP, len(order) // 2)
 
 
 def _ranking(build: Builder, ctx: PassContext, o: QuantizeOptions, model: ir.Model,
