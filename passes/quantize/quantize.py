@@ -189,19 +189,35 @@ class QuantizePass(Pass):
         build = Builder(self, ctx, float_model, opset, per_channel)
         keep_float: set[int] = set()
         build.dynamic = bool(o.dynamic_matmul)
+        def unquantized(note: str | None) -> PassResult:
+            """Nothing quantized: only the opset upgrade and the equalization stay."""
+            if note:
+                notes.append(note)
+            result.stats = stats
+            result.modified = bool(stats.get("equalized_pairs")) or opset != found
+            result.summary = "; ".join(notes) or None
+            return result
+
         if o.fallback:
             chosen = search(build, ctx, o, stats)
             if chosen is None:
                 join_hard_swish(model.graph, split)
                 result.refuse("model", missed(stats["fallback"]))
-                notes.append("not quantized: int8 stays below the quality floor")
-                result.stats = stats
-                result.modified = bool(stats.get("equalized_pairs")) or opset != found
-                result.summary = "; ".join(notes)
-                return result
+                return unquantized("not quantized: int8 stays below the quality floor")
             keep_float = chosen
         plan, rewritten = build(model, keep_float, result)
         joined = join_hard_swish(model.graph, split)
+        speed = (time_against_float(float_model, model, ctx)
+                 if (plan.nodes or build.last_dynamic)
+                 and (o.speed_check or o.max_latency is not None) else None)
+        if speed is not None:
+            stats["latency_vs_float"] = speed.to_dict()
+            if o.max_latency is not None and speed.over(o.max_latency):
+                model.graph = float_model.graph  # the float model, as the search left it
+                join_hard_swish(model.graph, split)
+                result.refuse("model", f"{speed.describe()}, over max_latency="
+                                       f"{o.max_latency:g}; nothing quantized")
+                return unquantized("not quantized: slower than max_latency")
         if len(split) > joined:
             stats["hard_swish_split"] = len(split) - joined
         if build.dynamic:
@@ -213,26 +229,9 @@ class QuantizePass(Pass):
                 notes.append(why)
         if not plan.nodes and not build.last_dynamic:
             stats["quantized"] = 0
-            result.stats = stats
-            result.modified = bool(stats.get("equalized_pairs")) or opset != found
-            result.summary = "; ".join(notes) or None
-            return result
-        speed = (time_against_float(float_model, model, ctx)
-                 if o.speed_check or o.max_latency is not None else None)
-        if speed is not None:
-            stats["latency_vs_float"] = speed.to_dict()
-            if o.max_latency is not None and speed.over(o.max_latency):
-                model.graph = float_model.graph  # the float model, as the search left it
-                join_hard_swish(model.graph, split)
-                result.refuse("model", f"{speed.describe()}, over max_latency="
-                                       f"{o.max_latency:g}; nothing quantized")
-                notes.append("not quantized: slower than max_latency")
-                result.stats = stats
-                result.modified = bool(stats.get("equalized_pairs")) or opset != found
-                result.summary = "; ".join(notes)
-                return result
-            if speed.over(1.0):
-                notes.append(f"{speed.describe()}: the float model is faster here")
+            return unquantized(None)
+        if speed is not None and speed.over(1.0):
+            notes.append(f"{speed.describe()}: the float model is faster here")
         result.modified = True
         stats.update(_summary(plan, rewritten))
         stats["reduce_range"] = build.reduce_range
