@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -283,6 +283,29 @@ def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> bool:
         if new.shape is None:
             new.shape = old.shape
     return True
+
+
+def substitute(graph: ir.Graph, out: ir.Value, nodes: Sequence[ir.Node],
+               removed: Sequence[ir.Node]) -> ir.Value:
+    """Compute ``out`` with ``nodes`` instead, and remove the nodes that computed it.
+
+    ``nodes`` go right after ``out``'s producer; the first output of the last of them takes
+    over ``out``: its readers, its place among the graph outputs, its type, shape and name.
+    Then ``removed`` (which nothing else may read) leave the graph.
+
+    Returns:
+        The value that now holds ``out``'s name.
+    """
+    result = nodes[-1].outputs[0]
+    result.type, result.shape = out.type, out.shape
+    producer = out.producer()
+    assert producer is not None, "substitute() replaces a node output"
+    graph.insert_after(producer, list(nodes))
+    name = out.name
+    out.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(list(removed), safe=True)
+    result.name = name
+    return result
 
 
 def remove_dead_nodes(graph: ir.Graph) -> int:

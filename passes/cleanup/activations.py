@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.ir import FreshNames, const_array, is_standard
+from onnxopt.ir import FreshNames, const_array, is_standard, substitute
 
 #: The constants of the written-out form.
 SHIFT, LOW, HIGH = 3.0, 0.0, 6.0
@@ -136,12 +136,6 @@ def fuse_hard_swish(model: ir.Model, opset: int) -> int:
             gate.outputs[0].name = names(f"{out.name}_gate")
             gate.outputs[0].type, gate.outputs[0].shape = out.type, out.shape
             new = [gate, ir.node("Mul", [x, gate.outputs[0]], name=base)]
-        result = new[-1].outputs[0]
-        result.type, result.shape = out.type, out.shape
-        graph.insert_after(last, new)
-        name = out.name
-        out.replace_all_uses_with(result, replace_graph_outputs=True)
-        graph.remove(list(reversed(nodes)), safe=True)
-        result.name = name
+        substitute(graph, out, new, nodes)
         fused += 1
     return fused

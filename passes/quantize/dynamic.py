@@ -17,7 +17,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxopt.ir import FreshNames, const_array, is_standard, remove_unused_initializers
+from onnxopt.ir import (
+    FreshNames,
+    const_array,
+    is_standard,
+    remove_unused_initializers,
+    substitute,
+)
 
 #: The opset that has DynamicQuantizeLinear (MatMulInteger has been there since 10).
 DYNAMIC_OPSET = 11
@@ -90,16 +96,8 @@ def quantize_dynamic_matmuls(graph: ir.Graph, nodes: list[ir.Node], *,
                          name=names(f"{base}_scales"))
         scales.outputs[0].name = names(f"{base}_scales")
         scales.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-        out = node.outputs[0]
         mul = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=names(f"{base}_Mul"))
-        new_out = mul.outputs[0]
-        new_out.type, new_out.shape = out.type, out.shape
-        graph.insert_after(node, [dq, mm, cast, scales, mul])
-        name = out.name
-        out.replace_all_uses_with(new_out, replace_graph_outputs=True)
-        out.name = names(f"{name}_float")
-        graph.remove(node, safe=True)
-        new_out.name = name
+        substitute(graph, node.outputs[0], [dq, mm, cast, scales, mul], [node])
         _drop_constant(graph, w)
         done += 1
     remove_unused_initializers(graph)

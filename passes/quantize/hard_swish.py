@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxopt.ir import FreshNames, attr, is_standard
+from onnxopt.ir import FreshNames, attr, is_standard, substitute
 
 #: HardSwish(x) = x * max(0, min(1, alpha * x + beta)) (its ONNX function body).
 ALPHA, BETA = 1.0 / 6.0, 0.5
@@ -44,13 +44,7 @@ def split_hard_swish(graph: ir.Graph) -> list[str]:
         gate.outputs[0].name = names(f"{out.name}_gate")
         gate.outputs[0].type, gate.outputs[0].shape = out.type, out.shape
         mul = ir.node("Mul", [x, gate.outputs[0]], name=base)
-        product = mul.outputs[0]
-        product.type, product.shape = out.type, out.shape
-        graph.insert_after(node, [gate, mul])
-        name = out.name
-        out.replace_all_uses_with(product, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        product.name = name
+        substitute(graph, out, [gate, mul], [node])
         made.append(base)
     return made
 
@@ -76,14 +70,7 @@ def join_hard_swish(graph: ir.Graph, made: list[str]) -> int:
                 or abs(attr(gate, "alpha", 0.2) - ALPHA) > 1e-7
                 or abs(attr(gate, "beta", 0.5) - BETA) > 1e-7):
             continue
-        out = mul.outputs[0]
-        whole = ir.node("HardSwish", [x], name=mul.name)
-        restored = whole.outputs[0]
-        restored.type, restored.shape = out.type, out.shape
-        graph.insert_after(mul, [whole])
-        name = out.name
-        out.replace_all_uses_with(restored, replace_graph_outputs=True)
-        graph.remove([mul, gate], safe=True)
-        restored.name = name
+        substitute(graph, mul.outputs[0], [ir.node("HardSwish", [x], name=mul.name)],
+                   [mul, gate])
         joined += 1
     return joined
