@@ -9,10 +9,13 @@ The table follows what onnxruntime's QDQ fusion (its selector/action transformer
 * A Relu or Clip that is the only reader of such an output is *absorbed*: no pair between the
   op and the activation, and the Q after the activation uses the post-activation range with
   zero point ``qmin``, which is the condition for onnxruntime to drop the activation.
-* Data-movement ops (MaxPool, Reshape, Flatten, Resize, Transpose, ...) keep their input's
-  scale and zero point on their output; onnxruntime then runs them on the integers.
+* Data-movement ops (MaxPool, Reshape, Flatten, Resize, Transpose, Split, ...) keep their
+  input's scale and zero point on their outputs (every output of a Split); onnxruntime then
+  runs them on the integers. A Split whose outputs had scales of their own would run in
+  float between a DequantizeLinear and one QuantizeLinear per output.
 * Concat inputs produced by a quantized op and read by nothing else take the Concat's output
-  parameters, so QLinearConcat copies bytes instead of requantizing.
+  parameters, so QLinearConcat copies bytes instead of requantizing (not a Split's outputs,
+  whose parameters are those of the Split's input and of its other outputs).
 * Elementwise ops (Add, Mul, Concat, Sigmoid, Softmax, pools) are quantized only inside a
   chain of integer kernels, and never where they raise one tensor to a power (:mod:`.chains`).
 * Gemm and MatMul quantize their output only when a reader wants a quantized input; otherwise
@@ -133,6 +136,7 @@ PLACEMENT: dict[str, OpRule] = {
     "Transpose": OpRule((0,), SAME, kernel="Transpose on int8"),
     "Squeeze": OpRule((0,), SAME, kernel="Squeeze on int8"),
     "Unsqueeze": OpRule((0,), SAME, kernel="Unsqueeze on int8"),
+    "Split": OpRule((0,), SAME, kernel="Split on int8"),
 }
 
 
@@ -164,6 +168,8 @@ class NodePlan:
         output: The tensor that gets the QuantizeLinear (after an absorbed activation), or
             None when the output stays float.
         absorbed: The absorbed Relu/Clip, if any.
+        more_outputs: The other outputs of a data-movement op with several (Split), which
+            share ``output``'s parameters.
     """
 
     node: ir.Node
@@ -174,6 +180,11 @@ class NodePlan:
     bias: int | None = None
     output: ir.Value | None = None
     absorbed: ir.Node | None = None
+    more_outputs: list[ir.Value] = field(default_factory=list)
+
+    def quantized_outputs(self) -> list[ir.Value]:
+        """Every output that gets a QuantizeLinear."""
+        return [] if self.output is None else [self.output, *self.more_outputs]
 
 
 @dataclass
@@ -353,10 +364,20 @@ def _plan(graph: ir.Graph, opset: int, result: PassResult, exclude_nodes: set[st
     for np_ in plan.nodes:
         out = np_.node.outputs[0]
         if np_.rule.output == SAME:
-            plan.tensors[out.name] = out
-            plan.union(out.name, np_.node.inputs[np_.activations[0]].name)
-            np_.output = out
-            produced.add(out.name)
+            # every float output that is read (a Split has several); MaxPool's indices
+            # output is int64 and refused by its check when used
+            outs = [v for v in np_.node.outputs if v is not None and _float(v)
+                    and (v.uses() or v.is_graph_output())] or [out]
+            for value in outs:
+                plan.tensors[value.name] = value
+                plan.union(value.name, np_.node.inputs[np_.activations[0]].name)
+                produced.add(value.name)
+            if len(outs) > 1:
+                # one output of a Split joining a Concat's group would drag the Split's
+                # input and every other output into it (a C2f block's Concat also holds
+                # the bottleneck's output): QLinearConcat requantizes that input instead
+                produced.difference_update(v.name for v in outs)
+            np_.output, np_.more_outputs = outs[0], outs[1:]
             continue
         absorbed = _absorbed_activation(out, excluded)
         post = absorbed.outputs[0] if absorbed is not None else out

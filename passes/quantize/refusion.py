@@ -60,7 +60,7 @@ def refused_readers(graph: ir.Graph, plan: Plan) -> dict[int, str]:
     """
     planned = {id(p.node): p for p in plan.nodes}
     absorbed = {id(p.absorbed) for p in plan.nodes if p.absorbed is not None}
-    produced = {p.output.name for p in plan.nodes if p.output is not None}
+    produced = {v.name for p in plan.nodes for v in p.quantized_outputs()}
     index = {id(node): i for i, node in enumerate(graph)}
 
     def floating(node: ir.Node) -> bool:

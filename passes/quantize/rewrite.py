@@ -173,7 +173,7 @@ def apply_plan(graph: ir.Graph, plan: Plan, params: dict[str, QuantParams], *,
     """
     b = _Builder(graph)
     done = Rewritten()
-    produced = {np_.output.name for np_ in plan.nodes if np_.output is not None}
+    produced = {v.name for np_ in plan.nodes for v in np_.quantized_outputs()}
     readers = {(id(np_.node), i) for np_ in plan.nodes for i in np_.activations}
     inputs = {id(np_.node): np_.node.inputs[np_.activations[0]] for np_ in plan.nodes}
     group_consts: dict[str, tuple[ir.Value, ir.Value]] = {}
