@@ -132,6 +132,16 @@ def batch_axes(shapes: Sequence[tuple[Dim, ...] | None]) -> list[int | None]:
     return axes
 
 
+def output_batch_axes(model: ir.Model) -> list[int]:
+    """The batch axis of each graph output, by the rules for inputs applied to the outputs'
+    dims beside the inputs' (the model's batch symbol, else axis 0)."""
+    inputs = [_model_dims(v) for v in model.graph.inputs if not v.is_initializer()
+              and _kind(v) == "tensor"]
+    outputs = [_model_dims(v) for v in model.graph.outputs]
+    axes = batch_axes([*inputs, *outputs])[len(inputs):]
+    return [0 if axis is None else axis for axis in axes]
+
+
 def input_specs(model: ir.Model, overrides: Mapping[str, tuple[int, ...]] | None = None,
                 ) -> list[InputSpec]:
     """The feedable inputs of ``model`` with dims from the model or ``--input-shape``.

@@ -6,13 +6,17 @@
   recognizer's softmax) the share of samples whose whole per-step argmax path agrees (the same
   path decodes to the same text); for every other float output (maps, boxes, embeddings) the
   SQNR ``10 log10(sum x**2 / sum (x' - x)**2)``, and when the slices of that output along
-  axis 1 differ in scale by more than :data:`SCALE_SPREAD` (RMS of the largest over the
-  smallest), the worst slice's SQNR as well: one SQNR over a detector's ``[N, 4 + C, A]``
-  output is the SQNR of its pixel coordinates, blind to the class-score rows that decide
-  which boxes are kept (:func:`output_sqnr`). One probability per sample (``[N]`` or
-  ``[N, 1]`` in [0, 1], e.g. a voice-activity detector) is also a yes/no decision at 0.5,
-  whose agreement the pass holds to the agreement target besides the SQNR (stricter than the
-  floor, which only asks for the SQNR).
+  one of its slice axes differ in scale by more than :data:`SCALE_SPREAD` (RMS of the
+  largest over the smallest), the worst slice's SQNR as well: one SQNR over a detector's
+  ``[N, 4 + C, A]`` output is the SQNR of its pixel coordinates, blind to the class-score
+  rows that decide which boxes are kept (:func:`output_sqnr`). The slice axes are those
+  of at most :data:`MAX_SLICES` entries other than the output's batch axis (read from the
+  model's dims like an input's, :func:`onnxopt.inputs.batch_axes`): both of a 3-d output
+  (``[N, 4 + C, A]`` and the class-last ``[N, A, 5 + C]`` alike, and a recurrent state
+  ``[2, N, H]`` on its first and last axes), only the channels of a map (``[N, C, H, W]``).
+  One probability per sample (``[N]`` or ``[N, 1]`` in [0, 1], e.g. a voice-activity
+  detector) is also a yes/no decision at 0.5, whose agreement the pass holds to the
+  agreement target besides the SQNR (stricter than the floor, which only asks for the SQNR).
 * Targets: the floor the manager will apply, plus a margin (the manager judges held-out
   samples), or the ``target`` agreement the user gave.
 * Sensitivity of a node, from one run of the all-int8 model beside the float model: the SQNR
@@ -50,6 +54,7 @@ from onnxopt.compare import (
     sqnr_db,
 )
 from onnxopt.data import FeedSource
+from onnxopt.inputs import output_batch_axes
 from onnxopt.session import BATCH_BYTES, batch_within, stream_tensors
 
 logger = logging.getLogger(__name__)
@@ -59,9 +64,11 @@ AGREEMENT_MARGIN = 0.03
 SQNR_MARGIN_DB = 1.0
 #: SQNR credited to an input that is not quantized (a graph input, a float node's output).
 CLEAN_DB = 60.0
-#: RMS ratio of the largest to the smallest slice (along axis 1) of a float output above
-#: which each slice is held to the SQNR target on its own, not only the whole output.
+#: RMS ratio of the largest to the smallest slice (along a slice axis) of a float output
+#: above which each slice is held to the SQNR target on its own, not only the whole output.
 SCALE_SPREAD = 100.0
+#: Most entries a slice axis may have (anchors and sequence steps are not slices).
+MAX_SLICES = 1024
 
 
 @dataclass
@@ -75,6 +82,7 @@ class EvalData:
     outputs: list[list[np.ndarray]]
     names: list[str]
     kinds: list[str]
+    batch_axes: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,16 +168,27 @@ def reference(float_model: ir.Model, source: FeedSource, *, limit: int | None, b
                                         limit=limit, input_shapes=input_shapes):
         outputs.append([tensors[n] for n in names])
     kinds = [_kind(o) for o in outputs[0]] if outputs else []
-    return EvalData(source, limit, batch_size, input_shapes, outputs, names, kinds)
+    return EvalData(source, limit, batch_size, input_shapes, outputs, names, kinds,
+                    output_batch_axes(float_model))
+
+
+def slice_axes(shape: tuple[int, ...], batch_axis: int) -> list[int]:
+    """The axes of an output whose slices :func:`output_sqnr` may judge one by one."""
+    if len(shape) < 2:
+        return []
+    axes = [a for a in range(len(shape)) if a != batch_axis and 1 < shape[a] <= MAX_SLICES]
+    if len(shape) > 3:  # a map: its channels, not its rows and columns
+        axes = [a for a in axes if a <= 1]
+    return axes
 
 
 def score(model: ir.Model, ref: EvalData) -> Score:
     """Score ``model`` against the float reference (see the module docstring)."""
     agree = [0] * len(ref.names)
     total = [0] * len(ref.names)
-    # per output: summed squares per slice along axis 1 (one slice for 1-d outputs)
-    signal: list[np.ndarray | None] = [None] * len(ref.names)
-    noise: list[np.ndarray | None] = [None] * len(ref.names)
+    # per output: summed squares of the whole (key None) and per slice along each slice axis
+    sums: list[dict[int | None, tuple[np.ndarray, np.ndarray]] | None] = [None] * len(ref.names)
+    batch = ref.batch_axes or [0] * len(ref.names)
     batches = stream_tensors([model], [ref.names], ref.source, batch_size=ref.batch_size,
                              limit=ref.limit, input_shapes=ref.input_shapes)
     for ((tensors,), _), expected in zip(batches, ref.outputs, strict=False):
@@ -184,35 +203,52 @@ def score(model: ir.Model, ref: EvalData) -> Score:
                 agree[j] += int(np.sum((got > 0.5) == (want > 0.5)))
                 total[j] += want.size
             if kind in ("float", "binary"):
-                sig, noi = _slice_squares(want, got)
-                before_s, before_n = signal[j], noise[j]
-                if before_s is not None and before_n is not None:
-                    if before_s.shape != sig.shape:  # axis 1 changed size: whole sums only
-                        before_s, before_n = before_s.sum(keepdims=True), before_n.sum(
-                            keepdims=True)
-                        sig, noi = sig.sum(keepdims=True), noi.sum(keepdims=True)
-                    sig, noi = sig + before_s, noi + before_n
-                signal[j], noise[j] = sig, noi
+                found = _slice_squares(want, got, slice_axes(want.shape, batch[j]))
+                before = sums[j]
+                if before is not None:  # an axis that changed size is judged no more
+                    found = {a: (s + before[a][0], n + before[a][1])
+                             for a, (s, n) in found.items()
+                             if a in before and before[a][0].shape == s.shape}
+                sums[j] = found
     agreements = [a / t for a, t, k in zip(agree, total, ref.kinds, strict=True)
                   if k in ("class", "sequence", "binary") and t]
-    sqnrs = [(*output_sqnr(s, n), name)
-             for s, n, k, name in zip(signal, noise, ref.kinds, ref.names, strict=True)
-             if k in ("float", "binary") and s is not None and n is not None]
+    sqnrs = [_worst_slice(found, name)
+             for found, k, name in zip(sums, ref.kinds, ref.names, strict=True)
+             if k in ("float", "binary") and found is not None]
     agreement = min(agreements) if agreements else None
     if not sqnrs:
         return Score(agreement, math.inf)
-    db, where, name = min(sqnrs, key=lambda t: t[0])
-    return Score(agreement, db, None if where is None else f"{name}[:, {where}]")
+    db, where = min(sqnrs, key=lambda t: t[0])
+    return Score(agreement, db, where)
 
 
-def _slice_squares(want: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sums of squares of the reference and of the error per slice along axis 1."""
+def _slice_squares(want: np.ndarray, got: np.ndarray,
+                   axes: list[int]) -> dict[int | None, tuple[np.ndarray, np.ndarray]]:
+    """Sums of squares of the reference and of the error: of the whole (key None) and per
+    slice along each of ``axes``."""
     w = want.astype(np.float64)
     d = got.astype(np.float64) - w
-    if w.ndim < 2:
-        return np.atleast_1d(np.sum(w * w)), np.atleast_1d(np.sum(d * d))
-    w3, d3 = w.reshape(w.shape[0], w.shape[1], -1), d.reshape(d.shape[0], d.shape[1], -1)
-    return np.einsum("ncx,ncx->c", w3, w3), np.einsum("ncx,ncx->c", d3, d3)
+    found = {None: (np.atleast_1d(np.sum(w * w)), np.atleast_1d(np.sum(d * d)))}
+    for axis in axes:
+        w2, d2 = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), np.moveaxis(
+            d, axis, 0).reshape(d.shape[axis], -1)
+        found[axis] = np.einsum("cx,cx->c", w2, w2), np.einsum("cx,cx->c", d2, d2)
+    return found
+
+
+def _worst_slice(found: dict[int | None, tuple[np.ndarray, np.ndarray]],
+                 name: str) -> tuple[float, str | None]:
+    """The output's SQNR by :func:`output_sqnr` over its slice axes, and the slice it is
+    (``boxes[:, 6]``, ``state[:, :, 3]``) or None for the whole output."""
+    signal, noise = found[None]
+    worst: tuple[float, str | None] = (sqnr_db(float(signal.sum()), float(noise.sum())), None)
+    for axis, (signal, noise) in found.items():
+        if axis is None:
+            continue
+        db, where = output_sqnr(signal, noise)
+        if where is not None and db < worst[0]:
+            worst = db, f"{name}[{', '.join([':'] * axis + [str(where)])}]"
+    return worst
 
 
 def output_sqnr(signal: np.ndarray, noise: np.ndarray) -> tuple[float, int | None]:

@@ -6,12 +6,20 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt.data import open_feeds
 from onnxopt.ir import from_proto
-from onnxopt.passes.quantize.fallback import SCALE_SPREAD, Targets, output_sqnr, reference, score
+from onnxopt.passes.quantize.fallback import (
+    SCALE_SPREAD,
+    Targets,
+    output_sqnr,
+    reference,
+    score,
+    slice_axes,
+)
 from onnxopt.session import run_model
 from tests.helpers import sqnr
 
@@ -141,3 +149,44 @@ def test_refusal_names_the_slice_below_the_target() -> None:
     reasons = [r.reason for r in record.refusals if "stays below the quality floor" in r.reason]
     assert reasons and "dB in y[:, 1]" in reasons[0]
     assert not any(n.op_type == "QuantizeLinear" for n in model.graph)  # nothing handed back
+
+
+def _laid_out(proto: onnx.ModelProto, perm: list[int], dims: list) -> onnx.ModelProto:
+    """The same model with ``y`` as ``[N, 2, 64]`` transposed by ``perm`` (dims declared)."""
+    graph = proto.graph
+    graph.node[-1].output[0] = "y_map"
+    graph.initializer.append(numpy_helper.from_array(np.array([0, 2, 64], np.int64), "rows"))
+    graph.node.extend([helper.make_node("Reshape", ["y_map", "rows"], ["y_rows"]),
+                       helper.make_node("Transpose", ["y_rows"], ["y"], perm=perm)])
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, dims))
+    return proto
+
+
+@pytest.mark.parametrize(("perm", "dims", "where", "batch_axis"), [
+    ([0, 2, 1], ["N", 64, 2], "y[:, :, 1]", 0),  # class-last: [N, anchors, box + score]
+    ([1, 0, 2], [2, "N", 64], "y[1]", 1),        # batch on axis 1, like a recurrent state
+])
+def test_slices_along_other_axes_and_never_along_the_batch(perm, dims, where,
+                                                           batch_axis) -> None:
+    proto = _laid_out(_boxes_and_scores_model(), perm, dims)
+    calib = _x(1)
+    int8 = _int8(proto, calib)
+    float_model = from_proto(proto)
+    ref = reference(float_model, open_feeds({"x": calib}, float_model), limit=None,
+                    batch_size=16, input_shapes=None)
+    assert ref.batch_axes == [batch_axis]
+    got = score(int8, ref)
+    want, out = run_model(proto, {"x": calib})[0], run_model(int8, {"x": calib})[0]
+    scores = sqnr(np.take(want, 1, axis=perm.index(1)), np.take(out, 1, axis=perm.index(1)))
+    assert got.worst == where
+    assert abs(got.sqnr_db - scores) < 1e-3
+    assert scores < Targets.from_floor(None, None).min_sqnr_db < sqnr(want, out)
+
+
+def test_slice_axes() -> None:
+    assert slice_axes((8, 22, 2100), 0) == [1]      # [N, 4 + C, anchors]
+    assert slice_axes((8, 8400, 85), 0) == [2]      # [N, anchors, 5 + C]
+    assert slice_axes((2, 8, 128), 1) == [0, 2]     # a state with the batch on axis 1
+    assert slice_axes((8, 16, 40, 40), 0) == [1]    # a map: its channels only
+    assert slice_axes((8, 1000), 0) == [1] and slice_axes((8,), 0) == []
