@@ -12,7 +12,8 @@ Steps, each in its own module:
 5. optional bias correction of each layer's expected output shift (:mod:`.bias_correction`);
 6. the fallback (on by default): the int8 model is scored against the run's quality floor
    on the calibration samples; below it the elementwise ops, then the most sensitive nodes
-   stay float, then the MatMuls are tried as dynamic int8 (:mod:`.dynamic`) beside static
+   stay float (with bias correction when it scores better), then the MatMuls are tried as
+   dynamic int8 (:mod:`.dynamic`) beside static
    Convs (the most sensitive of them float), and last alone, until it clears it, or
    nothing is quantized (:mod:`.search`, :mod:`.fallback`); and the per-node SQNR report.
    A node that stays float is kept where onnxruntime cannot re-fuse it (:mod:`.refusion`).
@@ -83,7 +84,10 @@ class QuantizeOptions:
             the pass is such a CPU, 8-bit otherwise; the pass validates on this CPU,
             so give ``reduce_range=true`` when building for a non-VNNI x86 target elsewhere.
         equalize: Cross-layer equalization before calibration.
-        bias_correction: Correct each layer's expected output shift after quantization.
+        bias_correction: Correct each layer's expected output shift after quantization
+            (one more calibration run of the int8 model). None: only in the fallback, when
+            the all-int8 model misses the floor: it is tried on that model and kept for the
+            rest of the search when it scores better. True: always. False: never.
         fallback: Score the int8 model on the calibration samples against the quality
             floor the run applies (plus a margin); when it misses, keep the elementwise ops
             float (int8 only into Conv/Gemm/MatMul), then its most sensitive compute nodes,
@@ -131,7 +135,7 @@ class QuantizeOptions:
     activations: Literal["uint8", "int8"] = "uint8"
     reduce_range: bool | None = None
     equalize: bool = False
-    bias_correction: bool = False
+    bias_correction: bool | None = None
     fallback: bool = True
     target: float | None = option(None, within="[0, 1]")
     exclude_nodes: tuple[str, ...] = ()
@@ -205,6 +209,9 @@ class QuantizePass(Pass):
                 result.refuse("model", missed(stats["fallback"]))
                 return unquantized("not quantized: int8 stays below the quality floor")
             keep_float = chosen
+            if o.bias_correction is None and build.bias_correction:
+                notes.append("bias correction on (the fallback's int8 model scored better "
+                             "with it)")
         plan, rewritten = build(model, keep_float, result)
         joined = join_hard_swish(model.graph, split)
         speed = (time_against_float(float_model, model, ctx)
@@ -276,6 +283,8 @@ class Builder:
         self.last_corrections: dict[str, float] = {}
         #: Whether builds make the MatMuls of :attr:`dynamic_nodes` dynamic int8.
         self.dynamic = False
+        #: Whether builds correct the int32 biases (:mod:`.bias_correction`).
+        self.bias_correction = bool(self.o.bias_correction)
         self.dynamic_nodes = {
             i for i, n in enumerate(float_model.graph)
             if dynamic_candidate(n) and opset >= DYNAMIC_OPSET
@@ -307,6 +316,7 @@ class Builder:
             if refusal.where not in labels:
                 result.refusals.append(refusal)
         self.last_dynamic = 0
+        self.last_corrections = {}
         if not plan.nodes:
             if dynamic:
                 self.last_dynamic = quantize_dynamic_matmuls(
@@ -324,8 +334,8 @@ class Builder:
                                  activation_type=o.activations)
         rewritten = apply_plan(model.graph, plan, params, activation_type=o.activations,
                                per_channel=self.per_channel, reduce_range=self.reduce_range,
-                               add_bias=o.bias_correction)
-        if o.bias_correction:
+                               add_bias=self.bias_correction)
+        if self.bias_correction:
             self.last_corrections = correct_biases(
                 model, rewritten.bias_sites, ctx.calib, batch_size=o.batch_size,
                 limit=o.calib_samples, input_shapes=ctx.input_shapes,

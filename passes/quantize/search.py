@@ -3,7 +3,9 @@
 Stages, each probe one build and one scoring run on the calibration samples
 (:mod:`.fallback` has the scores, the ranking and the doubling/bisection):
 
-1. the all-int8 model; when it misses the targets,
+1. the all-int8 model; when it misses the targets, and ``bias_correction`` is left to the
+   search (None), the all-int8 model with bias correction (:mod:`.bias_correction`),
+   which every later probe keeps when it scored better;
 2. int8 only into the compute ops (Conv, ConvTranspose, Gemm, MatMul), the elementwise ops,
    pools and activations between them float;
 3. the ``k`` most sensitive nodes float as well, ``k`` by doubling then bisection, up to
@@ -74,12 +76,30 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
     stats["fallback"] = head
     if base.meets(targets) or not plan.nodes:
         return set()
+    probes = o.max_probes
+    if o.bias_correction is None and probes > 1 and any(
+            p.weight is not None and p.rule.bias is not None for p in plan.nodes):
+        # stage 1b: each layer's mean output shift removed (one more calibration run)
+        probes -= 1
+        build.bias_correction = True
+        trial, trial_plan, trial_rewritten = build.copy(set())
+        value = score(trial, ref)
+        head["score_bias_corrected"] = value.to_dict()
+        logger.info("fallback: all int8 with bias correction -> %s", value)
+        if value.meets(targets):
+            stats["fallback"] = {**head, "best": {"float_nodes": 0, **value.to_dict()},
+                                 "reached": True}
+            return set()
+        if value.rank_key() > base.rank_key():
+            base, model, plan, rewritten = value, trial, trial_plan, trial_rewritten
+        else:
+            build.bias_correction = False
     fixed: set[int] = set()
     # every node, not only the planned ones: with all of them float, others become plannable
     every = set(range(len(list(build.float_model.graph))))
     # the last probe, kept in reserve: only the MatMuls int8, dynamically
     last = o.dynamic_matmul is not False and bool(build.dynamic_nodes)
-    probes = o.max_probes - int(last)
+    probes -= int(last)
     # and the probes of stage 4: static weighted compute ops beside the dynamic MatMuls
     mixed_fixed = every - {i for i, n in enumerate(build.float_model.graph)
                            if n.op_type in WEIGHTED_OPS}

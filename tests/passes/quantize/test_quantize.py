@@ -379,7 +379,8 @@ def test_bias_correction_removes_the_mean_shift() -> None:
 def test_accuracy_fallback_keeps_the_most_sensitive_nodes_float(tmp_path: Path) -> None:
     proto = conv_chain()
     # 7-bit weights: the integer results are the same on every x86 CPU (no saturation)
-    spec = "fold-bn,quantize(per_channel=false,reduce_range=true,target=0.99,max_float_nodes=3)"
+    spec = ("fold-bn,quantize(per_channel=false,reduce_range=true,target=0.99,max_float_nodes=3,"
+            "bias_correction=false)")
     model, record = _quantize(proto, spec, calib="random:32")
     trace = record.stats["fallback"]
     assert trace["score_all_quantized"]["agreement"] < 0.99 and trace["reached"] is True
@@ -402,6 +403,26 @@ def test_accuracy_fallback_keeps_the_most_sensitive_nodes_float(tmp_path: Path) 
     kept_convs = sum(label.startswith("Conv") for label in kept)
     assert kept_convs and ops["Conv"] + ops["FusedConv"] >= kept_convs
     assert ops["QLinearConv"] <= 3 - kept_convs
+
+
+def test_fallback_tries_bias_correction_first_and_keeps_it_when_it_meets_the_target() -> None:
+    # the model and target above, with bias correction left to the search (the default)
+    proto = conv_chain()
+    spec = "fold-bn,quantize(per_channel=false,reduce_range=true,target=0.99,max_float_nodes=3)"
+    model, record = _quantize(proto, spec, calib="random:32")
+    trace = record.stats["fallback"]
+    assert trace["score_all_quantized"]["agreement"] < 0.99
+    assert trace["score_bias_corrected"]["agreement"] >= 0.99 and trace["reached"] is True
+    assert "probes" not in trace and record.stats["kept_float"] == []
+    assert len(record.stats["bias_corrections"]) == 4  # 3 Conv and the Gemm
+    assert "bias correction on" in (record.summary or "")
+    feeds = all_feeds(open_feeds("random:32", from_proto(proto)), proto)
+    ref, got = run_model(proto, feeds)[0], run_model(model, feeds)[0]
+    assert float(np.mean(ref.argmax(1) == got.argmax(1))) >= 0.99
+    # without it (above) the same target needs float nodes
+    pinned, off = _quantize(proto, spec.replace(")", ",bias_correction=false)"),
+                            calib="random:32")
+    assert off.stats["kept_float"] and "score_bias_corrected" not in off.stats["fallback"]
 
 
 def test_mobilenet_per_tensor_with_equalization_and_bias_correction_near_per_channel(
