@@ -9,7 +9,12 @@ Stages, each probe one build and one scoring run on the calibration samples
 2. int8 only into the compute ops (Conv, ConvTranspose, Gemm, MatMul), the elementwise ops,
    pools and activations between them float;
 3. the ``k`` most sensitive nodes float as well, ``k`` by doubling then bisection, up to
-   ``max_float_nodes`` (default: half of the candidates, at least 8);
+   ``max_float_nodes`` (default: half of the candidates, at least 8); then, with the probes
+   left, each of those float nodes that costs MACs, costliest first, goes back to int8 if
+   the targets are still met without it (:func:`_trim`): the ranking's prefix holds nodes
+   the targets do not need, and the costly ones are where int8 saves the most time
+   (before that, when stage 2's model was the base, one probe with the elementwise ops
+   back in int8 around the float nodes);
 4. the MatMuls with a constant weight int8 with per-input (dynamic) ranges (:mod:`.dynamic`)
    and the other weighted compute ops (Conv, ConvTranspose, Gemm) static int8, every other
    node float; then the ``k`` most sensitive of those static nodes float as well, ``k`` as
@@ -29,6 +34,9 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
+from onnxopt.cost import node_macs
+from onnxopt.errors import UserError
+from onnxopt.ir import node_label
 from onnxopt.pass_base import PassContext
 from onnxopt.passes.quantize.fallback import (
     EvalData,
@@ -40,6 +48,7 @@ from onnxopt.passes.quantize.fallback import (
     tensor_sqnr,
 )
 from onnxopt.passes.quantize.placement import COMPUTE_OPS, SAME
+from onnxopt.shapes import concrete_shapes, resolve_input_shapes
 
 if TYPE_CHECKING:
     from onnxopt.passes.quantize.placement import Plan
@@ -129,7 +138,19 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
     trace = {**trace, **head, "elementwise_float": len(fixed)}  # head: the all-int8 score
     stats["fallback"] = trace
     if chosen is not None:
-        return fixed | chosen
+        left = probes - len(trace["probes"])  # type: ignore[arg-type]
+        if fixed and left > 0:
+            # the elementwise ops back in int8 around the nodes now float: the compute-only
+            # base may have won by a little at the start, and float elementwise ops cost
+            # a conversion on each side
+            left -= 1
+            value = score(build.model(chosen), ref)
+            trace["score_elementwise_back"] = value.to_dict()
+            logger.info("fallback: elementwise ops back to int8 -> %s", value)
+            if value.meets(targets):
+                fixed, trace["elementwise_float"] = set(), 0
+                trace["best"] = {"float_nodes": len(chosen), **value.to_dict()}
+        return fixed | _trim(build, ctx, ref, targets, fixed, chosen, left, trace)
     if mixed_probes > 0:
         chosen = _mixed(build, ctx, o, ref, targets, mixed_fixed, mixed_probes, trace)
         if chosen is not None:
@@ -146,6 +167,38 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
             return every
         build.dynamic = dynamic_before
     return None
+
+
+def _trim(build: Builder, ctx: PassContext, ref: EvalData, targets: Targets, fixed: set[int],
+          chosen: set[int], probes: int, trace: dict[str, object]) -> set[int]:
+    """``chosen`` without the float nodes the targets do not need, costliest first.
+
+    Each node of ``chosen`` with MACs (at the data's shapes) is tried back in int8, one
+    probe each, in order of MACs, while ``probes`` last; it stays int8 when the model still
+    meets the targets. The trace gets ``trimmed``: each try, and whether it stayed int8.
+    """
+    if probes <= 0 or len(chosen) < 2:
+        return chosen
+    graph = list(build.float_model.graph)
+    try:
+        shapes = concrete_shapes(build.float_model, resolve_input_shapes(
+            build.float_model, ctx.input_shapes, (ctx.calib,)))
+    except UserError:
+        return chosen
+    costs = {i: node_macs(graph[i], shapes) or 0 for i in chosen}
+    tries: list[dict[str, object]] = []
+    trace["trimmed"] = tries
+    kept = set(chosen)
+    for i in sorted((i for i in chosen if costs[i] > 0), key=lambda i: -costs[i])[:probes]:
+        value = score(build.model(fixed | (kept - {i})), ref)
+        back = value.meets(targets)
+        logger.info("fallback: %s back to int8 -> %s", node_label(graph[i]), value)
+        tries.append({"node": node_label(graph[i]), "macs": costs[i], "int8": back,
+                      **value.to_dict()})
+        if back:
+            kept.discard(i)
+            trace["best"] = {"float_nodes": len(kept), **value.to_dict()}  # the model kept
+    return kept
 
 
 def _mixed(build: Builder, ctx: PassContext, o: QuantizeOptions, ref: EvalData,

@@ -1,0 +1,73 @@
+"""Tests of the search's last steps on a model that met the targets: float nodes the targets do
+not need go back to int8, costliest first, and so do the elementwise ops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxopt
+from tests.helpers import ort_ops
+from tests.passes.quantize.test_search import BRANCHES, _agreement, _branchy_model, _conv
+
+
+def _costly_harmless_branch() -> onnx.ModelProto:
+    """After a stem, two Convs whose int8 weights lose their input: ``big`` (3x3, 9x the
+    MACs) feeds the output only through a factor 1e-3, ``small`` (1x1) is the output's
+    signal. Both lose the same SQNR, so the ranking cannot tell them apart: ``big``
+    comes first (graph order) and the bisection keeps both float."""
+    rng = np.random.default_rng(3)
+    inits: list = []
+    nodes = [_conv(rng, "stem", "x", "s", inits, channels_in=4, zero_out_7=True),
+             _conv(rng, "big", "s", "b", inits, huge_on_7=True)]
+    w = rng.normal(0, 0.5, (8, 8, 1, 1)).astype(np.float32)
+    w[:, 7] = 1e4  # reads the stem's zero channel: the rest rounds to 0 in int8
+    wg = rng.normal(0, 1, (10, 8)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "small_w"),
+              numpy_helper.from_array(np.float32(1e-3), "tiny"),
+              numpy_helper.from_array(wg, "wg")]
+    nodes += [helper.make_node("Conv", ["s", "small_w"], ["a"], name="small"),
+              helper.make_node("Mul", ["b", "tiny"], ["bt"], name="damp"),
+              helper.make_node("Add", ["a", "bt"], ["t"], name="join"),
+              helper.make_node("GlobalAveragePool", ["t"], ["p"], name="gap"),
+              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+              helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "harmless", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_unneeded_costly_float_node_goes_back_to_int8(tmp_path: Path) -> None:
+    proto = _costly_harmless_branch()
+    model, report = onnxopt.optimize(proto, "quantize(report_sqnr=false,bias_correction=false)",
+                                     calib="random:64")
+    record = report.records[-1]
+    assert not report.failures and record.status == "kept"
+    trace = record.stats["fallback"]
+    assert trace["reached"] is True and trace["best"]["float_nodes"] == 1
+    assert trace["probes"][-1]["float_nodes"] == 2  # the bisection's answer: both
+    tries = {t["node"]: t for t in trace["trimmed"]}
+    assert tries["Conv 'big'"]["int8"] is True and tries["Conv 'small'"]["int8"] is False
+    assert tries["Conv 'big'"]["macs"] == 9 * tries["Conv 'small'"]["macs"]
+    # costliest first
+    assert [t["node"] for t in trace["trimmed"]] == ["Conv 'big'", "Conv 'small'"]
+    assert record.stats["kept_float"] == ["Conv 'small'"]
+    assert _agreement(proto, model) >= 0.9
+    ops = ort_ops(model, tmp_path)  # big runs as an integer kernel, small in float
+    assert ops["QLinearConv"] == 2 and ops["Conv"] + ops["FusedConv"] == 1
+
+
+def test_needed_float_nodes_stay_float() -> None:
+    proto = _branchy_model()
+    model, report = onnxopt.optimize(proto, "quantize(report_sqnr=false)", calib="random:64")
+    record = report.records[-1]
+    trace = record.stats["fallback"]
+    assert trace["trimmed"] and not any(t["int8"] for t in trace["trimmed"])
+    assert all(t["agreement"] < trace["targets"]["agreement"] for t in trace["trimmed"])
+    kept = {label.split("'")[1] for label in record.stats["kept_float"]}
+    assert kept == {f"wide{i}" for i in range(BRANCHES)}
+    assert _agreement(proto, model) >= 0.9
