@@ -33,24 +33,29 @@ from onnxopt.session import make_session
 logger = logging.getLogger(__name__)
 
 
-def _run_alone(site: BiasSite, x: np.ndarray, opset: int) -> np.ndarray:
-    """``node(x)`` in float with the original weight and bias."""
-    proto = ir.serde.serialize_node(site.node)
-    node = onnx.NodeProto()
-    node.CopyFrom(proto)
-    del node.input[:]
-    del node.output[:]
-    node.input.extend(["x", "w", "b"])
-    node.output.append("y")
-    graph = helper.make_graph(
-        [node], "alone",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(site.weight.astype(np.float32), "w"),
-                     numpy_helper.from_array(site.bias.astype(np.float32), "b")])
+def _run_alone(sites: list[BiasSite], xs: list[np.ndarray], opset: int) -> list[np.ndarray]:
+    """``node(x)`` of each site in float with its original weight and bias, each node on
+    its own, all in one session."""
+    nodes, inputs, outputs, weights = [], [], [], []
+    for k, (site, x) in enumerate(zip(sites, xs, strict=True)):
+        node = onnx.NodeProto()
+        node.CopyFrom(ir.serde.serialize_node(site.node))
+        node.name = f"site{k}"
+        del node.input[:]
+        del node.output[:]
+        node.input.extend([f"x{k}", f"w{k}", f"b{k}"])
+        node.output.append(f"y{k}")
+        nodes.append(node)
+        inputs.append(helper.make_tensor_value_info(f"x{k}", onnx.TensorProto.FLOAT,
+                                                    list(x.shape)))
+        outputs.append(helper.make_tensor_value_info(f"y{k}", onnx.TensorProto.FLOAT, None))
+        weights += [numpy_helper.from_array(site.weight.astype(np.float32), f"w{k}"),
+                    numpy_helper.from_array(site.bias.astype(np.float32), f"b{k}")]
+    graph = helper.make_graph(nodes, "alone", inputs, outputs, initializer=weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
-    return make_session(model).run(None, {"x": x.astype(np.float32)})[0]
+    return make_session(model).run(None, {f"x{k}": x.astype(np.float32)
+                                          for k, x in enumerate(xs)})
 
 
 def _channel_mean(sample: np.ndarray) -> np.ndarray:
@@ -75,14 +80,17 @@ def correct_biases(model: ir.Model, sites: list[BiasSite], source: FeedSource, *
     stats = collect_activation_stats(model, source, names, bins=0, mean_sample=True,
                                      batch_size=batch_size, limit=limit,
                                      input_shapes=input_shapes, show_progress=show_progress)
-    opset = opset_version(model)
+    measured = [s for s in usable if stats[s.x_name].mean_sample is not None
+                and stats[s.y_name].mean_sample is not None]
+    if not measured:
+        return {}
+    references = _run_alone(measured, [stats[s.x_name].mean_sample[None]  # type: ignore[index]
+                                       for s in measured], opset_version(model))
     corrected: dict[str, float] = {}
-    for site in usable:
-        x_mean, y_mean = stats[site.x_name].mean_sample, stats[site.y_name].mean_sample
-        if x_mean is None or y_mean is None:
-            continue
-        reference = _run_alone(site, x_mean[None], opset)[0]
-        shift = _channel_mean(y_mean) - _channel_mean(reference.astype(np.float64))
+    for site, reference in zip(measured, references, strict=True):
+        y_mean = stats[site.y_name].mean_sample
+        assert y_mean is not None
+        shift = _channel_mean(y_mean) - _channel_mean(reference[0].astype(np.float64))
         if shift.shape != site.bias.shape:
             logger.warning("bias correction skipped for %s: shift shape %s, bias %s",
                            site.node.name, shift.shape, site.bias.shape)
