@@ -40,6 +40,7 @@ from onnxopt.ir import node_label
 from onnxopt.pass_base import PassContext
 from onnxopt.passes.quantize.fallback import (
     EvalData,
+    Score,
     Targets,
     choose_float_nodes,
     rank_by_added_error,
@@ -91,16 +92,12 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
         # stage 1b: each layer's mean output shift removed (one more calibration run)
         probes -= 1
         build.bias_correction = True
-        trial, trial_plan, trial_rewritten = build.copy(set())
-        value = score(trial, ref)
-        head["score_bias_corrected"] = value.to_dict()
-        logger.info("fallback: all int8 with bias correction -> %s", value)
+        value, trial = _probe(build, ref, set(), head, "score_bias_corrected",
+                              "all int8 with bias correction")
         if value.meets(targets):
-            stats["fallback"] = {**head, "best": {"float_nodes": 0, **value.to_dict()},
-                                 "reached": True}
-            return set()
+            return _met(stats, head, value, set())
         if value.rank_key() > base.rank_key():
-            base, model, plan, rewritten = value, trial, trial_plan, trial_rewritten
+            base, (model, plan, rewritten) = value, trial
         else:
             build.bias_correction = False
     fixed: set[int] = set()
@@ -119,17 +116,12 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
         # stage 2: int8 only into the compute ops, every requantization between them gone;
         # the node search below starts from whichever of the two scored better
         probes -= 1
-        trial, trial_plan, trial_rewritten = build.copy(others)
-        value = score(trial, ref)
-        head["score_compute_only"] = value.to_dict()
-        logger.info("fallback: only compute ops int8 -> %s", value)
+        value, trial = _probe(build, ref, others, head, "score_compute_only",
+                              "only compute ops int8")
         if value.meets(targets):
-            stats["fallback"] = {**head, "best": {"float_nodes": 0, **value.to_dict()},
-                                 "reached": True}
-            return others
+            return _met(stats, head, value, others)
         if value.rank_key() > base.rank_key():
-            fixed, base = others, value
-            model, plan, rewritten = trial, trial_plan, trial_rewritten
+            fixed, base, (model, plan, rewritten) = others, value, trial
     # stage 3: the most sensitive compute nodes float (every planned node when stage 2 lost)
     order = _ranking(build, ctx, o, model, plan, rewritten)
     cap = _float_cap(o, order)
@@ -167,6 +159,28 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
             return every
         build.dynamic = dynamic_before
     return None
+
+
+def _probe(build: Builder, ref: EvalData, keep_float: set[int], head: dict[str, object],
+           key: str, what: str) -> tuple[Score, tuple[ir.Model, Plan, Rewritten]]:
+    """One model built with ``keep_float`` float and scored; its score goes to ``head[key]``.
+
+    Returns:
+        The score, and the model with its plan and rewrite (to search on from it).
+    """
+    trial = build.copy(keep_float)
+    value = score(trial[0], ref)
+    head[key] = value.to_dict()
+    logger.info("fallback: %s -> %s", what, value)
+    return value, trial
+
+
+def _met(stats: dict[str, object], head: dict[str, object], value: Score,
+         keep_float: set[int]) -> set[int]:
+    """``keep_float``, with the trace of a stage before the node search that met the
+    targets."""
+    stats["fallback"] = {**head, "best": {"float_nodes": 0, **value.to_dict()}, "reached": True}
+    return keep_float
 
 
 def _trim(build: Builder, ctx: PassContext, ref: EvalData, targets: Targets, fixed: set[int],
