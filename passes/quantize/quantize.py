@@ -46,7 +46,7 @@ from onnxopt.passes.quantize.dynamic import (
     dynamic_candidate,
     quantize_dynamic_matmuls,
 )
-from onnxopt.passes.quantize.equalize import equalize
+from onnxopt.passes.quantize.equalize import equalize, equalize_activations
 from onnxopt.passes.quantize.fallback import tensor_sqnr
 from onnxopt.passes.quantize.hard_swish import join_hard_swish, split_hard_swish
 from onnxopt.passes.quantize.placement import (
@@ -83,7 +83,12 @@ class QuantizeOptions:
             x86 without VNNI cannot saturate (:mod:`.cpu`). None: 7-bit when the CPU running
             the pass is such a CPU, 8-bit otherwise; the pass validates on this CPU,
             so give ``reduce_range=true`` when building for a non-VNNI x86 target elsewhere.
-        equalize: Cross-layer equalization before calibration.
+        equalize: Cross-layer equalization of the weights before calibration.
+        equalize_activations: Activation-range equalization before calibration: between
+            two Conv/Gemm joined only by positively homogeneous ops (Relu, pooling, ...),
+            each channel is rescaled (exactly) so that the calibration ranges of the tensor
+            the second one reads become about equal, for its one per-tensor activation scale
+            (:func:`.equalize.equalize_activations`). Needs per-channel weights.
         bias_correction: Correct each layer's expected output shift after quantization
             (one more calibration run of the int8 model). None: only in the fallback, when
             the all-int8 model misses the floor: it is tried on that model and kept for the
@@ -135,6 +140,7 @@ class QuantizeOptions:
     activations: Literal["uint8", "int8"] = "uint8"
     reduce_range: bool | None = None
     equalize: bool = False
+    equalize_activations: bool = False
     bias_correction: bool | None = None
     fallback: bool = True
     target: float | None = option(None, within="[0, 1]")
@@ -187,6 +193,13 @@ class QuantizePass(Pass):
             infer_shapes(model)  # in place; the manager has usually done it already
         if o.equalize:
             stats["equalized_pairs"] = equalize(model.graph, result)
+        if o.equalize_activations and per_channel:
+            stats["activation_equalized_pairs"] = equalize_activations(
+                model, PassResult(False) if o.equalize else result, ctx.calib,
+                batch_size=o.batch_size, limit=o.calib_samples, input_shapes=ctx.input_shapes,
+                show_progress=ctx.progress)
+        elif o.equalize_activations:
+            result.refuse("model", "equalize_activations needs per-channel weights: not run")
         # int8 products instead of float HardSwish; the float ones are joined back below
         split = [] if "HardSwish" in o.exclude_ops else split_hard_swish(model.graph)
         float_model = clone_model(model)
@@ -198,7 +211,8 @@ class QuantizePass(Pass):
             if note:
                 notes.append(note)
             result.stats = stats
-            result.modified = bool(stats.get("equalized_pairs")) or opset != found
+            result.modified = bool(stats.get("equalized_pairs")) or bool(
+                stats.get("activation_equalized_pairs")) or opset != found
             result.summary = "; ".join(notes) or None
             return result
 
