@@ -140,7 +140,7 @@ class QuantizeOptions:
     activations: Literal["uint8", "int8"] = "uint8"
     reduce_range: bool | None = None
     equalize: bool = False
-    equalize_activations: bool = False
+    equalize_activations: bool = True
     bias_correction: bool | None = None
     fallback: bool = True
     target: float | None = option(None, within="[0, 1]")
