@@ -20,7 +20,8 @@ For each of rec, cls and det: the model is upgraded to opset 13 when older
   model found by hand.
 * rec only, ``ours static Conv + dynamic MatMul``: the start of the fallback's stage with
   the MatMuls dynamic: every Conv static int8, the 9 MatMuls with a constant weight dynamic
-  int8, the elementwise ops and the 4 attention MatMuls float.
+  int8, the elementwise ops and the 4 attention MatMuls float; and the same without the
+  activation-range equalization (``equalize_activations=false``), to show what it does.
 
 Reported per model: task agreement with the fp32 model on the evaluation set (rec: exact
 string and character accuracy of the CTC-decoded text; det: pages whose boxes all match
@@ -182,9 +183,13 @@ def bench_task(name: str, models: Path, data: Path, work: Path, rounds: int) -> 
     if name == "rec":
         runs.append(("ours Conv/MatMul only", "cleanup,fold-bn,quantize(fallback=false,"
                      f"exclude_ops={';'.join(REC_ELEMENTWISE)})", False))
-        runs.append(("ours static Conv + dynamic MatMul", "cleanup,fold-bn,quantize("
-                     f"fallback=false,dynamic_matmul=true,exclude_ops={';'.join(REC_ELEMENTWISE)},"
-                     f"exclude_nodes={';'.join(REC_ATTENTION)})", False))
+        static_dynamic = ("fallback=false,dynamic_matmul=true,exclude_ops="
+                          f"{';'.join(REC_ELEMENTWISE)},exclude_nodes={';'.join(REC_ATTENTION)}")
+        runs.append(("ours static Conv + dynamic MatMul",
+                     f"cleanup,fold-bn,quantize({static_dynamic})", False))
+        runs.append(("ours static Conv + dynamic MatMul, equalize_activations=false",
+                     f"cleanup,fold-bn,quantize({static_dynamic},equalize_activations=false)",
+                     False))
     for label, spec, validate in runs:
         _log(f"{name}: {label}")
         path = work / f"{name}_{label.replace(' ', '_').replace('=', '').replace('/', '_')}.onnx"

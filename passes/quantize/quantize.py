@@ -84,11 +84,12 @@ class QuantizeOptions:
             the pass is such a CPU, 8-bit otherwise; the pass validates on this CPU,
             so give ``reduce_range=true`` when building for a non-VNNI x86 target elsewhere.
         equalize: Cross-layer equalization of the weights before calibration.
-        equalize_activations: Activation-range equalization before calibration: between
-            two Conv/Gemm joined only by positively homogeneous ops (Relu, pooling, ...),
-            each channel is rescaled (exactly) so that the calibration ranges of the tensor
-            the second one reads become about equal, for its one per-tensor activation scale
-            (:func:`.equalize.equalize_activations`). Needs per-channel weights.
+        equalize_activations: Activation-range equalization before calibration (on by
+            default): between two Conv/Gemm joined only by positively homogeneous ops
+            (Relu, pooling, ...), each channel is rescaled (exactly) so that the
+            calibration ranges of the tensor the second one reads become about equal, for
+            its one per-tensor activation scale (:func:`.equalize.equalize_activations`).
+            Needs per-channel weights.
         bias_correction: Correct each layer's expected output shift after quantization
             (one more calibration run of the int8 model). None: only in the fallback, when
             the all-int8 model misses the floor: it is tried on that model and kept for the
