@@ -194,7 +194,9 @@ class QuantizePass(Pass):
             infer_shapes(model)  # in place; the manager has usually done it already
         if o.equalize:
             stats["equalized_pairs"] = equalize(model.graph, result)
+        before_equalization = None
         if o.equalize_activations and per_channel:
+            before_equalization = clone_model(model)  # restored when nothing is quantized
             stats["activation_equalized_pairs"] = equalize_activations(
                 model, PassResult(False) if o.equalize else result, ctx.calib,
                 batch_size=o.batch_size, limit=o.calib_samples, input_shapes=ctx.input_shapes,
@@ -208,12 +210,13 @@ class QuantizePass(Pass):
         keep_float: set[int] = set()
         build.dynamic = bool(o.dynamic_matmul)
         def unquantized(note: str | None) -> PassResult:
-            """Nothing quantized: only the opset upgrade and the equalization stay."""
+            """Nothing quantized: only the opset upgrade and the weight equalization stay."""
             if note:
                 notes.append(note)
+            if stats.pop("activation_equalized_pairs", 0) and before_equalization is not None:
+                model.graph = before_equalization.graph  # its rescaling served int8 only
             result.stats = stats
-            result.modified = bool(stats.get("equalized_pairs")) or bool(
-                stats.get("activation_equalized_pairs")) or opset != found
+            result.modified = bool(stats.get("equalized_pairs")) or opset != found
             result.summary = "; ".join(notes) or None
             return result
 

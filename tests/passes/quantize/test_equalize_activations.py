@@ -134,3 +134,18 @@ def test_quantize_option_needs_per_channel_weights() -> None:
     record = report.records[-1]
     assert "activation_equalized_pairs" not in (record.stats or {})
     assert any("per-channel" in r.reason for r in record.refusals)
+
+
+def test_quantize_leaves_the_weights_alone_when_it_quantizes_nothing() -> None:
+    proto = _pair_model()
+    # no int8 model can be faster than a millionth of the float one: nothing is quantized
+    model, report = onnxopt.optimize(proto, "quantize(fallback=false,max_latency=0.000001)",
+                                     calib="random:16", validate=False)
+    record = report.records[-1]
+    assert any("max_latency" in r.reason for r in record.refusals)
+    assert "activation_equalized_pairs" not in (record.stats or {})
+    before = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    conv1 = next(n for n in model.graph if n.name == "conv1")
+    assert conv1.inputs[1].name == "w1"
+    np.testing.assert_array_equal(conv1.inputs[1].const_value.numpy(), before["w1"])
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph)
