@@ -12,6 +12,11 @@ alone, exact because the op (with its zero padding) is affine. The int32 bias be
 ``rint((b - d) / (s_x * s_w))``. Measuring ``x`` inside the quantized network isolates each
 layer's own error, so a layer does not also correct the shift that upstream layers already
 remove (empirical variant of Nagel et al. 2019).
+
+The shifts are measured once (:func:`measure_shifts`) and applied to any later build of the
+same model (:func:`apply_shifts`): the fallback measures them on its all-int8 model and
+every probe after it, and the model handed back, reuses them, so what a probe scored is
+what is built, at the cost of one measurement instead of one per probe.
 """
 
 from __future__ import annotations
@@ -63,14 +68,14 @@ def _channel_mean(sample: np.ndarray) -> np.ndarray:
     return sample.reshape(sample.shape[0], -1).mean(axis=1)
 
 
-def correct_biases(model: ir.Model, sites: list[BiasSite], source: FeedSource, *,
+def measure_shifts(model: ir.Model, sites: list[BiasSite], source: FeedSource, *,
                    batch_size: int, limit: int | None,
                    input_shapes: Mapping[str, tuple[int, ...]] | None,
-                   show_progress: bool) -> dict[str, float]:
-    """Adjust the int32 bias of every site in place.
+                   show_progress: bool) -> dict[str, np.ndarray]:
+    """Each site's expected output shift per channel in ``model`` (one streaming run).
 
     Returns:
-        Node name -> mean absolute correction in units of the bias scale.
+        Node name (or output name) -> shift ``d`` per output channel.
     """
     usable = [s for s in sites if not (s.node.op_type == "Gemm"
                                        and s.node.attributes.get_int("transA", 0))]
@@ -86,7 +91,7 @@ def correct_biases(model: ir.Model, sites: list[BiasSite], source: FeedSource, *
         return {}
     references = _run_alone(measured, [stats[s.x_name].mean_sample[None]  # type: ignore[index]
                                        for s in measured], opset_version(model))
-    corrected: dict[str, float] = {}
+    shifts: dict[str, np.ndarray] = {}
     for site, reference in zip(measured, references, strict=True):
         y_mean = stats[site.y_name].mean_sample
         assert y_mean is not None
@@ -95,10 +100,29 @@ def correct_biases(model: ir.Model, sites: list[BiasSite], source: FeedSource, *
             logger.warning("bias correction skipped for %s: shift shape %s, bias %s",
                            site.node.name, shift.shape, site.bias.shape)
             continue
+        shifts[_key(site)] = shift
+    return shifts
+
+
+def apply_shifts(sites: list[BiasSite], shifts: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Subtract each site's measured shift from its int32 bias, in place.
+
+    Returns:
+        Node name -> mean absolute correction in units of the bias scale.
+    """
+    corrected: dict[str, float] = {}
+    for site in sites:
+        shift = shifts.get(_key(site))
+        if shift is None or shift.shape != site.bias.shape:
+            continue
         scale = np.broadcast_to(site.scale, site.bias.shape).astype(np.float64)
         site.bias = (site.bias.astype(np.float64) - shift).astype(np.float32)
         q = np.clip(np.rint(site.bias / scale), -(2**31 - 1), 2**31 - 1).astype(np.int32)
         site.bias_value.const_value = ir.tensor(q, name=site.bias_value.name)
-        corrected[site.node.name or site.y_name] = float(np.mean(np.abs(shift) / scale))
+        corrected[_key(site)] = float(np.mean(np.abs(shift) / scale))
     logger.debug("bias correction adjusted %d biases", len(corrected))
     return corrected
+
+
+def _key(site: BiasSite) -> str:
+    return site.node.name or site.y_name

@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -38,7 +39,7 @@ from onnxopt.model_io import serialized_size
 from onnxopt.opset import OpsetConversionError, convert_opset
 from onnxopt.options import option
 from onnxopt.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
-from onnxopt.passes.quantize.bias_correction import correct_biases
+from onnxopt.passes.quantize.bias_correction import apply_shifts, measure_shifts
 from onnxopt.passes.quantize.calibration import calibrate, group_params
 from onnxopt.passes.quantize.cpu import int8_pairs_saturate
 from onnxopt.passes.quantize.dynamic import (
@@ -299,6 +300,8 @@ class Builder:
         self.excl = {"exclude_nodes": set(self.o.exclude_nodes),
                      "exclude_ops": set(self.o.exclude_ops)}
         self.last_corrections: dict[str, float] = {}
+        #: Bias shifts per node, measured on the first bias-corrected build and reused.
+        self.shifts: dict[str, np.ndarray] | None = None
         #: Whether builds make the MatMuls of :attr:`dynamic_nodes` dynamic int8.
         self.dynamic = False
         #: Whether builds correct the int32 biases (:mod:`.bias_correction`).
@@ -354,10 +357,12 @@ class Builder:
                                per_channel=self.per_channel, reduce_range=self.reduce_range,
                                add_bias=self.bias_correction)
         if self.bias_correction:
-            self.last_corrections = correct_biases(
-                model, rewritten.bias_sites, ctx.calib, batch_size=o.batch_size,
-                limit=o.calib_samples, input_shapes=ctx.input_shapes,
-                show_progress=ctx.progress)
+            if self.shifts is None:  # measured once, on the first bias-corrected build
+                self.shifts = measure_shifts(
+                    model, rewritten.bias_sites, ctx.calib, batch_size=o.batch_size,
+                    limit=o.calib_samples, input_shapes=ctx.input_shapes,
+                    show_progress=ctx.progress)
+            self.last_corrections = apply_shifts(rewritten.bias_sites, self.shifts)
         if dynamic:
             self.last_dynamic = quantize_dynamic_matmuls(
                 model.graph, [nodes[i] for i in sorted(dynamic)], reduce_range=self.reduce_range)
