@@ -33,7 +33,7 @@ _PROTO_LIMIT = 1_800_000_000
 
 
 def make_session(
-    model: ir.Model | onnx.ModelProto | str | os.PathLike,
+    model: ir.Model | onnx.ModelProto | bytes | str | os.PathLike,
     *,
     threads: int = 0,
     optimized_path: str | None = None,
@@ -42,8 +42,10 @@ def make_session(
     """An onnxruntime CPU session for a model object or file (its threads do not spin).
 
     Args:
-        model: The model. onnx_ir models are serialized; one with more than 1.8 GB of
-            weights gets a :class:`FedWeightsSession` instead, which never copies them.
+        model: The model: a file, a serialized model (bytes, for several sessions of one
+            model without serializing it again), or a model object. onnx_ir models are
+            serialized; one with more than 1.8 GB of weights gets a
+            :class:`FedWeightsSession` instead, which never copies them.
         threads: Intra-op threads (0 lets onnxruntime choose).
         optimized_path: If given, onnxruntime writes its optimized graph there.
         graph_optimization: onnxruntime's graph optimization level.
@@ -60,15 +62,20 @@ def make_session(
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), opts, providers=providers)
+    if isinstance(model, bytes):
+        return ort.InferenceSession(model, opts, providers=providers)
     if isinstance(model, ir.Model):
-        total = sum(
-            v.const_value.nbytes for v in model.graph.initializers.values()
-            if v.const_value is not None
-        )
-        if total > _PROTO_LIMIT:
+        if not fits_one_proto(model):
             return _session_feeding_weights(model, opts, providers)
         model = _proto_with_inline_data(model)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+
+
+def fits_one_proto(model: ir.Model) -> bool:
+    """Whether ``model``'s weights fit one serialized protobuf (under 1.8 GB)."""
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                if v.const_value is not None)
+    return total <= _PROTO_LIMIT
 
 
 class FedWeightsSession:

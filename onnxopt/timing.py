@@ -123,7 +123,7 @@ def paired_samples(
     return found
 
 
-def latency_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+def latency_session(model: onnx.ModelProto | bytes, threads: int) -> ort.InferenceSession:
     """A CPU session as a deployment would build it (its threads do not spin)."""
     return make_session(model, threads=threads)
 
@@ -152,7 +152,7 @@ class SideBySide:
         return abs(self.aa - 1.0) + self.aa_spread
 
 
-def side_by_side(original: onnx.ModelProto, models: Sequence[onnx.ModelProto],
+def side_by_side(original: onnx.ModelProto | bytes, models: Sequence[onnx.ModelProto | bytes],
                  feed: dict[str, np.ndarray], threads: int, rounds: int = 21,
                  sample_seconds: float = 0.003, min_runs: int = 5,
                  seed: int = 0) -> SideBySide:
@@ -165,6 +165,8 @@ def side_by_side(original: onnx.ModelProto, models: Sequence[onnx.ModelProto],
     original (which goes first is random); a pair gives one ratio.
     """
     labels = ["original", "A/A", *(f"model {i}" for i in range(len(models)))]
+    if not isinstance(original, bytes):  # serialized once for its two sessions
+        original = original.SerializeToString()
     sessions = {label: latency_session(m, threads)
                 for label, m in zip(labels, (original, original, *models), strict=True)}
     found = paired_samples(sessions, dict.fromkeys(labels, feed), "original", rounds=rounds,

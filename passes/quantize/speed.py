@@ -23,7 +23,7 @@ from onnxopt.errors import DataError
 from onnxopt.inputs import input_specs
 from onnxopt.ir import to_proto
 from onnxopt.pass_base import PassContext
-from onnxopt.session import make_session
+from onnxopt.session import fits_one_proto, make_session
 from onnxopt.timing import side_by_side
 
 #: Rough wall-time target of one check.
@@ -73,7 +73,8 @@ def time_against_float(float_model: ir.Model, int8_model: ir.Model,
     """Time ``int8_model`` against ``float_model`` on the first calibration sample.
 
     Returns:
-        The comparison, or None when no sample can be fed at batch 1.
+        The comparison, or None when no sample can be fed at batch 1 or the model's
+        weights are too large for one serialized copy (over 1.8 GB).
     """
     assert ctx.calib is not None
     specs = input_specs(float_model, ctx.input_shapes)
@@ -81,7 +82,11 @@ def time_against_float(float_model: ir.Model, int8_model: ir.Model,
         feed, _ = next(iter(ctx.calib.batches(specs, batch_size=1, limit=1)))
     except (StopIteration, DataError):
         return None
-    original, quantized = to_proto(float_model), to_proto(int8_model)
+    if not fits_one_proto(float_model):  # sessions feed its weights: not timed here
+        return None
+    # serialized once each: a session of a large model spends most of its set-up there
+    original = to_proto(float_model).SerializeToString()
+    quantized = to_proto(int8_model).SerializeToString()
     session = make_session(original, threads=1)
     start = time.perf_counter()
     session.run(None, feed)
