@@ -124,7 +124,9 @@ class QuantizeOptions:
             only compute ops int8, then ``k = 1, 2, 4, ...`` nodes float, then a bisection
             between the last two ``k``; on a model with dynamic MatMul candidates, one probe
             is kept for the last one and half of the rest for the static Convs beside
-            dynamic MatMuls).
+            dynamic MatMuls). Once a model meets the targets, up to as many more probes
+            make it faster (elementwise ops and float nodes back to int8 while the targets
+            hold).
         report_sqnr: Measure the per-node SQNR for the report (one more calibration run).
         sqnr_samples: Samples for the per-node SQNR (report and the fallback's ranking).
         score_samples: Samples the fallback scores the int8 model on.

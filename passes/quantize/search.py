@@ -9,9 +9,10 @@ Stages, each probe one build and one scoring run on the calibration samples
 2. int8 only into the compute ops (Conv, ConvTranspose, Gemm, MatMul), the elementwise ops,
    pools and activations between them float;
 3. the ``k`` most sensitive nodes float as well, ``k`` by doubling then bisection, up to
-   ``max_float_nodes`` (default: half of the candidates, at least 8); then, with the probes
-   left, each of those float nodes that costs MACs, costliest first, goes back to int8 if
-   the targets are still met without it (:func:`_trim`): the ranking's prefix holds nodes
+   ``max_float_nodes`` (default: half of the candidates, at least 8); then, with up to
+   ``max_probes`` more probes, each of those float nodes that costs MACs, costliest first,
+   goes back to int8 if the targets are still met without it (:func:`_trim`): the
+   ranking's prefix holds nodes
    the targets do not need, and the costly ones are where int8 saves the most time
    (before that, when stage 2's model was the base, one probe with the elementwise ops
    back in int8 around the float nodes);
@@ -130,7 +131,7 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
     trace = {**trace, **head, "elementwise_float": len(fixed)}  # head: the all-int8 score
     stats["fallback"] = trace
     if chosen is not None:
-        left = probes - len(trace["probes"])  # type: ignore[arg-type]
+        left = o.max_probes  # the steps for speed have a budget of their own
         if fixed and left > 0:
             # the elementwise ops back in int8 around the nodes now float: the compute-only
             # base may have won by a little at the start, and float elementwise ops cost
