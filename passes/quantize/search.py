@@ -12,10 +12,9 @@ Stages, each probe one build and one scoring run on the calibration samples
    ``max_float_nodes`` (default: half of the candidates, at least 8); then, with up to
    ``max_probes`` more probes, each of those float nodes that costs MACs, costliest first,
    goes back to int8 if the targets are still met without it (:func:`_trim`): the
-   ranking's prefix holds nodes
-   the targets do not need, and the costly ones are where int8 saves the most time
-   (before that, when stage 2's model was the base, one probe with the elementwise ops
-   back in int8 around the float nodes);
+   ranking's prefix holds nodes the targets do not need, and the costly ones are where int8
+   saves the most time (before that, when stage 2's model was the base, one probe with the
+   elementwise ops back in int8 around the float nodes);
 4. the MatMuls with a constant weight int8 with per-input (dynamic) ranges (:mod:`.dynamic`)
    and the other weighted compute ops (Conv, ConvTranspose, Gemm) static int8, every other
    node float; then the ``k`` most sensitive of those static nodes float as well, ``k`` as
@@ -137,9 +136,8 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
             # base may have won by a little at the start, and float elementwise ops cost
             # a conversion on each side
             left -= 1
-            value = score(build.model(chosen), ref)
-            trace["score_elementwise_back"] = value.to_dict()
-            logger.info("fallback: elementwise ops back to int8 -> %s", value)
+            value, _ = _probe(build, ref, chosen, trace, "score_elementwise_back",
+                              "elementwise ops back to int8")
             if value.meets(targets):
                 fixed, trace["elementwise_float"] = set(), 0
                 trace["best"] = {"float_nodes": len(chosen), **value.to_dict()}
@@ -162,16 +160,16 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
     return None
 
 
-def _probe(build: Builder, ref: EvalData, keep_float: set[int], head: dict[str, object],
+def _probe(build: Builder, ref: EvalData, keep_float: set[int], trace: dict[str, object],
            key: str, what: str) -> tuple[Score, tuple[ir.Model, Plan, Rewritten]]:
-    """One model built with ``keep_float`` float and scored; its score goes to ``head[key]``.
+    """One model built with ``keep_float`` float and scored; its score goes to ``trace[key]``.
 
     Returns:
         The score, and the model with its plan and rewrite (to search on from it).
     """
     trial = build.copy(keep_float)
     value = score(trial[0], ref)
-    head[key] = value.to_dict()
+    trace[key] = value.to_dict()
     logger.info("fallback: %s -> %s", what, value)
     return value, trial
 
