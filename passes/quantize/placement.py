@@ -371,12 +371,11 @@ def _plan(graph: ir.Graph, opset: int, result: PassResult, exclude_nodes: set[st
             for value in outs:
                 plan.tensors[value.name] = value
                 plan.union(value.name, np_.node.inputs[np_.activations[0]].name)
-                produced.add(value.name)
-            if len(outs) > 1:
-                # one output of a Split joining a Concat's group would drag the Split's
+            if len(outs) == 1:
+                # not a Split's outputs: one joining a Concat's group would drag the Split's
                 # input and every other output into it (a C2f block's Concat also holds
-                # the bottleneck's output): QLinearConcat requantizes that input instead
-                produced.difference_update(v.name for v in outs)
+                # the bottleneck's output); QLinearConcat requantizes that input instead
+                produced.add(outs[0].name)
             np_.output, np_.more_outputs = outs[0], outs[1:]
             continue
         absorbed = _absorbed_activation(out, excluded)
