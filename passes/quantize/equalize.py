@@ -55,7 +55,7 @@ from onnxopt.ir import (
 )
 from onnxopt.layouts import WeightLayout, weight_layout
 from onnxopt.pass_base import PassResult
-from onnxopt.session import batch_within, stream_tensors
+from onnxopt.passes.quantize.tensor_stats import collect_activation_stats
 
 logger = logging.getLogger(__name__)
 
@@ -223,16 +223,11 @@ def channel_ranges(model: ir.Model, names: list[str], source: FeedSource, *, bat
                    limit: int | None, input_shapes: dict[str, tuple[int, ...]] | None,
                    show_progress: bool = False) -> dict[str, np.ndarray]:
     """Largest ``|x|`` per channel (axis 1) of each tensor in ``names`` over ``source``."""
-    ranges: dict[str, np.ndarray] = {}
-    batch_size = batch_within(model, names, source, batch_size, input_shapes=input_shapes)
-    for (tensors,), _ in stream_tensors([model], [names], source, batch_size=batch_size,
-                                        limit=limit, input_shapes=input_shapes,
-                                        show_progress=show_progress, desc="equalizing"):
-        for name, array in tensors.items():
-            axes = tuple(i for i in range(array.ndim) if i != 1)
-            top = np.abs(array).max(axis=axes).astype(np.float64)
-            ranges[name] = top if name not in ranges else np.maximum(ranges[name], top)
-    return ranges
+    stats = collect_activation_stats(model, source, names, bins=0, channel_abs_max=True,
+                                     batch_size=batch_size, limit=limit,
+                                     input_shapes=input_shapes, show_progress=show_progress)
+    return {name: st.channel_abs_max for name, st in stats.items()
+            if st.channel_abs_max is not None}
 
 
 def equalize_activations(model: ir.Model, result: PassResult, source: FeedSource, *,

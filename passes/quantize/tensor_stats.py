@@ -118,11 +118,13 @@ class TensorStats:
         bins: Histogram bins (0 for no histogram).
         channel_stats: Keep per-channel sums and zero counts (axis ``channel_axis``).
         mean_sample: Keep the sum over the batch axis (the mean sample).
-        channel_axis: Channel axis for ``channel_stats``.
+        channel_axis: Channel axis for ``channel_stats`` and ``channel_abs_max``.
+        channel_abs_max: Keep the largest ``|x|`` per channel.
     """
 
     def __init__(self, name: str, bins: int = DEFAULT_BINS, channel_stats: bool = False,
-                 mean_sample: bool = False, channel_axis: int = 1) -> None:
+                 mean_sample: bool = False, channel_axis: int = 1,
+                 channel_abs_max: bool = False) -> None:
         self.name = name
         self.min = math.inf
         self.max = -math.inf
@@ -136,6 +138,8 @@ class TensorStats:
         self._channel_zeros: np.ndarray | None = None
         self._channel_count = 0
         self._sample_sum: np.ndarray | None = None
+        self._keep_abs_max = channel_abs_max
+        self._channel_abs_max: np.ndarray | None = None
 
     def update(self, array: np.ndarray) -> None:
         """Fold one batch (first axis = samples) into the statistics."""
@@ -164,6 +168,11 @@ class TensorStats:
             self._channel_sum += sums
             self._channel_zeros += zeros
             self._channel_count += array.size // max(array.shape[self.channel_axis], 1)
+        if self._keep_abs_max and array.ndim > self.channel_axis:
+            axes = tuple(i for i in range(array.ndim) if i != self.channel_axis)
+            top = np.abs(array).max(axis=axes).astype(np.float64)
+            self._channel_abs_max = top if self._channel_abs_max is None else np.maximum(
+                self._channel_abs_max, top)
         if self._keep_mean and array.ndim:
             total = array.sum(axis=0, dtype=np.float64)
             if self._sample_sum is None:
@@ -176,6 +185,11 @@ class TensorStats:
         if self._channel_sum is None or not self._channel_count:
             return None
         return self._channel_sum / self._channel_count
+
+    @property
+    def channel_abs_max(self) -> np.ndarray | None:
+        """Largest ``|x|`` per channel, or None if not kept."""
+        return self._channel_abs_max
 
     @property
     def zero_fraction(self) -> np.ndarray | None:
@@ -200,6 +214,7 @@ def collect_activation_stats(
     bins: int = DEFAULT_BINS,
     channel_stats: bool = False,
     mean_sample: bool = False,
+    channel_abs_max: bool = False,
     batch_size: int = 32,
     limit: int | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
@@ -211,7 +226,8 @@ def collect_activation_stats(
     Returns:
         Tensor name -> :class:`TensorStats`.
     """
-    stats = {n: TensorStats(n, bins, channel_stats, mean_sample) for n in names}
+    stats = {n: TensorStats(n, bins, channel_stats, mean_sample,
+                            channel_abs_max=channel_abs_max) for n in names}
     batch_size = batch_within(model, list(stats), source, batch_size, input_shapes=input_shapes)
     for (tensors,), _ in stream_tensors([model], [list(stats)], source, batch_size=batch_size,
                                         limit=limit, input_shapes=input_shapes,
