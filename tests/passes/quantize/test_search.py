@@ -182,15 +182,22 @@ def _gain_agreement(proto: onnx.ModelProto, model: object) -> float:
     return float(np.mean(ref.argmax(1) == got.argmax(1)))
 
 
-def test_static_convs_beside_dynamic_matmuls_meet_the_floor(tmp_path: Path) -> None:
+def _gain_quantized(tmp_path: Path, spec: str):  # noqa: ANN202 - see below
+    """``spec`` on :func:`_conv_gain_matmul`, kept by the manager: the float model, its
+    calibration file, the model written and the pass's record."""
     proto, calib = _conv_gain_matmul(tmp_path)
-    # 5 probes (bias correction not tried): the last one in reserve, 2 for the static search
-    # (only the compute ops int8, then 1 node float), 2 for the Convs static beside the
-    # dynamic MatMul
-    spec = "quantize(report_sqnr=false,batch_size=1,max_probes=5,bias_correction=false)"
     model, report = onnxopt.optimize(proto, spec, calib=str(calib), batch_size=1)
     record = report.records[-1]
     assert not report.failures and record.status == "kept"
+    return proto, calib, model, record
+
+
+def test_static_convs_beside_dynamic_matmuls_meet_the_floor(tmp_path: Path) -> None:
+    # 5 probes (bias correction not tried): the last one in reserve, 2 for the static search
+    # (only the compute ops int8, then 1 node float), 2 for the Convs static beside the
+    # dynamic MatMul
+    proto, _, model, record = _gain_quantized(
+        tmp_path, "quantize(report_sqnr=false,batch_size=1,max_probes=5,bias_correction=false)")
     trace = record.stats["fallback"]
     assert [p["float_nodes"] for p in trace["probes"]] == [1]  # the static search missed
     stage = trace["dynamic_matmul_stage"]
@@ -210,12 +217,9 @@ def test_static_convs_beside_dynamic_matmuls_meet_the_floor(tmp_path: Path) -> N
 
 def test_static_convs_beside_dynamic_matmuls_miss_and_the_search_goes_on(
         tmp_path: Path) -> None:
-    proto, calib = _conv_gain_matmul(tmp_path)
     # no node may stay float: the stage has only its start, with the wrecked Conv int8
     spec = "quantize(report_sqnr=false,batch_size=1,max_float_nodes=0)"
-    model, report = onnxopt.optimize(proto, spec, calib=str(calib), batch_size=1)
-    record = report.records[-1]
-    assert not report.failures and record.status == "kept"
+    proto, calib, model, record = _gain_quantized(tmp_path, spec)
     trace = record.stats["fallback"]
     stage = trace["dynamic_matmul_stage"]
     assert stage["reached"] is False and stage["probes"] == []
