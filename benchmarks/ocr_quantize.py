@@ -328,6 +328,18 @@ def _jsonable(obj: object) -> object:
     return str(obj)
 
 
+def _trimmed_text(trace: dict) -> str:
+    """The float nodes the search tried back in int8 after a hit (any stage), and how
+    many stayed int8."""
+    tries = [t for d in (trace, trace.get("dynamic_matmul_stage") or {},
+                         trace.get("dynamic_matmul_only_back") or {})
+             for t in d.get("trimmed", [])]
+    if not tries:
+        return "-"
+    back = [t["node"] for t in tries if t["int8"]]
+    return f"{len(back)} of {len(tries)} tried ({', '.join(back) or 'none'})"
+
+
 def details(results: dict[str, dict]) -> str:
     """What the pass's fallback measured, tried and kept float."""
     out = []
@@ -353,6 +365,7 @@ def details(results: dict[str, dict]) -> str:
                            f"MatMuls dynamic beside static Convs: {_mixed_text(trace)}; "
                            f"only the MatMuls int8, dynamic: "
                            f"{trace.get('score_dynamic_matmul_only', '-')}; "
+                           f"back to int8 after a hit: {_trimmed_text(trace)}; "
                            f"reached: {trace.get('reached', 'met without fallback')}; "
                            f"kept float: {kept_text or 'none'}; "
                            f"static int8 nodes: {stats.get('quantized')}, dynamic MatMuls: "
