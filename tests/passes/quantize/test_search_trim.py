@@ -1,5 +1,6 @@
 """Tests of the search's last steps on a model that met the targets: float nodes the targets do
-not need go back to int8, costliest first, and so do the elementwise ops."""
+not need go back to int8, costliest first, and so do the elementwise ops when the targets
+hold with them int8."""
 
 from __future__ import annotations
 
@@ -70,4 +71,75 @@ def test_needed_float_nodes_stay_float() -> None:
     assert all(t["agreement"] < trace["targets"]["agreement"] for t in trace["trimmed"])
     kept = {label.split("'")[1] for label in record.stats["kept_float"]}
     assert kept == {f"wide{i}" for i in range(BRANCHES)}
+    assert _agreement(proto, model) >= 0.9
+
+
+def _scaled_pair(outlier: float, k: float, seed: int) -> onnx.ModelProto:
+    """``stem -> Mul(up) -> Mul(down) -> mid -> small -> head``: ``up`` scales channel 0 by
+    ``k`` and ``down`` back, so in int8 the tensor between them rounds the other channels
+    ``k`` times coarser (harm the compute-only model does not have); ``small`` reads the
+    zero channel of ``mid`` with weight ``outlier`` (its int8 weights lose the rest). The
+    stem and ``mid`` stay int8, so with the elementwise ops int8 the two Muls run as
+    integer kernels between them."""
+    rng = np.random.default_rng(seed)
+    inits: list = []
+    nodes = [_conv(rng, "stem", "x", "s", inits, channels_in=4)]
+    up = np.ones((1, 8, 1, 1), np.float32)
+    up[0, 0] = k
+    inits += [numpy_helper.from_array(up, "up"),
+              numpy_helper.from_array((1 / up).astype(np.float32), "down")]
+    nodes += [helper.make_node("Mul", ["s", "up"], ["e0"], name="up"),
+              helper.make_node("Mul", ["e0", "down"], ["e1"], name="down"),
+              _conv(rng, "mid", "e1", "m", inits, zero_out_7=True)]
+    w = rng.normal(0, 0.5, (8, 8, 1, 1)).astype(np.float32)
+    w[:, 7] = outlier
+    wg = rng.normal(0, 1, (10, 8)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "small_w"), numpy_helper.from_array(wg, "wg")]
+    nodes += [helper.make_node("Conv", ["m", "small_w"], ["t"], name="small"),
+              helper.make_node("GlobalAveragePool", ["t"], ["p"], name="gap"),
+              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+              helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "scaled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _search_from_compute_only(proto: onnx.ModelProto):  # noqa: ANN202 - record, trace
+    """Quantize ``proto``; the search must have started from the compute-only model."""
+    model, report = onnxopt.optimize(
+        proto, "quantize(report_sqnr=false,bias_correction=false)", calib="random:64")
+    record = report.records[-1]
+    assert not report.failures and record.status == "kept"
+    trace = record.stats["fallback"]
+    assert trace["reached"] is True
+    # the Muls' int8 harm: the compute-only model scored better, and the search went on from it
+    assert trace["score_compute_only"]["agreement"] > trace["score_all_quantized"]["agreement"]
+    return model, record, trace
+
+
+def test_elementwise_ops_go_back_to_int8_when_the_targets_hold(tmp_path: Path) -> None:
+    # a mild scale (k = 8): once small is float, the Muls' rounding costs little
+    proto = _scaled_pair(40, 8, 6)
+    model, record, trace = _search_from_compute_only(proto)
+    back = trace["score_elementwise_back"]["agreement"]
+    assert back >= trace["targets"]["agreement"] and trace["elementwise_float"] == 0
+    assert record.stats["kept_float"] == ["Conv 'small'"]
+    ops = ort_ops(model, tmp_path)
+    assert ops["QLinearMul"] == 2 and ops["Mul"] == 0  # both Muls integer kernels
+    assert ops["QLinearConv"] == 2 and ops["Conv"] + ops["FusedConv"] == 1
+    assert _agreement(proto, model) >= 0.9
+
+
+def test_elementwise_ops_stay_float_when_the_targets_need_it(tmp_path: Path) -> None:
+    # a strong scale (k = 32): with the Muls int8 the model misses the targets
+    proto = _scaled_pair(60, 32, 6)
+    model, record, trace = _search_from_compute_only(proto)
+    assert trace["score_elementwise_back"]["agreement"] < trace["targets"]["agreement"]
+    assert trace["elementwise_float"] > 0
+    kept = record.stats["kept_float"]
+    assert "Mul 'up'" in kept and "Mul 'down'" in kept and "Conv 'small'" in kept
+    ops = ort_ops(model, tmp_path)
+    assert ops["QLinearMul"] == 0 and ops["Mul"] == 2  # float between the integer Convs
+    assert ops["QLinearConv"] == 2
     assert _agreement(proto, model) >= 0.9
