@@ -54,8 +54,9 @@ from onnxopt.passes.quantize.placement import COMPUTE_OPS, SAME
 from onnxopt.shapes import concrete_shapes, resolve_input_shapes
 
 if TYPE_CHECKING:
+    from onnxopt.passes.quantize.builder import Builder
     from onnxopt.passes.quantize.placement import Plan
-    from onnxopt.passes.quantize.quantize import Builder, QuantizeOptions
+    from onnxopt.passes.quantize.quantize import QuantizeOptions
     from onnxopt.passes.quantize.rewrite import Rewritten
 
 logger = logging.getLogger(__name__)

@@ -266,9 +266,9 @@ def test_int8_activations_and_reduce_range(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("saturates", [True, False])
 def test_reduce_range_defaults_to_what_this_cpu_needs(monkeypatch, saturates: bool) -> None:
-    import onnxopt.passes.quantize.quantize as quantize_module
+    import onnxopt.passes.quantize.builder as builder_module
 
-    monkeypatch.setattr(quantize_module, "int8_pairs_saturate", lambda: saturates)
+    monkeypatch.setattr(builder_module, "int8_pairs_saturate", lambda: saturates)
     for spec, seven_bits in (("quantize", saturates), ("quantize(reduce_range=true)", True),
                              ("quantize(reduce_range=false)", False)):
         model, record = _quantize(conv_chain(), f"fold-bn,{spec}")
