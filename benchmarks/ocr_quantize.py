@@ -329,11 +329,9 @@ def _jsonable(obj: object) -> object:
 
 
 def _trimmed_text(trace: dict) -> str:
-    """The float nodes the search tried back in int8 after a hit (any stage), and how
-    many stayed int8."""
-    tries = [t for d in (trace, trace.get("dynamic_matmul_stage") or {},
-                         trace.get("dynamic_matmul_only_back") or {})
-             for t in d.get("trimmed", [])]
+    """The float nodes the search tried back in int8 after its hit, and how many stayed
+    int8."""
+    tries = trace.get("trimmed") or []
     if not tries:
         return "-"
     back = [t["node"] for t in tries if t["int8"]]

@@ -19,9 +19,7 @@ Stages, each probe one build and one scoring run on the calibration samples
    and the other weighted compute ops (Conv, ConvTranspose, Gemm) static int8, every other
    node float; then the ``k`` most sensitive of those static nodes float as well, ``k`` as
    in 3 (its own share of the probes: half of those left after the last probe);
-5. every static node float and only the MatMuls dynamic int8; then, with up to
-   ``max_probes`` more probes, the compute nodes that cost MACs go back to static int8 as
-   in 3, costliest first (stage 4's float nodes too).
+5. every static node float and only the MatMuls dynamic int8.
 
 Stages 4 and 5 run unless ``dynamic_matmul=false`` or the model has no MatMul with a
 constant weight.
@@ -67,8 +65,6 @@ MIN_FLOAT_CAP = 8
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 #: The trace key of stage 4.
 MIXED = "dynamic_matmul_stage"
-#: The trace key of stage 5's compute nodes tried back in static int8.
-BACK = "dynamic_matmul_only_back"
 
 
 def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
@@ -151,10 +147,7 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
         chosen = _mixed(build, ctx, o, ref, targets, mixed_fixed, mixed_probes, trace)
         if chosen is not None:
             trace["reached"] = True
-            sub = trace[MIXED]
-            assert isinstance(sub, dict)
-            return mixed_fixed | _trim(build, ctx, ref, targets, mixed_fixed,
-                                       chosen - mixed_fixed, o.max_probes, sub)
+            return chosen
     if last and o.max_probes > 0:
         # stage 5: every static node float, the MatMuls int8 with per-input ranges
         dynamic_before, build.dynamic = build.dynamic, True
@@ -163,10 +156,7 @@ def search(build: Builder, ctx: PassContext, o: QuantizeOptions,
         logger.info("fallback: only the MatMuls int8, dynamic -> %s", value)
         if value.meets(targets):
             trace["reached"] = True
-            # then the costliest compute nodes back to static int8 while the targets hold
-            back: dict[str, object] = {}
-            trace[BACK] = back
-            return _trim(build, ctx, ref, targets, set(), every, o.max_probes, back)
+            return every
         build.dynamic = dynamic_before
     return None
 
@@ -209,8 +199,7 @@ def _trim(build: Builder, ctx: PassContext, ref: EvalData, targets: Targets, fix
             build.float_model, ctx.input_shapes, (ctx.calib,)))
     except UserError:
         return chosen
-    dynamic = build.dynamic_nodes if build.dynamic else set()  # int8 however it is kept
-    costs = {i: node_macs(graph[i], shapes) or 0 if i not in dynamic else 0 for i in chosen}
+    costs = {i: node_macs(graph[i], shapes) or 0 for i in chosen}
     tries: list[dict[str, object]] = []
     trace["trimmed"] = tries
     kept = set(chosen)
@@ -314,13 +303,7 @@ def dynamic_note(trace: object) -> str | None:
     if "score_dynamic_matmul_only" in trace:
         text = f"no static int8 model met the quality floor ({static_best(trace)}"
         mixed = mixed_best(trace)
-        back = trace.get(BACK) or {}
-        static = [t["node"] for t in back.get("trimmed", ()) if t["int8"]]
-        but = ""
-        if static:  # named when few
-            but = (f" but {', '.join(static)}" if len(static) <= 3 else f" but {len(static)} "
-                   "compute nodes") + ", which went back to static int8 (costliest first)"
-        return (f"{text}{'; ' + mixed if mixed else ''}), every other node stays float{but}")
+        return (f"{text}{'; ' + mixed if mixed else ''}), every other node stays float")
     sub = trace.get(MIXED)
     if isinstance(sub, dict) and sub.get("reached"):
         return (f"no all-static int8 model met the quality floor ({static_best(trace)}); "
