@@ -17,6 +17,7 @@ from onnxopt.passes.quantize.fallback import Score, Targets, reference, score
 from onnxopt.session import run_model
 from testmodels import conv_chain
 from tests.helpers import ort_ops
+from tests.passes.quantize.test_search import gap_gemm_model
 
 
 def _sensitive_model() -> onnx.ModelProto:
@@ -32,19 +33,12 @@ def _sensitive_model() -> onnx.ModelProto:
     wb = rng.normal(0, 0.5, (8, 8, 3, 3)).astype(np.float32)
     wb[:, 7] = 0.0
     wg = rng.normal(0, 1, (10, 8)).astype(np.float32)
-    inits = [numpy_helper.from_array(a, n) for a, n in
-             ((wa, "wa"), (ba, "ba"), (wb, "wb"), (wg, "wg"))]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((wa, "wa"), (ba, "ba"), (wb, "wb"))]
     nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a", pads=[1] * 4),
              helper.make_node("Relu", ["a"], ["ar"], name="relu_a"),
              helper.make_node("Conv", ["ar", "wb"], ["b"], name="conv_b", pads=[1] * 4),
-             helper.make_node("Relu", ["b"], ["br"], name="relu_b"),
-             helper.make_node("GlobalAveragePool", ["br"], ["p"], name="gap"),
-             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-             helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1)]
-    graph = helper.make_graph(
-        nodes, "sensitive", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+             helper.make_node("Relu", ["b"], ["br"], name="relu_b")]
+    return gap_gemm_model("sensitive", nodes, inits, "br", wg)
 
 
 def test_fallback_keeps_the_sensitive_layer_float_and_clears_the_floor(tmp_path: Path) -> None:

@@ -31,6 +31,20 @@ def _conv(rng: np.random.Generator, name: str, x: str, y: str, inits: list, *,
     return helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [y], name=name, pads=[1] * 4)
 
 
+def gap_gemm_model(name: str, nodes: list, inits: list, features: str,
+                   wg: np.ndarray) -> onnx.ModelProto:
+    """``nodes``, then the head GlobalAveragePool -> Flatten -> Gemm(``wg``, 10 classes) on
+    ``features``: a model from ``x`` ``[N, 4, 8, 8]`` to ``y`` ``[N, 10]``."""
+    inits = [*inits, numpy_helper.from_array(wg, "wg")]
+    nodes = [*nodes, helper.make_node("GlobalAveragePool", [features], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def _branchy_model() -> onnx.ModelProto:
     """``BRANCHES`` parallel branches after a stem, each a Conv whose int8 weights lose all
     but one (useless) input channel, then a plain Conv: every branch's first Conv must stay
@@ -47,15 +61,8 @@ def _branchy_model() -> onnx.ModelProto:
     for i, name in enumerate(outs[1:]):
         nodes.append(helper.make_node("Add", [total, name], [f"sum{i}"], name=f"add{i}"))
         total = f"sum{i}"
-    wg = rng.normal(0, 1, (10, 8)).astype(np.float32)
-    inits.append(numpy_helper.from_array(wg, "wg"))
-    nodes += [helper.make_node("GlobalAveragePool", [total], ["p"], name="gap"),
-              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-              helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1)]
-    graph = helper.make_graph(
-        nodes, "branchy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return gap_gemm_model("branchy", nodes, inits, total,
+                          rng.normal(0, 1, (10, 8)).astype(np.float32))
 
 
 def _agreement(proto: onnx.ModelProto, model: object) -> float:

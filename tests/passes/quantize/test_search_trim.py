@@ -8,11 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import onnxopt
 from tests.helpers import ort_ops
-from tests.passes.quantize.test_search import BRANCHES, _agreement, _branchy_model, _conv
+from tests.passes.quantize.test_search import (
+    BRANCHES,
+    _agreement,
+    _branchy_model,
+    _conv,
+    gap_gemm_model,
+)
 
 
 def _costly_harmless_branch() -> onnx.ModelProto:
@@ -28,18 +34,11 @@ def _costly_harmless_branch() -> onnx.ModelProto:
     w[:, 7] = 1e4  # reads the stem's zero channel: the rest rounds to 0 in int8
     wg = rng.normal(0, 1, (10, 8)).astype(np.float32)
     inits += [numpy_helper.from_array(w, "small_w"),
-              numpy_helper.from_array(np.float32(1e-3), "tiny"),
-              numpy_helper.from_array(wg, "wg")]
+              numpy_helper.from_array(np.float32(1e-3), "tiny")]
     nodes += [helper.make_node("Conv", ["s", "small_w"], ["a"], name="small"),
               helper.make_node("Mul", ["b", "tiny"], ["bt"], name="damp"),
-              helper.make_node("Add", ["a", "bt"], ["t"], name="join"),
-              helper.make_node("GlobalAveragePool", ["t"], ["p"], name="gap"),
-              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-              helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1)]
-    graph = helper.make_graph(
-        nodes, "harmless", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+              helper.make_node("Add", ["a", "bt"], ["t"], name="join")]
+    return gap_gemm_model("harmless", nodes, inits, "t", wg)
 
 
 def test_unneeded_costly_float_node_goes_back_to_int8(tmp_path: Path) -> None:
@@ -93,16 +92,10 @@ def _scaled_pair(outlier: float, k: float, seed: int) -> onnx.ModelProto:
               _conv(rng, "mid", "e1", "m", inits, zero_out_7=True)]
     w = rng.normal(0, 0.5, (8, 8, 1, 1)).astype(np.float32)
     w[:, 7] = outlier
-    wg = rng.normal(0, 1, (10, 8)).astype(np.float32)
-    inits += [numpy_helper.from_array(w, "small_w"), numpy_helper.from_array(wg, "wg")]
-    nodes += [helper.make_node("Conv", ["m", "small_w"], ["t"], name="small"),
-              helper.make_node("GlobalAveragePool", ["t"], ["p"], name="gap"),
-              helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-              helper.make_node("Gemm", ["f", "wg"], ["y"], name="fc", transB=1)]
-    graph = helper.make_graph(
-        nodes, "scaled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    inits.append(numpy_helper.from_array(w, "small_w"))
+    nodes.append(helper.make_node("Conv", ["m", "small_w"], ["t"], name="small"))
+    return gap_gemm_model("scaled", nodes, inits, "t",
+                          rng.normal(0, 1, (10, 8)).astype(np.float32))
 
 
 def _search_from_compute_only(proto: onnx.ModelProto):  # noqa: ANN202 - record, trace
