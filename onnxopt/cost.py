@@ -232,7 +232,8 @@ def infer_shapes(model: ir.Model) -> ir.Model:
     """
     import onnx
 
-    from onnxopt.ir import call_without_weights, from_proto
+    from onnxopt.ir import from_proto
+    from onnxopt.large_weights import call_without_weights
 
     def infer(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True,

@@ -14,7 +14,8 @@ import onnx_ir as ir
 from onnxopt.cost import infer_shapes, model_cost
 from onnxopt.data import FeedSource, input_specs
 from onnxopt.errors import DataError, UserError
-from onnxopt.ir import call_without_weights, clone_model
+from onnxopt.ir import clone_model
+from onnxopt.large_weights import call_without_weights
 from onnxopt.model_io import serialized_size
 from onnxopt.pass_base import Pass, PassContext
 from onnxopt.report import PassRecord, RunReport, Snapshot, Status

@@ -15,7 +15,8 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxopt.errors import ModelError, UserError
-from onnxopt.ir import call_without_weights, from_proto, is_large_weight
+from onnxopt.ir import from_proto
+from onnxopt.large_weights import call_without_weights, is_large_weight
 from onnxopt.opaque_types import has_opaque_type, restore_opaque_types
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.cost import infer_shapes
-from onnxopt.ir import call_without_weights, from_proto, is_large_weight, opset_version
+from onnxopt.ir import from_proto, opset_version
+from onnxopt.large_weights import call_without_weights, is_large_weight
 
 logger = logging.getLogger(__name__)
 

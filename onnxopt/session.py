@@ -108,7 +108,7 @@ class FedWeightsSession:
 
 def _session_feeding_weights(model: ir.Model, opts: ort.SessionOptions,
                              providers: list[str]) -> FedWeightsSession:
-    from onnxopt.ir import call_without_weights, is_large_weight
+    from onnxopt.large_weights import call_without_weights, is_large_weight
 
     weights = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()
                if is_large_weight(v.const_value)}

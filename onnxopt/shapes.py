@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import UserError
 from onnxopt.inputs import InputSpec, input_specs
-from onnxopt.ir import call_without_weights
+from onnxopt.large_weights import call_without_weights
 from onnxopt.shape_values import propagate_shape_values, type_dims
 
 if TYPE_CHECKING:

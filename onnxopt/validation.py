@@ -25,7 +25,7 @@ from onnxopt.compare import (
 )
 from onnxopt.data import FeedSource, input_specs, sample_count
 from onnxopt.errors import ModelError
-from onnxopt.ir import release_mapped_weights
+from onnxopt.large_weights import release_mapped_weights
 from onnxopt.pass_base import Pass, PassResult
 from onnxopt.report import PassRecord, Status
 from onnxopt.session import concat_batches, make_session, sample_axis, stream

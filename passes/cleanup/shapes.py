@@ -31,15 +31,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt.ir import (
-    FreshNames,
-    attr,
-    call_without_weights,
-    const_array,
-    is_constant,
-    is_standard,
-    opset_version,
-)
+from onnxopt.ir import FreshNames, attr, const_array, is_constant, is_standard, opset_version
+from onnxopt.large_weights import call_without_weights
 
 logger = logging.getLogger(__name__)
 
