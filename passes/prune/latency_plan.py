@@ -31,8 +31,9 @@ from onnxopt.errors import UserError
 from onnxopt.ir import clone_model
 from onnxopt.passes.prune.budget import Keep, Limits, keep_every_tensor
 from onnxopt.passes.prune.channel_cost import CostModel
-from onnxopt.passes.prune.latency import calibrated, latency_model, measured_steps, node_specs
+from onnxopt.passes.prune.latency import calibrated, latency_model, node_specs
 from onnxopt.passes.prune.latency_cache import LatencyMeter, Timer
+from onnxopt.passes.prune.latency_steps import measured_steps
 from onnxopt.passes.prune.latency_timing import ort_timer
 from onnxopt.shapes import ShapeTable, concrete_shapes, static_dims
 from onnxopt.timing import SideBySide, side_by_side
@@ -185,7 +186,8 @@ class LatencyBudget:
         self.uniform_keep: Keep = {}  # the calibration plan
 
     def limits(self, limits: Limits) -> Limits:
-        """``limits`` with each group's granularity measured (:func:`.latency.measured_steps`)."""
+        """``limits`` with each group's granularity measured
+        (:func:`.latency_steps.measured_steps`)."""
         start = time.perf_counter()
         steps = measured_steps(self.specs, self.meter)
         self.outcome.steps = steps

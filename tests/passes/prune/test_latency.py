@@ -21,13 +21,13 @@ from onnxopt.passes.prune.candidates import candidates
 from onnxopt.passes.prune.latency import (
     TableTerm,
     calibrated,
-    detect_step,
     latency_model,
     monotone,
     node_specs,
 )
 from onnxopt.passes.prune.latency_cache import CACHE_ENV, LatencyMeter, cache_dir
 from onnxopt.passes.prune.latency_plan import CLOSE, ROUNDS, LatencyBudget
+from onnxopt.passes.prune.latency_steps import detect_step
 from onnxopt.pipeline import parse_pipeline
 from onnxopt.session import run_model
 from onnxopt.shapes import concrete_shapes
