@@ -27,8 +27,9 @@ from onnxopt.passes.prune.budget import (
 )
 from onnxopt.passes.prune.capture import linear_view
 from onnxopt.passes.prune.crops import crop_source
-from onnxopt.passes.prune.reconstruct import RefitTarget, TargetCache, reconstruct
+from onnxopt.passes.prune.reconstruct import RefitTarget, reconstruct
 from onnxopt.passes.prune.runner import stream_segments
+from onnxopt.passes.prune.targets import TargetCache
 from onnxopt.progress import progress
 from onnxopt.session import batch_within
 

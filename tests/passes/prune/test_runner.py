@@ -10,8 +10,9 @@ from onnxopt.cost import infer_shapes
 from onnxopt.data import from_arrays, input_specs
 from onnxopt.ir import clone_model, const_array, from_proto
 from onnxopt.passes.prune.capture import linear_view
-from onnxopt.passes.prune.reconstruct import TargetCache, reconstruct
+from onnxopt.passes.prune.reconstruct import reconstruct
 from onnxopt.passes.prune.runner import LevelRunner, segment, stream_segments
+from onnxopt.passes.prune.targets import TargetCache
 from onnxopt.session import expose_tensors, run_model
 from testmodels.structures import residual_blocks
 
