@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxopt.hard_swish import gated_product
 from onnxopt.ir import FreshNames, const_array, is_standard, substitute
 
 #: The constants of the written-out form.
@@ -131,11 +132,7 @@ def fuse_hard_swish(model: ir.Model, opset: int) -> int:
         if opset >= HARD_SWISH_OPSET:
             new = [ir.node("HardSwish", [x], name=base)]
         else:
-            gate = ir.node("HardSigmoid", [x], {"alpha": 1.0 / HIGH, "beta": 0.5},
-                           name=names(f"{base}_gate"))
-            gate.outputs[0].name = names(f"{out.name}_gate")
-            gate.outputs[0].type, gate.outputs[0].shape = out.type, out.shape
-            new = [gate, ir.node("Mul", [x, gate.outputs[0]], name=base)]
+            new = gated_product(x, out, base, names)
         substitute(graph, out, new, nodes)
         fused += 1
     return fused

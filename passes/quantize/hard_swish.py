@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from onnxopt.hard_swish import ALPHA, BETA, gated_product
 from onnxopt.ir import FreshNames, attr, is_standard, substitute
-
-#: HardSwish(x) = x * max(0, min(1, alpha * x + beta)) (its ONNX function body).
-ALPHA, BETA = 1.0 / 6.0, 0.5
 
 
 def split_hard_swish(graph: ir.Graph) -> list[str]:
@@ -39,12 +37,7 @@ def split_hard_swish(graph: ir.Graph) -> list[str]:
             continue
         x, out = node.inputs[0], node.outputs[0]
         base = node.name or names("hard_swish")
-        gate = ir.node("HardSigmoid", [x], {"alpha": ALPHA, "beta": BETA},
-                       name=names(f"{base}_gate"))
-        gate.outputs[0].name = names(f"{out.name}_gate")
-        gate.outputs[0].type, gate.outputs[0].shape = out.type, out.shape
-        mul = ir.node("Mul", [x, gate.outputs[0]], name=base)
-        substitute(graph, out, [gate, mul], [node])
+        substitute(graph, out, gated_product(x, out, base, names), [node])
         made.append(base)
     return made
 
