@@ -19,17 +19,19 @@
   agreement target besides the SQNR (stricter than the floor, which only asks for the SQNR).
 * Targets: the floor the manager will apply, plus a margin (the manager judges held-out
   samples), or the ``target`` agreement the user gave.
-* Sensitivity of a node, from one run of the all-int8 model beside the float model: the SQNR
+* Sensitivity of a node, from one run of the best model so far (all-int8, bias-corrected or
+  compute-only; in the dynamic-MatMul stage its own model) beside the float model: the SQNR
   its output loses against its inputs, ``min_i SQNR(in_i) - SQNR(out)``, each tensor as its
   readers see it (after its QuantizeLinear/DequantizeLinear) and its SQNR averaged over
   channels: the error the node adds with its weights and its output's quantization. The
   report's per-node SQNR is the same streamed sum over whole tensors.
-* Fallback, in two stages (each probe is one build and one scoring run). First, when the
-  all-int8 model misses the targets, only the compute ops (Conv, Gemm, MatMul) keep int8
-  inputs: the elementwise ops, pools and activations between them stay float, which removes
-  most requantizations at little cost in speed (onnxruntime still runs every compute op as
-  an integer kernel). Then the ``k`` most sensitive compute nodes stay float, ``k`` found
-  by doubling and then bisecting (:func:`choose_float_nodes`). On a model with MatMuls of a
+* Fallback (each probe is one build and one scoring run). When the all-int8 model misses
+  the targets, first bias correction (when left to the search), then only the compute ops
+  (Conv, ConvTranspose, Gemm, MatMul) keep int8 inputs: the elementwise ops, pools and
+  activations between them stay float, which removes most requantizations at little cost in
+  speed (onnxruntime still runs every compute op as an integer kernel). Then the ``k`` most
+  sensitive planned nodes of the better of those models stay float, ``k`` found by doubling
+  and then bisecting (:func:`choose_float_nodes`). On a model with MatMuls of a
   constant weight the search then tries them dynamic int8 beside static Convs, and last
   alone (:mod:`.search` has the stages). When no probe meets the targets, the pass
   quantizes nothing and reports the best probe: an int8 model below the floor is never

@@ -2,7 +2,8 @@
 
 Steps, each in its own module:
 
-1. optional cross-layer equalization of the float weights (:mod:`.equalize`);
+1. optional cross-layer equalization of the float weights, then activation-range
+   equalization (on by default; both :mod:`.equalize`);
 2. placement: which nodes and tensors get QuantizeLinear/DequantizeLinear (:mod:`.placement`),
    with each HardSwish split into ``x * HardSigmoid(x)`` so that its product can be int8
    (joined back where it stays float; :mod:`.hard_swish`);
@@ -16,9 +17,13 @@ Steps, each in its own module:
    dynamic int8 (:mod:`.dynamic`) beside static Convs (the most sensitive of them float),
    and last alone, until it clears it, or nothing is quantized (:mod:`.search`,
    :mod:`.fallback`); and the per-node SQNR report.
-   A node that stays float is kept where onnxruntime cannot re-fuse it (:mod:`.refusion`).
+   A node that stays float is kept where onnxruntime cannot re-fuse it (:mod:`.refusion`);
+7. the int8 model timed against the float one on this CPU, and the ``max_latency`` refusal
+   (:mod:`.speed`).
 
-Steps 2-5 run in :class:`.builder.Builder`, once per fallback probe (calibration once).
+The HardSwish split runs once, before everything else; placement, calibration (cached per
+tensor: a later probe measures only tensors not seen yet), rewrite and bias correction run in
+:class:`.builder.Builder`, once per fallback probe.
 The arithmetic of each step is stated at the top of its module.
 """
 
