@@ -67,8 +67,6 @@ class Builder:
 
     def __call__(self, model: ir.Model, keep_float: set[int], result: PassResult,
                  ) -> tuple[Plan, Rewritten]:
-        o, ctx = self.o, self.ctx
-        assert ctx.calib is not None
         dynamic = self.dynamic_nodes if self.dynamic else set()
         nodes = list(model.graph)
         planned = PassResult(False)
@@ -80,12 +78,17 @@ class Builder:
                 result.refusals.append(refusal)
         self.last_dynamic = 0
         self.last_corrections = {}
-        if not plan.nodes:
-            if dynamic:
-                self.last_dynamic = quantize_dynamic_matmuls(
-                    model.graph, [nodes[i] for i in sorted(dynamic)],
-                    reduce_range=self.reduce_range)
-            return plan, Rewritten()
+        rewritten = self._rewrite(model, plan) if plan.nodes else Rewritten()
+        if dynamic:
+            self.last_dynamic = quantize_dynamic_matmuls(
+                model.graph, [nodes[i] for i in sorted(dynamic)], reduce_range=self.reduce_range)
+        return plan, rewritten
+
+    def _rewrite(self, model: ir.Model, plan: Plan) -> Rewritten:
+        """Calibrate what ``plan`` needs (once per tensor), write its Q/DQ into ``model`` and
+        correct the biases when asked."""
+        o, ctx = self.o, self.ctx
+        assert ctx.calib is not None
         missing = [n for n in plan.tensors if n not in self.stats]
         if missing:
             bins = o.bins if o.method != "minmax" else 0  # minmax reads no histogram
@@ -105,7 +108,4 @@ class Builder:
                     limit=o.calib_samples, input_shapes=ctx.input_shapes,
                     show_progress=ctx.progress)
             self.last_corrections = apply_shifts(rewritten.bias_sites, self.shifts)
-        if dynamic:
-            self.last_dynamic = quantize_dynamic_matmuls(
-                model.graph, [nodes[i] for i in sorted(dynamic)], reduce_range=self.reduce_range)
-        return plan, rewritten
+        return rewritten

@@ -242,7 +242,7 @@ def equalize_activations(model: ir.Model, result: PassResult, source: FeedSource
     pairs = [p for p in find_pairs(model.graph, result) if _reads_channels_on_axis_1(p.second)]
     if not pairs:
         return 0
-    nodes, weights, layouts, biases = _load(pairs)
+    _, weights, layouts, biases = _load(pairs)
     pairs = _usable(pairs, biases)
     names = sorted({p.second.inputs[0].name for p in pairs})
     ranges = channel_ranges(model, names, source, batch_size=batch_size, limit=limit,

@@ -90,10 +90,10 @@ def weight_params(weight: np.ndarray, axis: int | None, reduce_range: bool = Fal
     qmax = 63 if reduce_range else 127
     # max |w| in the weight's own float type: it picks an element, so it is exact there, and
     # a float64 copy of a 400 MB weight costs seconds
-    w = np.abs(np.asarray(weight) if np.issubdtype(np.asarray(weight).dtype, np.floating)
-               else np.asarray(weight, np.float64))
+    w = np.asarray(weight)
+    w = np.abs(w if np.issubdtype(w.dtype, np.floating) else w.astype(np.float64))
     if axis is None:
-        absmax = np.asarray(w.max() if w.size else 0.0, np.float64)
+        absmax = np.asarray(w.max() if w.size else 0.0)
     else:
         absmax = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).max(axis=1)
     scale = absmax.astype(np.float64) / qmax
