@@ -38,12 +38,12 @@ for extra in (HERE, HERE / "corpus"):
 import numpy as np  # noqa: E402
 import ocr_task  # noqa: E402
 import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-from ocr_quantize import MODELS, upgrade  # noqa: E402
+from ocr_quantize import MODELS, run_all, upgrade  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
 
 import onnxopt  # noqa: E402
 from onnxopt.ir import to_proto  # noqa: E402
+from onnxopt.session import make_session  # noqa: E402
 
 
 def _run(proto: onnx.ModelProto, x: np.ndarray, names: list[str] | None = None,
@@ -55,10 +55,7 @@ def _run(proto: onnx.ModelProto, x: np.ndarray, names: list[str] | None = None,
     for name in names or []:
         if name not in have:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = make_session(model)
     wanted = names or [session.get_outputs()[0].name]
     parts = [session.run(wanted, {"x": x[i:i + batch]}) for i in range(0, len(x), batch)]
     return [np.concatenate([p[k] for p in parts]) for k in range(len(wanted))]
@@ -166,7 +163,7 @@ class Ablation:
 
 
 def text_differences(ablation: Ablation, path: Path) -> str:
-    texts = ablation.decode(_run(onnx.load(str(path)), ablation.eval)[0])
+    texts = ablation.decode(run_all(path, ablation.eval))
     changed = [(a, b) for a, b in zip(ablation.texts, texts, strict=True) if a != b]
     outer = sum(a.strip() == b.strip() for a, b in changed)
     return (f"| {path.name} | {1 - len(changed) / len(texts):.3f} | {len(changed)} | "
