@@ -420,8 +420,7 @@ def test_fallback_tries_bias_correction_first_and_keeps_it_when_it_meets_the_tar
     ref, got = run_model(proto, feeds)[0], run_model(model, feeds)[0]
     assert float(np.mean(ref.argmax(1) == got.argmax(1))) >= 0.99
     # without it (above) the same target needs float nodes
-    pinned, off = _quantize(proto, spec.replace(")", ",bias_correction=false)"),
-                            calib="random:32")
+    _, off = _quantize(proto, spec.replace(")", ",bias_correction=false)"), calib="random:32")
     assert off.stats["kept_float"] and "score_bias_corrected" not in off.stats["fallback"]
 
 
